@@ -1,0 +1,31 @@
+"""Rewrite one benchmark's section of BENCHMARKS.md in place, between its start/end markers."""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+from pathlib import Path
+
+import psutil
+
+from edge_runtime.files import write_text_atomic
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
+
+
+def machine_line() -> str:
+    """One line describing the machine the numbers came from."""
+    processor = platform.processor() or platform.machine()
+    memory = psutil.virtual_memory().total / 2**30
+    return f"{processor}, {os.cpu_count()} cores, {memory:.0f} GiB, Python {platform.python_version()}, CPU only"
+
+
+def write_section(name: str, body: str) -> None:
+    """Replace (or append) the section named `name` of BENCHMARKS.md with `body`."""
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    block = f"{start}\n{body.strip()}\n{end}"
+    text = BENCHMARKS.read_text() if BENCHMARKS.exists() else "# Benchmarks\n"
+    pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.DOTALL)
+    text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
+    write_text_atomic(BENCHMARKS, text)

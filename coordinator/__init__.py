@@ -1,0 +1,1 @@
+"""Model owner's side of offsite tuning: load, compress into an emulator, train adapters, plug in, evaluate."""

@@ -1,0 +1,112 @@
+"""The five Offsite-Tuning settings, measured together on one task: zero-shot, fine-tune, offsite, plug-in."""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from coordinator.adapter import adapter_parameters, adapter_state, plug_in, save_adapter
+from coordinator.emulator import Split, build_emulator, count_parameters
+from coordinator.models import LoadedModel, source_sha256
+from coordinator.tasks import ClassificationTask, Task
+from coordinator.train import TrainConfig, train
+from edge_runtime import __version__
+from edge_runtime.data import Example
+
+RESULTS_SCHEMA = 1
+SETTINGS: tuple[tuple[str, str], ...] = (
+    ("full_zero_shot", "Full zero-shot"),
+    ("emulator_zero_shot", "Emulator zero-shot"),
+    ("full_finetune", "Full fine-tune"),
+    ("offsite_emulator", "Offsite on emulator"),
+    ("offsite_plugin", "Offsite plug-in"),
+)
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """One five-setting run: the split, how the adapter and the full-model baseline train, how to score."""
+
+    split: Split
+    adapter_training: TrainConfig
+    full_training: TrainConfig
+    eval_batch_size: int = 16
+
+
+def _timed_score(task: Task, model, examples: Sequence[Example], batch_size: int) -> dict[str, float]:
+    start = time.perf_counter()
+    value = task.score(model, examples, batch_size)
+    return {task.metric: value, "eval_seconds": round(time.perf_counter() - start, 2)}
+
+
+def run_five_settings(
+    loaded: LoadedModel,
+    task: Task,
+    train_examples: Sequence[Example],
+    test_examples: Sequence[Example],
+    experiment: Experiment,
+    adapter_path: Path | None = None,
+) -> dict[str, object]:
+    """Measure the five settings; `loaded.model` is left as it was. Returns the JSON-ready results.
+
+    The adapter trained on the emulator is saved to `adapter_path` (safetensors, full-model names) if given.
+    """
+    full = loaded.model
+    split = experiment.split
+    batch = experiment.eval_batch_size
+    results: dict[str, object] = {"full_zero_shot": _timed_score(task, full, test_examples, batch)}
+
+    emulator = build_emulator(full, split)
+    results["emulator_zero_shot"] = _timed_score(task, emulator, test_examples, batch)
+    adapter = adapter_parameters(emulator, split.bottom, split.top)
+    offsite = train(emulator, adapter.values(), task, train_examples, experiment.adapter_training, "offsite")
+    results["offsite_emulator"] = _timed_score(task, emulator, test_examples, batch) | {"train": offsite.summary()}
+    trained = adapter_state(emulator, split.bottom, split.top)
+    if adapter_path is not None:
+        save_adapter(trained, adapter_path, {"model": loaded.name, "bottom": split.bottom, "top": split.top})
+
+    finetuned = copy.deepcopy(full)
+    baseline = train(finetuned, finetuned.parameters(), task, train_examples, experiment.full_training, "full")
+    results["full_finetune"] = _timed_score(task, finetuned, test_examples, batch) | {"train": baseline.summary()}
+    del finetuned
+
+    original = adapter_state(full, split.bottom, split.top)
+    plug_in(full, trained)
+    try:
+        results["offsite_plugin"] = _timed_score(task, full, test_examples, batch)
+    finally:
+        plug_in(full, original)
+
+    kept = split.kept_layers(full.config.num_hidden_layers)
+    results |= {
+        "schema": RESULTS_SCHEMA,
+        "tool_version": __version__,
+        "metric": task.metric,
+        "model": {"name": loaded.name, "sha256": source_sha256(loaded), "layers": full.config.num_hidden_layers},
+        "parameters": {
+            "full": count_parameters(full),
+            "emulator": count_parameters(emulator),
+            "adapter": sum(p.numel() for p in adapter.values()),
+        },
+        "config": {
+            "adapter_layers": [split.bottom, split.top],
+            "keep": split.keep,
+            "emulator_layers": kept,
+            "adapter_training": asdict(experiment.adapter_training),
+            "full_training": asdict(experiment.full_training),
+            "eval_batch_size": batch,
+            "train_examples": len(train_examples),
+            "test_examples": len(test_examples),
+            **_task_config(task),
+        },
+    }
+    return results
+
+
+def _task_config(task: Task) -> dict[str, object]:
+    if isinstance(task, ClassificationTask):
+        return {"task": "classification", "label_words": task.label_words, "template": task.template}
+    return {"task": "language_modelling"}

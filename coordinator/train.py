@@ -1,0 +1,124 @@
+"""PyTorch reference training: the adapter through a frozen emulator, or the whole model (the baseline)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel
+
+from coordinator.errors import ConfigError
+from coordinator.tasks import Batch, Task
+from edge_runtime.data import Example
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """AdamW with linear warm-up then linear decay; `max_length` is the token cap per example or block."""
+
+    steps: int = 100
+    lr: float = 1e-4
+    batch_size: int = 8
+    max_length: int = 128
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "max_length"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)} must be at least 1")
+        if not self.lr > 0:
+            raise ConfigError(f"lr={self.lr} must be positive, e.g. 1e-4")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(f"warmup_ratio={self.warmup_ratio} must be in [0, 1)")
+
+
+@dataclass
+class TrainReport:
+    """What a training run did: steps, examples seen, the loss of every step, wall time."""
+
+    steps: int
+    samples: int
+    seconds: float
+    trainable_parameters: int
+    losses: list[float] = field(default_factory=list)
+
+    def summary(self) -> dict[str, object]:
+        """JSON-ready summary with the loss curve."""
+        return {
+            "steps": self.steps,
+            "samples": self.samples,
+            "seconds": round(self.seconds, 2),
+            "trainable_parameters": self.trainable_parameters,
+            "first_loss": self.losses[0],
+            "final_loss": self.losses[-1],
+            "loss_curve": [round(loss, 5) for loss in self.losses],
+        }
+
+
+def _endless(task: Task, examples: Sequence[Example], batch_size: int, seed: int) -> Iterator[Batch]:
+    epoch = 0
+    while True:
+        yield from task.batches(examples, batch_size, seed=seed + epoch)
+        epoch += 1
+
+
+def _schedule(config: TrainConfig) -> Callable[[int], float]:
+    warmup = int(config.steps * config.warmup_ratio)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (config.steps - step) / max(1, config.steps - warmup))
+
+    return factor
+
+
+def train(
+    model: PreTrainedModel,
+    parameters: Iterable[nn.Parameter],
+    task: Task,
+    examples: Sequence[Example],
+    config: TrainConfig,
+    description: str = "train",
+) -> TrainReport:
+    """Train only `parameters` of `model` (everything else frozen) for `config.steps` steps; seeded."""
+    trainable = list(parameters)
+    if not trainable:
+        raise ConfigError("nothing to train: the parameter list is empty")
+    torch.manual_seed(config.seed)
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    for parameter in trainable:
+        parameter.requires_grad_(True)
+    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config))
+    batches = _endless(task, examples, config.batch_size, config.seed)
+    report = TrainReport(0, 0, 0.0, sum(p.numel() for p in trainable))
+    model.train()
+    start = time.perf_counter()
+    with tqdm(total=config.steps, desc=description, unit="step", leave=False) as progress:
+        for _ in range(config.steps):
+            batch = next(batches)
+            loss = task.loss(model, batch)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            report.steps += 1
+            report.samples += len(batch)
+            report.losses.append(loss.item())
+            progress.set_postfix(loss=f"{report.losses[-1]:.3f}")
+            progress.update()
+    report.seconds = time.perf_counter() - start
+    model.eval()
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    return report

@@ -1,0 +1,1 @@
+"""Validated YAML profiles of real devices (memory, compute, execution providers)."""

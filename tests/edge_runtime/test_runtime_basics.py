@@ -1,0 +1,50 @@
+"""Device-side basics: importing the runtime pulls in no torch, `info` reports the machine, writes are atomic."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from edge_runtime.cli import main
+from edge_runtime.files import atomic_directory, atomic_path, write_json_atomic
+
+
+def test_runtime_import_pulls_in_no_torch_or_transformers():
+    code = (
+        "import sys, edge_runtime, edge_runtime.cli, edge_runtime.data, edge_runtime.files, edge_runtime.errors;"
+        "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    )
+    finished = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert finished.stdout.strip() == "[]"
+
+
+def test_info_reports_memory_cores_and_backends(capsys):
+    assert main(["info"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["memory_total_bytes"] >= info["memory_available_bytes"] > 0
+    assert info["cpu_cores"] >= 1 and set(info["backends"]) == {"ort", "torch"}
+
+
+def test_failed_write_leaves_nothing_behind(tmp_path):
+    target = tmp_path / "result.json"
+    write_json_atomic(target, {"old": True})
+    with pytest.raises(RuntimeError), atomic_path(target) as temporary:
+        temporary.write_text("half")
+        raise RuntimeError("power cut")
+    assert json.loads(target.read_text()) == {"old": True}
+    assert [p.name for p in tmp_path.iterdir()] == ["result.json"]
+
+
+def test_directory_is_replaced_whole_or_not_at_all(tmp_path):
+    target = tmp_path / "bundle"
+    with atomic_directory(target) as staging:
+        (staging / "a").write_text("1")
+    with pytest.raises(RuntimeError), atomic_directory(target) as staging:
+        (staging / "b").write_text("2")
+        raise RuntimeError("interrupted")
+    assert [p.name for p in target.iterdir()] == ["a"]
+    with atomic_directory(target) as staging:
+        (staging / "c").write_text("3")
+    assert [p.name for p in target.iterdir()] == ["c"]
+    assert [p.name for p in tmp_path.iterdir()] == ["bundle"]
