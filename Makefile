@@ -10,7 +10,6 @@ SENTIMENT := $(CACHE)/data/sentiment
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
 	# torch 2.13.0 CPU build (TOOLCHAIN.md); install it first so nothing pulls a CUDA build.
 	$(BIN)/python -m pip install --quiet torch==2.13.0
 	$(BIN)/python -m pip install --quiet -e '.[coordinator,runtime,dev]'

@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--adapter-layers", type=_pair, default=(2, 2), metavar="BOTTOM,TOP")
     evaluate.add_argument("--keep", type=int, default=8, help="middle layers the emulator keeps")
     evaluate.add_argument("--steps", type=int, default=100, help="training steps (adapter and full fine-tune)")
-    evaluate.add_argument("--lr", type=float, default=1e-4, help="adapter learning rate")
+    evaluate.add_argument("--lr", type=float, default=3e-5, help="adapter learning rate")
     evaluate.add_argument("--full-lr", type=float, default=2e-5, help="full fine-tuning learning rate")
     evaluate.add_argument("--batch-size", type=int, default=8)
     evaluate.add_argument("--max-length", type=int, default=128, help="token cap per example (LM: block size)")

@@ -54,8 +54,9 @@ def plot_results(results: dict, path: str | Path) -> None:
     axes.set_ylabel("accuracy (%)" if metric == "accuracy" else "perplexity (lower is better)")
     if metric == "accuracy":
         chance = 100 / len(results["config"]["label_words"])
-        axes.axhline(chance, color="k", lw=0.8, ls=":", label=f"chance ({chance:.0f} %)")
-        axes.legend(loc="lower right")
+        axes.axhline(chance, color="k", lw=0.8, ls=":")
+        axes.annotate(f"chance {chance:.0f} %", (-0.45, chance + 1), fontsize=8)
+        axes.set_ylim(0, 105)
     axes.set_title(f"Offsite tuning, {results['model']['name']}: five settings")
     axes.tick_params(axis="x", labelsize=9)
     figure.tight_layout()
