@@ -20,7 +20,7 @@ def _run(tokenizer, tmp_path, split):
     loaded = LoadedModel("tiny-llama", model, tokenizer, tmp_path)
     task = ClassificationTask(tokenizer, {"negative": " negative", "positive": " positive"})
     training = TrainConfig(steps=40, batch_size=8, lr=1e-2)
-    experiment = Experiment(split, training, TrainConfig(steps=40, batch_size=8, lr=1e-3), eval_batch_size=8)
+    experiment = Experiment(split, training, TrainConfig(steps=40, batch_size=8, lr=3e-3), eval_batch_size=8)
     results = run_five_settings(
         loaded,
         task,
