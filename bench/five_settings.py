@@ -39,7 +39,7 @@ def _ratios(results: dict) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--keep", type=int, default=8)
     parser.add_argument("--adapter-layers", default="2,2")
     args = parser.parse_args()
