@@ -12,7 +12,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from coordinator.architectures import spec_for
-from coordinator.emulator import layer_map
+from coordinator.emulator import layer_map, split_layer_name
 from coordinator.errors import ConfigError, DataError
 from edge_runtime import __version__
 from edge_runtime.files import atomic_path
@@ -47,17 +47,17 @@ def adapter_state(model: PreTrainedModel, bottom: int, top: int) -> dict[str, to
 
 def plug_in(model: PreTrainedModel, weights: dict[str, torch.Tensor]) -> None:
     """Copy adapter `weights` (full-model names) into `model`, a full model or an emulator, in place."""
-    prefix = spec_for(model.config.model_type).layers + "."
+    layers = spec_for(model.config.model_type).layers
     position = {source: target for target, source in enumerate(layer_map(model))}
     targets = dict(model.named_parameters())
     resolved = {}
     for name, tensor in weights.items():
-        local = name
-        if name.startswith(prefix):
-            index, rest = name[len(prefix) :].split(".", 1)
-            if int(index) not in position:
+        local, located = name, split_layer_name(name, layers)
+        if located is not None:
+            index, rest = located
+            if index not in position:
                 raise ConfigError(f"adapter weight {name!r} belongs to layer {index}, which this model does not hold")
-            local = f"{prefix}{position[int(index)]}.{rest}"
+            local = f"{layers}.{position[index]}.{rest}"
         if local not in targets:
             raise ConfigError(f"adapter weight {name!r} has no matching parameter in the model; is it the same model?")
         if targets[local].shape != tensor.shape:

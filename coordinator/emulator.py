@@ -103,19 +103,30 @@ def build_emulator(model: PreTrainedModel, split: Split) -> PreTrainedModel:
     record = EmulatorRecord("uniform", num_layers, kept, split.bottom, split.top)
     setattr(config, EMULATOR_RECORD, asdict(record))
     emulator = type(model)(config).to(model.dtype)
-    prefix = spec.layers + "."
     position = {source: target for target, source in enumerate(kept)}
     state = {}
     for name, tensor in model.state_dict().items():
-        if name.startswith(prefix):
-            index, rest = name[len(prefix) :].split(".", 1)
-            if int(index) not in position:
+        located = split_layer_name(name, spec.layers)
+        if located is not None:
+            if located[0] not in position:
                 continue
-            name = f"{prefix}{position[int(index)]}.{rest}"
+            name = f"{spec.layers}.{position[located[0]]}.{located[1]}"
         state[name] = tensor
     emulator.load_state_dict(state, strict=True)
     emulator.eval()
     return emulator
+
+
+def split_layer_name(name: str, layers: str) -> tuple[int, str] | None:
+    """(layer index, rest of the name) for a parameter under the `layers` ModuleList, else None.
+
+    >>> split_layer_name("model.layers.7.mlp.up_proj.weight", "model.layers")
+    (7, 'mlp.up_proj.weight')
+    """
+    if not name.startswith(layers + "."):
+        return None
+    index, rest = name[len(layers) + 1 :].split(".", 1)
+    return int(index), rest
 
 
 def emulator_record(model: PreTrainedModel) -> EmulatorRecord | None:

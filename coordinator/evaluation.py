@@ -8,6 +8,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from transformers import PreTrainedModel
+
 from coordinator.adapter import adapter_parameters, adapter_state, plug_in, save_adapter
 from coordinator.emulator import Split, build_emulator, count_parameters
 from coordinator.models import LoadedModel, source_sha256
@@ -36,7 +38,7 @@ class Experiment:
     eval_batch_size: int = 16
 
 
-def _timed_score(task: Task, model, examples: Sequence[Example], batch_size: int) -> dict[str, float]:
+def _timed_score(task: Task, model: PreTrainedModel, examples: Sequence[Example], batch_size: int) -> dict[str, float]:
     start = time.perf_counter()
     value = task.score(model, examples, batch_size)
     return {task.metric: value, "eval_seconds": round(time.perf_counter() - start, 2)}
