@@ -30,7 +30,7 @@ test: setup
 	$(BIN)/python -m pytest
 
 bench: setup
-	$(BIN)/python bench/five_settings.py
+	$(BIN)/python -m bench.five_settings
 
 clean:
 	rm -rf $(VENV) runs

@@ -1,4 +1,7 @@
-"""Benchmark: the five Offsite-Tuning settings for SmolLM2 on the held-out movie-review test split."""
+"""Benchmark: the five Offsite-Tuning settings for SmolLM2 on the held-out movie-review test split.
+
+Run from the repository root: `python -m bench.five_settings [--steps N]` (or `make bench`).
+"""
 
 from __future__ import annotations
 
@@ -8,14 +11,14 @@ import shlex
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 from bench.markdown import machine_line, write_section
 from coordinator.cli import main as coordinator
 from coordinator.datasets import dataset_path, prepare_datasets
+from coordinator.models import cache_root
 from coordinator.report import format_table
 
-OUT = Path(__file__).resolve().parent / "results" / "five_settings.json"
+REPO = Path(__file__).resolve().parent.parent
+OUT = REPO / "bench" / "results" / "five_settings.json"
 
 
 def _ratios(results: dict) -> list[str]:
@@ -53,11 +56,12 @@ def main() -> None:
     if coordinator(argv) != 0:
         raise SystemExit("the five-setting run failed")
     results = json.loads(OUT.read_text())
-    command = " ".join(["python bench/five_settings.py", *map(shlex.quote, sys.argv[1:])])
+    command = " ".join(["python -m bench.five_settings", *map(shlex.quote, sys.argv[1:])])
+    shown = [arg.replace(f"{REPO}/", "").replace(str(cache_root()), "$OFFSITE_EDGE_CACHE") for arg in argv]
     body = "\n".join([
         "## Five settings: SmolLM2-135M, movie-review sentiment",
         "",
-        f"Command: `{command}`, which runs `coordinator {' '.join(map(shlex.quote, argv))}`.",
+        f"Command: `{command}`, which runs `coordinator {' '.join(shown)}`.",
         "",
         f"Machine: {machine_line()}.",
         "",

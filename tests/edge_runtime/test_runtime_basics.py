@@ -1,6 +1,8 @@
 """Device-side basics: importing the runtime pulls in no torch, `info` reports the machine, writes are atomic."""
 
 import json
+import os
+import stat
 import subprocess
 import sys
 
@@ -24,6 +26,16 @@ def test_info_reports_memory_cores_and_backends(capsys):
     info = json.loads(capsys.readouterr().out)
     assert info["memory_total_bytes"] >= info["memory_available_bytes"] > 0
     assert info["cpu_cores"] >= 1 and set(info["backends"]) == {"ort", "torch"}
+
+
+def test_atomic_writes_get_the_usual_permissions(tmp_path):
+    write_json_atomic(tmp_path / "r.json", {})
+    with atomic_directory(tmp_path / "d"):
+        pass
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "r.json").stat().st_mode) == 0o666 & ~umask
+    assert stat.S_IMODE((tmp_path / "d").stat().st_mode) == 0o777 & ~umask
 
 
 def test_failed_write_leaves_nothing_behind(tmp_path):
