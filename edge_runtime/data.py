@@ -26,8 +26,9 @@ def load_examples(path: str | Path) -> list[Example]:
     A `.txt` file is language-modelling text: paragraphs separated by blank lines, one example each.
     Either every record has a label (classification) or none has (language modelling).
 
-    >>> load_examples("reviews.jsonl")[0]  # doctest: +SKIP
-    Example(text='A gorgeous film.', label='positive')
+    Example::
+
+        load_examples("reviews.jsonl")[0]  # Example(text='A gorgeous film.', label='positive')
     """
     path = Path(path)
     if not path.is_file():
