@@ -12,6 +12,7 @@ from transformers import PreTrainedModel
 
 from coordinator.adapter import adapter_parameters, adapter_state, plug_in, save_adapter
 from coordinator.emulator import Split, build_emulator, count_parameters
+from coordinator.errors import ConfigError
 from coordinator.models import LoadedModel, source_sha256
 from coordinator.tasks import ClassificationTask, Task
 from coordinator.train import TrainConfig, train
@@ -36,6 +37,10 @@ class Experiment:
     adapter_training: TrainConfig
     full_training: TrainConfig
     eval_batch_size: int = 16
+
+    def __post_init__(self) -> None:
+        if self.eval_batch_size < 1:
+            raise ConfigError(f"eval_batch_size={self.eval_batch_size} must be at least 1, e.g. 16")
 
 
 def _timed_score(task: Task, model: PreTrainedModel, examples: Sequence[Example], batch_size: int) -> dict[str, float]:

@@ -51,6 +51,7 @@ def test_emulator_command_saves_a_loadable_model(tiny_folder, tmp_path, capsys):
         (["--keep", "9"], "choose keep in 2..4"),
         (["--steps", "0"], "steps=0 must be at least 1"),
         (["--limit-test", "0"], "--limit-test 0"),
+        (["--eval-batch-size", "0"], "eval_batch_size=0 must be at least 1"),
         (["--label-word", "positive= good"], "labels ['negative'] have no label word"),
     ],
 )
