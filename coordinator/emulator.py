@@ -108,9 +108,10 @@ def build_emulator(model: PreTrainedModel, split: Split) -> PreTrainedModel:
     for name, tensor in model.state_dict().items():
         located = split_layer_name(name, spec.layers)
         if located is not None:
-            if located[0] not in position:
+            index, rest = located
+            if index not in position:
                 continue
-            name = f"{spec.layers}.{position[located[0]]}.{located[1]}"
+            name = f"{spec.layers}.{position[index]}.{rest}"
         state[name] = tensor
     emulator.load_state_dict(state, strict=True)
     emulator.eval()

@@ -11,7 +11,7 @@ from pathlib import Path
 from transformers import PreTrainedModel
 
 from coordinator.adapter import adapter_parameters, adapter_state, plug_in, save_adapter
-from coordinator.emulator import Split, build_emulator, count_parameters
+from coordinator.emulator import Split, build_emulator, count_parameters, layer_map
 from coordinator.errors import ConfigError
 from coordinator.models import LoadedModel, source_sha256
 from coordinator.tasks import ClassificationTask, Task
@@ -87,7 +87,6 @@ def run_five_settings(
     finally:
         plug_in(full, original)
 
-    kept = split.kept_layers(full.config.num_hidden_layers)
     results |= {
         "schema": RESULTS_SCHEMA,
         "tool_version": __version__,
@@ -101,7 +100,7 @@ def run_five_settings(
         "config": {
             "adapter_layers": [split.bottom, split.top],
             "keep": split.keep,
-            "emulator_layers": kept,
+            "emulator_layers": layer_map(emulator),
             "adapter_training": asdict(experiment.adapter_training),
             "full_training": asdict(experiment.full_training),
             "eval_batch_size": batch,
