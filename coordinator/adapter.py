@@ -15,10 +15,8 @@ from coordinator.architectures import spec_for
 from coordinator.emulator import layer_map, split_layer_name
 from coordinator.errors import ConfigError, DataError
 from edge_runtime import __version__
+from edge_runtime.bundle import ADAPTER_FORMAT, ADAPTER_SCHEMA
 from edge_runtime.files import atomic_path
-
-ADAPTER_FORMAT = "offsite-edge/layer-adapter"
-ADAPTER_SCHEMA = 1
 
 
 def adapter_layer_indices(num_layers: int, bottom: int, top: int) -> list[int]:

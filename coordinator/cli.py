@@ -1,4 +1,4 @@
-"""`coordinator` command line: prepare, emulator, evaluate. Each command parses, builds, runs, reports."""
+"""`coordinator` command line: prepare, emulator, evaluate, keys, plan, export, plug. Parse, build, run, report."""
 
 from __future__ import annotations
 
@@ -7,7 +7,10 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+from device_profiles import ProfileError
 from edge_runtime.errors import ConfigError, OffsiteError
+
+DEFAULT_LABEL_WORDS = {"negative": " negative", "positive": " positive"}
 
 
 def _pair(text: str) -> tuple[int, int]:
@@ -64,6 +67,47 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--template", default=None, help="prompt with {text}; default 'Review: {text}\\nSentiment:'")
     evaluate.add_argument("--out", type=Path, default=Path("results.json"), help="results JSON; a PNG goes beside it")
     evaluate.add_argument("--save-adapter", type=Path, help="also write the trained adapter (safetensors)")
+    evaluate.add_argument(
+        "--adapter", type=Path, metavar="RESULT_DIR", help="use the adapter a device trained instead of training one"
+    )
+
+    keys = commands.add_parser("keys", help="manage the coordinator's signing key")
+    keys_commands = keys.add_subparsers(dest="keys_command", required=True)
+    init = keys_commands.add_parser("init", help="make an Ed25519 key pair: coordinator.key and coordinator.pub")
+    init.add_argument("--out", type=Path, help="folder (default $OFFSITE_EDGE_KEYS or ~/.config/offsite-edge)")
+    init.add_argument("--force", action="store_true", help="replace an existing key")
+
+    plan = commands.add_parser("plan", help="predict training memory for a device profile and choose a micro-batch")
+    export = commands.add_parser("export", help="write a signed training bundle for a device profile")
+    for command in (plan, export):
+        command.add_argument("--model", default="smollm2-135m", help="named model, HF folder or .gguf file")
+        command.add_argument("--profile", required=True, help="profile name (e.g. jetson-orin) or a .yaml path")
+        command.add_argument("--adapter-layers", type=_pair, default=(2, 2), metavar="BOTTOM,TOP")
+        command.add_argument("--keep", type=int, default=8, help="middle layers the emulator keeps")
+        command.add_argument("--task", choices=("classification", "language-model"), default="classification")
+        command.add_argument("--batch-size", type=int, default=8)
+        command.add_argument("--max-length", type=int, default=128, help="token cap per example (LM: block size)")
+    plan.add_argument("--backend", choices=("ort", "torch"), help="default: the profile's preferred backend")
+    export.add_argument("--out", type=Path, required=True, help="bundle folder (written whole, or not at all)")
+    export.add_argument("--backends", help="comma-separated, e.g. ort,torch (default: the profile's preferred)")
+    export.add_argument(
+        "--label-word",
+        type=_label_word,
+        action="append",
+        metavar="LABEL=WORD",
+        help="classification label words (default negative/positive)",
+    )
+    export.add_argument("--template", default=None, help="prompt with {text}; default 'Review: {text}\\nSentiment:'")
+    export.add_argument("--steps", type=int, default=100, help="default training steps on the device")
+    export.add_argument("--lr", type=float, default=3e-5)
+    export.add_argument("--seed", type=int, default=0)
+    export.add_argument("--checkpoint-every", type=int, default=10)
+    export.add_argument("--key", type=Path, help="signing key (default: coordinator.key where `keys init` put it)")
+
+    plug = commands.add_parser("plug", help="plug a device-trained adapter into the full model and save it")
+    plug.add_argument("--model", default="smollm2-135m", help="named model, HF folder or .gguf file")
+    plug.add_argument("--adapter", type=Path, required=True, metavar="RESULT_DIR", help="a device's result folder")
+    plug.add_argument("--out", type=Path, required=True, help="folder for the tuned model (transformers format)")
     return parser
 
 
@@ -94,6 +138,7 @@ def _evaluate(args: argparse.Namespace) -> None:
     from coordinator.evaluation import Experiment, run_five_settings
     from coordinator.models import load_model
     from coordinator.report import format_table, write_results
+    from coordinator.results import read_result
     from coordinator.tasks import DEFAULT_TEMPLATE, make_task
     from coordinator.train import TrainConfig
     from edge_runtime.data import load_examples
@@ -112,19 +157,105 @@ def _evaluate(args: argparse.Namespace) -> None:
     experiment.split.check(loaded.model.config.num_hidden_layers)
     label_words = dict(args.label_word) if args.label_word else None
     task = make_task(loaded.tokenizer, train, test, label_words, args.template or DEFAULT_TEMPLATE, args.max_length)
-    results = run_five_settings(loaded, task, train, test, experiment, args.save_adapter)
+    device = read_result(args.adapter, loaded) if args.adapter else None
+    results = run_five_settings(loaded, task, train, test, experiment, args.save_adapter, device)
     chart = write_results(results, args.out)
     print(format_table(results))
     print(f"\nresults: {args.out}\nchart:   {chart}")
 
 
+def _keys(args: argparse.Namespace) -> None:
+    from exporters.bundle import default_key_directory, generate_keys
+
+    private, public = generate_keys(args.out or default_key_directory(), args.force)
+    print(f"signing key: {private} (keep it here)\npublic key:  {public} (give it to devices: --trust {public})")
+
+
+def _task_for_export(args: argparse.Namespace, tokenizer: object) -> object:
+    from coordinator.tasks import DEFAULT_TEMPLATE, ClassificationTask, LanguageModelTask
+
+    if args.task == "language-model":
+        return LanguageModelTask(tokenizer, args.max_length)
+    label_words = dict(args.label_word) if getattr(args, "label_word", None) else DEFAULT_LABEL_WORDS
+    template = getattr(args, "template", None) or DEFAULT_TEMPLATE
+    return ClassificationTask(tokenizer, label_words, template, args.max_length)
+
+
+def _plan(args: argparse.Namespace) -> None:
+    from coordinator.adapter import adapter_parameters
+    from coordinator.emulator import Split, build_emulator
+    from coordinator.models import load_model
+    from coordinator.planner import format_plan, make_plan, model_shape
+    from device_profiles import load_profile
+
+    profile = load_profile(args.profile)
+    loaded = load_model(args.model)
+    split = Split(*args.adapter_layers, keep=args.keep)
+    split.check(loaded.model.config.num_hidden_layers)
+    emulator = build_emulator(loaded.model, split)
+    shape = model_shape(emulator, adapter_parameters(emulator, split.bottom, split.top))
+    backend = args.backend or profile.backends[0]
+    print(format_plan(make_plan(shape, profile, backend, args.batch_size, args.max_length, args.task)))
+
+
+def _export(args: argparse.Namespace) -> None:
+    from coordinator.emulator import Split
+    from coordinator.export import DeviceTraining, export_bundle
+    from coordinator.models import load_model
+    from device_profiles import load_profile
+    from exporters.bundle import PRIVATE_KEY, default_key_directory, load_private_key
+
+    profile = load_profile(args.profile)
+    backends = tuple(args.backends.split(",")) if args.backends else profile.backends[:1]
+    key = load_private_key(args.key or default_key_directory() / PRIVATE_KEY)
+    training = DeviceTraining(
+        args.steps, args.lr, args.batch_size, seed=args.seed, checkpoint_every=args.checkpoint_every
+    )
+    loaded = load_model(args.model)
+    task = _task_for_export(args, loaded.tokenizer)
+    split = Split(*args.adapter_layers, keep=args.keep)
+    manifest = export_bundle(loaded, split, task, profile, backends, training, args.out, key)
+    size = sum(entry["size"] for entry in manifest["files"].values())
+    plan = manifest["plan"]
+    print(
+        f"bundle -> {args.out}: {len(manifest['files'])} files, {size / 1e6:,.1f} MB, backends "
+        f"{', '.join(backends)}, signed by {manifest['signer']}\n"
+        f"emulator layers {manifest['emulator']['layer_map']}, adapter {manifest['adapter']['count']:,} parameters; "
+        f"plan for {profile.name}: micro-batch {plan['micro_batch']} of {plan['batch_size']}, predicted peak "
+        f"{plan['predicted']['total'] / 2**20:,.0f} MiB of {plan['budget_bytes'] / 2**20:,.0f} MiB"
+    )
+
+
+def _plug(args: argparse.Namespace) -> None:
+    from coordinator.adapter import plug_in
+    from coordinator.models import load_model
+    from coordinator.results import read_result
+    from edge_runtime.files import atomic_directory
+
+    loaded = load_model(args.model)
+    result = read_result(args.adapter, loaded)
+    plug_in(loaded.model, result.weights)
+    with atomic_directory(args.out) as staging:
+        loaded.model.save_pretrained(staging)
+        loaded.tokenizer.save_pretrained(staging)
+    print(f"plugged {len(result.weights)} adapter tensors from {args.adapter} into {loaded.name} -> {args.out}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one `coordinator` command; user errors print one line and exit 2."""
     args = build_parser().parse_args(argv)
-    handlers = {"prepare": _prepare, "emulator": _emulator, "evaluate": _evaluate}
+    handlers = {
+        "prepare": _prepare,
+        "emulator": _emulator,
+        "evaluate": _evaluate,
+        "keys": _keys,
+        "plan": _plan,
+        "export": _export,
+        "plug": _plug,
+    }
     try:
         handlers[args.command](args)
-    except OffsiteError as error:
+    except (OffsiteError, ProfileError) as error:
         print(f"coordinator {args.command}: error: {error}", file=sys.stderr)
         return 2
     return 0

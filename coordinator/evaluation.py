@@ -14,12 +14,16 @@ from coordinator.adapter import adapter_parameters, adapter_state, plug_in, save
 from coordinator.emulator import Split, build_emulator, count_parameters, layer_map
 from coordinator.errors import ConfigError
 from coordinator.models import LoadedModel, source_sha256
+from coordinator.results import DeviceResult
 from coordinator.tasks import ClassificationTask, Task
 from coordinator.train import TrainConfig, train
 from edge_runtime import __version__
 from edge_runtime.data import Example
 
 RESULTS_SCHEMA = 1
+# What the five-setting results keep of a device's metrics.json.
+DEVICE_SUMMARY = ("steps", "samples", "backend", "first_loss", "final_loss", "loss_curve", "wall_seconds",
+                  "peak_memory_bytes")
 SETTINGS: tuple[tuple[str, str], ...] = (
     ("full_zero_shot", "Full zero-shot"),
     ("emulator_zero_shot", "Emulator zero-shot"),
@@ -56,10 +60,12 @@ def run_five_settings(
     test_examples: Sequence[Example],
     experiment: Experiment,
     adapter_path: Path | None = None,
+    device: DeviceResult | None = None,
 ) -> dict[str, object]:
     """Measure the five settings; `loaded.model` is left as it was. Returns the JSON-ready results.
 
     The adapter trained on the emulator is saved to `adapter_path` (safetensors, full-model names) if given.
+    With `device`, the adapter a device trained is evaluated instead of training one here.
     """
     full = loaded.model
     split = experiment.split
@@ -69,8 +75,14 @@ def run_five_settings(
     emulator = build_emulator(full, split)
     results["emulator_zero_shot"] = _timed_score(task, emulator, test_examples, batch)
     adapter = adapter_parameters(emulator, split.bottom, split.top)
-    offsite = train(emulator, adapter.values(), task, train_examples, experiment.adapter_training, "offsite")
-    results["offsite_emulator"] = _timed_score(task, emulator, test_examples, batch) | {"train": offsite.summary()}
+    if device is None:
+        offsite = train(emulator, adapter.values(), task, train_examples, experiment.adapter_training, "offsite")
+        summary: dict[str, object] = offsite.summary()
+    else:
+        _check_same_emulator(device, emulator)
+        plug_in(emulator, device.weights)
+        summary = {key: device.metrics[key] for key in DEVICE_SUMMARY} | {"on_device": True}
+    results["offsite_emulator"] = _timed_score(task, emulator, test_examples, batch) | {"train": summary}
     trained = adapter_state(emulator, split.bottom, split.top)
     if adapter_path is not None:
         save_adapter(trained, adapter_path, {"model": loaded.name, "bottom": split.bottom, "top": split.top})
@@ -110,6 +122,15 @@ def run_five_settings(
         },
     }
     return results
+
+
+def _check_same_emulator(device: DeviceResult, emulator: PreTrainedModel) -> None:
+    trained_on = device.metrics["emulator"]["layer_map"]
+    if trained_on != layer_map(emulator):
+        raise ConfigError(
+            f"the device trained through emulator layers {trained_on}, but this run builds {layer_map(emulator)}; "
+            "pass the --adapter-layers and --keep the bundle was exported with"
+        )
 
 
 def _task_config(task: Task) -> dict[str, object]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -14,6 +14,7 @@ from transformers import PreTrainedModel
 from coordinator.errors import ConfigError
 from coordinator.tasks import Batch, Task
 from edge_runtime.data import Example
+from edge_runtime.schedule import learning_rate_factor
 
 
 @dataclass(frozen=True)
@@ -69,17 +70,6 @@ def _endless(task: Task, examples: Sequence[Example], batch_size: int, seed: int
         epoch += 1
 
 
-def _schedule(config: TrainConfig) -> Callable[[int], float]:
-    warmup = int(config.steps * config.warmup_ratio)
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return max(0.0, (config.steps - step) / max(1, config.steps - warmup))
-
-    return factor
-
-
 def train(
     model: PreTrainedModel,
     parameters: Iterable[nn.Parameter],
@@ -98,7 +88,9 @@ def train(
     for parameter in trainable:
         parameter.requires_grad_(True)
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: learning_rate_factor(step, config.steps, config.warmup_ratio)
+    )
     batches = _endless(task, examples, config.batch_size, config.seed)
     report = TrainReport(0, 0, 0.0, sum(p.numel() for p in trainable))
     model.train()

@@ -1,4 +1,4 @@
-"""`edge-runtime` command line (device side; never imports torch): `info` reports what this machine offers."""
+"""`edge-runtime` command line (device side; torch only with --backend torch): info, profile, verify, train."""
 
 from __future__ import annotations
 
@@ -8,10 +8,13 @@ import json
 import os
 import platform
 import sys
+from pathlib import Path
 
 import psutil
 
+from device_profiles import GIB, ProfileError
 from edge_runtime import __version__
+from edge_runtime.errors import OffsiteError
 
 BACKENDS = {"ort": "onnxruntime", "torch": "torch"}
 
@@ -30,14 +33,82 @@ def machine_info() -> dict[str, object]:
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run one `edge-runtime` command."""
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every `edge-runtime` command."""
     parser = argparse.ArgumentParser(prog="edge-runtime", description=__doc__)
     parser.add_argument("--version", action="version", version=f"edge-runtime {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("info", help="print this machine's memory, cores and installed backends as JSON")
-    args = parser.parse_args(argv)
-    if args.command == "info":
-        json.dump(machine_info(), sys.stdout, indent=2)
-        print()
+
+    profile = commands.add_parser("profile", help="measure this machine and write a device profile (YAML)")
+    profile.add_argument("--out", type=Path, required=True, help="where to write the profile, e.g. my-device.yaml")
+    profile.add_argument("--name", help="profile name (default: from the host name)")
+
+    verify = commands.add_parser("verify", help="check a bundle's signature and every file's sha256")
+    verify.add_argument("bundle", type=Path)
+    verify.add_argument("--trust", type=Path, required=True, help="the coordinator's public key (coordinator.pub)")
+
+    train = commands.add_parser("train", help="verify a bundle and train its adapter on local data")
+    train.add_argument("bundle", type=Path)
+    train.add_argument("--data", type=Path, required=True, help="training data (.jsonl, .csv or .txt); stays here")
+    train.add_argument("--out", type=Path, required=True, help="result folder: adapter.safetensors, metrics.json")
+    train.add_argument("--trust", type=Path, required=True, help="the coordinator's public key (coordinator.pub)")
+    train.add_argument("--steps", type=int, help="training steps (default: the bundle's)")
+    train.add_argument("--backend", choices=sorted(BACKENDS), help="default: the bundle's first backend")
+    train.add_argument("--threads", type=int, help="compute threads (default: all cores)")
+    train.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (default: the bundle's)")
+    train.add_argument("--budget-gb", type=float, help="memory budget (default: the profile's, capped by free memory)")
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+def _profile(args: argparse.Namespace) -> None:
+    from edge_runtime.files import write_text_atomic
+    from edge_runtime.profile import measure_profile
+
+    profile = measure_profile(args.name)
+    write_text_atomic(args.out, profile.to_yaml())
+    print(profile.to_yaml(), end="")
+    print(f"profile -> {args.out}")
+
+
+def _verify(args: argparse.Namespace) -> None:
+    from edge_runtime.bundle import verify_bundle
+
+    manifest = verify_bundle(args.bundle, args.trust)
+    size = sum(entry["size"] for entry in manifest["files"].values())
+    print(
+        f"bundle {args.bundle} verified: {len(manifest['files'])} files, {size / 1e6:,.1f} MB, signed by "
+        f"{manifest['signer']}; model {manifest['model']['name']}, profile {manifest['profile']['name']}, "
+        f"backends {', '.join(manifest['backends'])}"
+    )
+
+
+def _train(args: argparse.Namespace) -> None:
+    from edge_runtime.trainer import TrainOptions, train_bundle
+
+    budget = None if args.budget_gb is None else int(args.budget_gb * GIB)
+    options = TrainOptions(args.steps, args.backend, args.threads, args.checkpoint_every, budget, not args.quiet)
+    metrics = train_bundle(args.bundle, args.data, args.out, args.trust, options)
+    print(
+        f"trained {metrics['steps']} steps ({metrics['samples']} samples) with {metrics['backend']}: loss "
+        f"{metrics['first_loss']:.3f} -> {metrics['final_loss']:.3f}, {metrics['step_seconds_median']:.2f} s/step, "
+        f"peak memory {metrics['peak_memory_bytes'] / 2**20:,.0f} MiB (budget {metrics['budget_bytes'] / 2**20:,.0f}, "
+        f"predicted {metrics['predicted_peak_bytes'] / 2**20:,.0f}), micro-batch {metrics['micro_batch']}"
+    )
+    print(f"result -> {args.out}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one `edge-runtime` command; user errors print one line and exit 2."""
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "info":
+            json.dump(machine_info(), sys.stdout, indent=2)
+            print()
+        else:
+            {"profile": _profile, "verify": _verify, "train": _train}[args.command](args)
+    except (OffsiteError, ProfileError) as error:
+        print(f"edge-runtime {args.command}: error: {error}", file=sys.stderr)
+        return 2
     return 0

@@ -1,0 +1,108 @@
+"""Memory planner: the emulator + adapter's shape, and the largest micro-batch a device profile's budget holds."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from transformers import PreTrainedModel
+
+from coordinator.architectures import spec_for
+from coordinator.errors import ConfigError
+from device_profiles import DeviceProfile
+from edge_runtime.memory import MIB, MemoryEstimate, ModelShape, choose_micro_batch, estimate
+from edge_runtime.trainer import PLAN_MARGIN
+
+
+def model_shape(emulator: PreTrainedModel, trainable: dict[str, Any]) -> ModelShape:
+    """Sizes of `emulator` with `trainable` parameters (any mapping whose values are its parameters)."""
+    config = emulator.config
+    hidden = config.hidden_size
+    intermediate = (
+        getattr(config, "intermediate_size", None)
+        or getattr(config, "ffn_dim", None)
+        or getattr(config, "n_inner", None)
+        or 4 * hidden
+    )
+    layers = emulator.get_submodule(spec_for(config.model_type).layers)
+    trainable_ids = {id(parameter) for parameter in trainable.values()}
+    lowest = min(
+        index for index, layer in enumerate(layers) if any(id(p) in trainable_ids for p in layer.parameters())
+    )
+    unique = {id(p): p for p in emulator.parameters()}
+    trainable_count = sum(p.numel() for key, p in unique.items() if key in trainable_ids)
+    return ModelShape(
+        hidden=hidden,
+        intermediate=intermediate,
+        heads=config.num_attention_heads,
+        vocab=config.vocab_size,
+        layers=len(layers),
+        backprop_layers=len(layers) - lowest,
+        frozen_parameters=sum(p.numel() for p in unique.values()) - trainable_count,
+        trainable_parameters=trainable_count,
+    )
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The chosen micro-batch for a profile's budget, with the predicted peak of every candidate."""
+
+    profile: str
+    backend: str
+    budget_bytes: int
+    batch_size: int
+    max_length: int
+    kind: str
+    micro_batch: int
+    shape: ModelShape
+    predicted: MemoryEstimate
+    margin: float = PLAN_MARGIN
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "profile": self.profile,
+            "backend": self.backend,
+            "budget_bytes": self.budget_bytes,
+            "batch_size": self.batch_size,
+            "max_length": self.max_length,
+            "micro_batch": self.micro_batch,
+            "margin": self.margin,
+            "shape": self.shape.to_dict(),
+            "predicted": self.predicted.to_dict(),
+        }
+
+
+def make_plan(
+    shape: ModelShape, profile: DeviceProfile, backend: str, batch_size: int, max_length: int, kind: str
+) -> Plan:
+    """Plan training on `profile`; raises BudgetError naming the smallest budget that would do."""
+    if backend not in profile.backends:
+        raise ConfigError(
+            f"profile {profile.name} cannot run the {backend!r} backend (it runs {', '.join(profile.backends)}); "
+            "choose one of those with --backends"
+        )
+    micro_batch, predicted = choose_micro_batch(
+        shape, batch_size, max_length, kind, backend, profile.budget_bytes, PLAN_MARGIN
+    )
+    budget = profile.budget_bytes
+    return Plan(profile.name, backend, budget, batch_size, max_length, kind, micro_batch, shape, predicted)
+
+
+def format_plan(plan: Plan) -> str:
+    """The plan as a Markdown table: the chosen configuration's parts, then every micro-batch's total."""
+    lines = [
+        f"profile {plan.profile}: budget {plan.budget_bytes / MIB:,.0f} MiB, backend {plan.backend}, "
+        f"batch {plan.batch_size} x {plan.max_length} tokens, margin {plan.margin:.0%}",
+        "",
+        "| part | MiB |",
+        "| --- | ---: |",
+    ]
+    for part, size in plan.predicted.to_dict().items():
+        lines.append(f"| {part.replace('_', ' ')} | {size / MIB:,.1f} |")
+    lines += ["", "| micro-batch | accumulation | predicted peak MiB | fits |", "| ---: | ---: | ---: | :---: |"]
+    for micro in (m for m in range(1, plan.batch_size + 1) if plan.batch_size % m == 0):
+        total = estimate(plan.shape, micro, plan.max_length, plan.kind, plan.backend).total
+        fits = "yes" if total * (1 + plan.margin) <= plan.budget_bytes else "no"
+        chosen = " (chosen)" if micro == plan.micro_batch else ""
+        lines.append(f"| {micro}{chosen} | {plan.batch_size // micro} | {total / MIB:,.1f} | {fits} |")
+    return "\n".join(lines)

@@ -1,0 +1,57 @@
+"""Training backends: ONNX Runtime training (default) and PyTorch (for devices without an ORT training wheel)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from edge_runtime.errors import ConfigError
+from edge_runtime.text import Batch
+
+BACKENDS = ("ort", "torch")
+_MODULES = {"ort": "onnxruntime", "torch": "torch"}
+_INSTALL = {
+    "ort": "pip install onnxruntime-training==1.19.2 (x86-64 only)",
+    "torch": "pip install '.[runtime-torch]' (on Jetson: JetPack's torch wheel)",
+}
+
+
+class Backend(Protocol):
+    """One training step over micro-batches; state saved and restored with the optimizer's moments."""
+
+    name: str
+
+    def step(self, micro_batches: list[Batch], learning_rate: float) -> float:
+        """Accumulate gradients over `micro_batches` (each weighted by its share of rows), update; mean loss."""
+        ...
+
+    def save(self, directory: Path) -> None:
+        """Write the trainable weights and optimizer state into `directory` (which exists and is empty)."""
+        ...
+
+    def adapter(self) -> dict[str, np.ndarray]:
+        """Trainable weights by their names in the exported emulator."""
+        ...
+
+
+def open_backend(name: str, bundle: Path, manifest: dict[str, Any], threads: int, resume: Path | None) -> Backend:
+    """Load backend `name` for `bundle`, from the bundle's initial state or from the checkpoint `resume`."""
+    if name not in BACKENDS:
+        raise ConfigError(f"backend {name!r} is not one of {', '.join(BACKENDS)}")
+    if name not in manifest["backends"]:
+        raise ConfigError(
+            f"this bundle was exported for {manifest['backends']} only; export it with --backends {name} "
+            f"or train with --backend {manifest['backends'][0]}"
+        )
+    if importlib.util.find_spec(_MODULES[name]) is None:
+        raise ConfigError(f"backend {name!r} is not installed here: {_INSTALL[name]}")
+    if name == "ort":
+        from edge_runtime.backends.ort import OrtBackend
+
+        return OrtBackend(bundle, threads, resume)
+    from edge_runtime.backends.pytorch import TorchBackend
+
+    return TorchBackend(bundle, manifest, threads, resume)

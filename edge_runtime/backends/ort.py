@@ -1,0 +1,52 @@
+"""ONNX Runtime training backend: the bundle's training, eval and optimizer graphs over a checkpoint state."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime
+from onnxruntime.training.api import CheckpointState, Module, Optimizer
+
+from edge_runtime.bundle import ORT_DIRECTORY
+from edge_runtime.text import Batch
+
+CHECKPOINT = "ort_checkpoint"
+
+
+class OrtBackend:
+    """Trains the bundle's ONNX graphs; gradients accumulate over micro-batches until the optimizer steps."""
+
+    name = "ort"
+
+    def __init__(self, bundle: Path, threads: int, resume: Path | None) -> None:
+        graphs = bundle / ORT_DIRECTORY
+        source = resume / CHECKPOINT if resume is not None else graphs / "checkpoint"
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        self.state = CheckpointState.load_checkpoint(str(source))
+        self.module = Module(
+            str(graphs / "training_model.onnx"), self.state, str(graphs / "eval_model.onnx"), session_options=options
+        )
+        self.optimizer = Optimizer(str(graphs / "optimizer_model.onnx"), self.module)
+        self.trainable = [name for name, parameter in self.state.parameters if parameter.requires_grad]
+
+    def step(self, micro_batches: list[Batch], learning_rate: float) -> float:
+        rows = sum(len(batch) for batch in micro_batches)
+        self.module.train()
+        total = 0.0
+        for batch in micro_batches:
+            scale = np.array(len(batch) / rows, dtype=np.float32)
+            total += float(self.module(batch.input_ids, batch.attention_mask, batch.labels, scale))
+        self.optimizer.set_learning_rate(learning_rate)
+        self.optimizer.step()
+        self.module.lazy_reset_grad()
+        return total
+
+    def save(self, directory: Path) -> None:
+        CheckpointState.save_checkpoint(self.state, str(directory / CHECKPOINT), include_optimizer_state=True)
+
+    def adapter(self) -> dict[str, np.ndarray]:
+        return {name: np.array(self.state.parameters[name].data, copy=True) for name in self.trainable}

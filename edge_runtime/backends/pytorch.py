@@ -1,0 +1,82 @@
+"""PyTorch backend: the bundle's emulator as a transformers model, AdamW and clipping set as in the ONNX graphs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+
+from edge_runtime.bundle import TORCH_DIRECTORY
+from edge_runtime.text import Batch
+from edge_runtime.torch_graph import TrainingGraph, graph_loss
+
+CHECKPOINT = "torch_state.safetensors"
+
+
+class TorchBackend:
+    """Trains the adapter parameters of the bundle's emulator; everything else stays frozen."""
+
+    name = "torch"
+
+    def __init__(self, bundle: Path, manifest: dict[str, Any], threads: int, resume: Path | None) -> None:
+        torch.set_num_threads(threads)
+        model = AutoModelForCausalLM.from_pretrained(bundle / TORCH_DIRECTORY, dtype=torch.float32)
+        architecture = manifest["architecture"]
+        self.graph = TrainingGraph(model, architecture["backbone"], architecture["head"], manifest["task"]["kind"])
+        self.graph.eval()  # no dropout: both backends train the same deterministic graph
+        names = set(manifest["adapter"]["parameters"])
+        self.trainable = {name: p for name, p in self.graph.named_parameters() if name in names}
+        for name, parameter in self.graph.named_parameters():
+            parameter.requires_grad_(name in names)
+        optimizer = manifest["training"]["optimizer"]
+        self.max_grad_norm = optimizer["max_grad_norm"]
+        self.optimizer = torch.optim.AdamW(
+            self.trainable.values(), lr=0.0, eps=optimizer["eps"], weight_decay=optimizer["weight_decay"]
+        )
+        if resume is not None:
+            self._restore(resume / CHECKPOINT)
+
+    def step(self, micro_batches: list[Batch], learning_rate: float) -> float:
+        rows = sum(len(batch) for batch in micro_batches)
+        total = 0.0
+        for batch in micro_batches:
+            logits = self.graph(torch.from_numpy(batch.input_ids), torch.from_numpy(batch.attention_mask))
+            loss = graph_loss(logits, torch.from_numpy(batch.labels)) * (len(batch) / rows)
+            loss.backward()
+            total += float(loss.detach())
+        torch.nn.utils.clip_grad_norm_(self.trainable.values(), self.max_grad_norm)
+        for group in self.optimizer.param_groups:
+            group["lr"] = learning_rate
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total
+
+    def save(self, directory: Path) -> None:
+        tensors = {}
+        for name, parameter in self.trainable.items():
+            tensors[f"param/{name}"] = parameter.detach().contiguous()
+            state = self.optimizer.state.get(parameter, {})
+            for moment in ("exp_avg", "exp_avg_sq"):
+                if moment in state:
+                    tensors[f"{moment}/{name}"] = state[moment].contiguous()
+                    tensors[f"step/{name}"] = torch.as_tensor(state["step"], dtype=torch.float32).reshape(1)
+        save_file(tensors, str(directory / CHECKPOINT))
+
+    def _restore(self, path: Path) -> None:
+        tensors = load_file(str(path))
+        with torch.no_grad():
+            for name, parameter in self.trainable.items():
+                parameter.copy_(tensors[f"param/{name}"])
+                if f"exp_avg/{name}" in tensors:
+                    self.optimizer.state[parameter] = {
+                        "step": tensors[f"step/{name}"].reshape(()).clone(),
+                        "exp_avg": tensors[f"exp_avg/{name}"].clone(),
+                        "exp_avg_sq": tensors[f"exp_avg_sq/{name}"].clone(),
+                    }
+
+    def adapter(self) -> dict[str, np.ndarray]:
+        return {name: parameter.detach().numpy().copy() for name, parameter in self.trainable.items()}

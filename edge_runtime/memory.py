@@ -1,0 +1,104 @@
+"""Peak training memory, predicted from the model's shape; used by the coordinator's planner and by the device.
+
+The prediction adds what a training step holds at its peak: the runtime itself, frozen and trainable weights,
+gradients, AdamW's two moments, the activations kept for back-propagation and the logits with their gradient.
+The per-token activation factors and the runtimes' own footprint were measured on x86-64 with ONNX Runtime
+training 1.19.2 and torch 2.13 (`python -m bench.device_memory` re-measures them against real runs).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from edge_runtime.errors import OffsiteError
+
+FLOAT_BYTES = 4
+MIB = 1024**2
+# Resident memory of a process that has loaded the backend but no model (measured; see module docstring).
+RUNTIME_BYTES = {"ort": 130 * MIB, "torch": 420 * MIB}
+# Copies of the frozen weights each backend keeps resident (ORT: checkpoint state plus session buffers).
+FROZEN_COPIES = {"ort": 1.0, "torch": 1.0}
+# Float32 values kept per token per back-propagated layer, in units of hidden and intermediate width.
+HIDDEN_FACTOR = {"ort": 12.0, "torch": 12.0}
+INTERMEDIATE_FACTOR = {"ort": 5.0, "torch": 5.0}
+# Attention probability tensors kept per back-propagated layer (scores, softmax, dropout-free copy).
+ATTENTION_COPIES = {"ort": 3.0, "torch": 3.0}
+# Logit tensors alive at once (logits, softmax, gradient).
+LOGIT_COPIES = 3.0
+
+
+class BudgetError(OffsiteError):
+    """The smallest configuration still does not fit the memory budget."""
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The sizes that decide training memory, read from the emulator and the adapter."""
+
+    hidden: int
+    intermediate: int
+    heads: int
+    vocab: int
+    layers: int
+    backprop_layers: int
+    frozen_parameters: int
+    trainable_parameters: int
+
+    def to_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Predicted bytes of each part of a training step's peak."""
+
+    runtime: int
+    frozen_weights: int
+    trainable_weights: int
+    gradients: int
+    optimizer_state: int
+    activations: int
+    logits: int
+
+    @property
+    def total(self) -> int:
+        return sum(asdict(self).values())
+
+    def to_dict(self) -> dict[str, int]:
+        return asdict(self) | {"total": self.total}
+
+
+def estimate(shape: ModelShape, micro_batch: int, sequence: int, kind: str, backend: str) -> MemoryEstimate:
+    """Predicted peak memory of one training step with `micro_batch` rows of `sequence` tokens."""
+    if backend not in RUNTIME_BYTES:
+        raise OffsiteError(f"backend {backend!r} is not one of {sorted(RUNTIME_BYTES)}")
+    tokens = micro_batch * sequence
+    per_token = HIDDEN_FACTOR[backend] * shape.hidden + INTERMEDIATE_FACTOR[backend] * shape.intermediate
+    attention = ATTENTION_COPIES[backend] * micro_batch * shape.heads * sequence * sequence
+    logit_rows = micro_batch if kind == "classification" else tokens
+    trainable = shape.trainable_parameters * FLOAT_BYTES
+    return MemoryEstimate(
+        runtime=RUNTIME_BYTES[backend],
+        frozen_weights=int(FROZEN_COPIES[backend] * shape.frozen_parameters * FLOAT_BYTES),
+        trainable_weights=trainable,
+        gradients=trainable,
+        optimizer_state=2 * trainable,
+        activations=int(shape.backprop_layers * (tokens * per_token + attention) * FLOAT_BYTES),
+        logits=int(LOGIT_COPIES * logit_rows * shape.vocab * FLOAT_BYTES),
+    )
+
+
+def choose_micro_batch(
+    shape: ModelShape, batch_size: int, sequence: int, kind: str, backend: str, budget: int, margin: float
+) -> tuple[int, MemoryEstimate]:
+    """The largest micro-batch dividing `batch_size` whose prediction, plus `margin` of it, fits `budget` bytes."""
+    for micro_batch in sorted((m for m in range(1, batch_size + 1) if batch_size % m == 0), reverse=True):
+        predicted = estimate(shape, micro_batch, sequence, kind, backend)
+        if predicted.total * (1 + margin) <= budget:
+            return micro_batch, predicted
+    needed = estimate(shape, 1, sequence, kind, backend).total * (1 + margin)
+    raise BudgetError(
+        f"training needs at least {needed / MIB:,.0f} MiB ({backend}, micro-batch 1, {sequence} tokens, "
+        f"{margin:.0%} margin) but the budget is {budget / MIB:,.0f} MiB; raise the budget, keep fewer emulator "
+        "layers, or shorten --max-length"
+    )

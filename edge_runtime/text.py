@@ -1,0 +1,103 @@
+"""Device-side encoding: the bundle's tokenizer turns examples into padded batches, as the coordinator does."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from edge_runtime.data import Example
+from edge_runtime.errors import DataError
+
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Right-padded int64 ids and mask [B, T], and labels: [B] label-word token ids, or [B*(T-1)] next ids."""
+
+    input_ids: np.ndarray
+    attention_mask: np.ndarray
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def split(self, micro_batch: int) -> list[Batch]:
+        """Micro-batches of at most `micro_batch` rows (labels split with their rows)."""
+        rows = self.input_ids.shape[0]
+        per_row = self.labels.shape[0] // rows
+        return [
+            Batch(
+                self.input_ids[start : start + micro_batch],
+                self.attention_mask[start : start + micro_batch],
+                self.labels[start * per_row : (start + micro_batch) * per_row],
+            )
+            for start in range(0, rows, micro_batch)
+        ]
+
+
+def _pad(rows: Sequence[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    width = max(len(row) for row in rows)
+    ids = np.full((len(rows), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(rows), width), dtype=np.int64)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = row
+        mask[i, : len(row)] = 1
+    return ids, mask
+
+
+class TaskEncoder:
+    """Encodes examples for the bundle's task (the manifest's `task` record) with the bundle's tokenizer."""
+
+    def __init__(self, tokenizer_file: Path, task: dict[str, Any]) -> None:
+        self.tokenizer = Tokenizer.from_file(str(tokenizer_file))
+        self.task = task
+        self.kind: str = task["kind"]
+        self.max_length: int = task["max_length"]
+        self.pad_id: int = task["pad_token_id"]
+
+    def _ids(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def rows(self, examples: Sequence[Example]) -> list[tuple[list[int], int]]:
+        """(token ids, target) per example (classification) or per packed block (language model)."""
+        if self.kind == "classification":
+            label_ids: dict[str, int] = self.task["label_token_ids"]
+            unknown = sorted({str(e.label) for e in examples if e.label not in label_ids})
+            if unknown:
+                raise DataError(f"labels {unknown} are not among the bundle's labels {sorted(label_ids)}")
+            template: str = self.task["template"]
+            return [(self._ids(template.format(text=e.text))[-self.max_length :], label_ids[e.label]) for e in examples]
+        stream: list[int] = []
+        for example in examples:
+            stream += [*self._ids(example.text), self.task["eos_token_id"]]
+        blocks = [stream[i : i + self.max_length] for i in range(0, len(stream), self.max_length)]
+        return [(block, 0) for block in blocks if len(block) > 1]
+
+    def collate(self, rows: Sequence[tuple[list[int], int]]) -> Batch:
+        ids, mask = _pad([row for row, _ in rows], self.pad_id)
+        if self.kind == "classification":
+            return Batch(ids, mask, np.array([target for _, target in rows], dtype=np.int64))
+        labels = np.where(mask[:, 1:] == 1, ids[:, 1:], IGNORE_INDEX).reshape(-1)
+        return Batch(ids, mask, labels.astype(np.int64))
+
+
+def training_batches(
+    encoder: TaskEncoder, rows: list[tuple[list[int], int]], batch_size: int, seed: int
+) -> Iterator[Batch]:
+    """Endless batches: each epoch shuffled by `seed + epoch`; the same seed gives the same stream (for resume)."""
+    if not rows:
+        raise DataError("the training data holds no usable example")
+    epoch = 0
+    while True:
+        order = list(range(len(rows)))
+        random.Random(seed + epoch).shuffle(order)
+        for start in range(0, len(order), batch_size):
+            yield encoder.collate([rows[i] for i in order[start : start + batch_size]])
+        epoch += 1

@@ -1,0 +1,66 @@
+"""The trainable forward both backends run: logits at each row's last token, or at every shifted LM position.
+
+Imported by the PyTorch backend and by the ONNX exporter (so both run the same math); it needs torch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+CLASSIFICATION = "classification"
+LANGUAGE_MODEL = "language-model"
+TASK_KINDS = (CLASSIFICATION, LANGUAGE_MODEL)
+IGNORE_INDEX = -100
+
+
+def additive_causal_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """[B, 1, T, T] float mask: 0 where a query may attend (causal, real key), the dtype's minimum elsewhere.
+
+    A ready 4D mask makes transformers skip its own mask builder, which the ONNX exporter cannot trace.
+    """
+    width = attention_mask.shape[1]
+    causal = torch.ones(width, width, dtype=torch.bool, device=attention_mask.device).tril()
+    allowed = causal[None, None] & attention_mask.bool()[:, None, None, :]
+    blocked = torch.zeros(allowed.shape, dtype=torch.float32, device=attention_mask.device)
+    return blocked.masked_fill(~allowed, torch.finfo(torch.float32).min)
+
+
+class TrainingGraph(nn.Module):
+    """Wraps a causal LM: (input_ids [B,T], attention_mask [B,T]) -> logits the loss compares with labels.
+
+    classification: vocabulary logits [B, V] at each row's last real token (labels: the label word's token id).
+    language-model: logits [B*(T-1), V] for every next-token position (labels: the next ids, -100 on padding).
+    Inputs are right-padded; the model is used under its own parameter names, prefixed `causal_lm.`.
+    """
+
+    def __init__(self, causal_lm: nn.Module, backbone: str, head: str, kind: str) -> None:
+        super().__init__()
+        if kind not in TASK_KINDS:
+            raise ValueError(f"task kind {kind!r} is not one of {TASK_KINDS}")
+        self.causal_lm = causal_lm
+        self.backbone_path = backbone
+        self.head_path = head
+        self.kind = kind
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        rows, width = input_ids.shape
+        positions = torch.arange(width, device=input_ids.device)[None].expand(rows, width)
+        hidden = self.causal_lm.get_submodule(self.backbone_path)(
+            input_ids=input_ids,
+            attention_mask=additive_causal_mask(attention_mask),
+            position_ids=positions,
+            use_cache=False,
+        ).last_hidden_state
+        head = self.causal_lm.get_submodule(self.head_path)
+        if self.kind == CLASSIFICATION:
+            last = attention_mask.sum(dim=1) - 1
+            return head(hidden[torch.arange(rows), last])
+        logits = head(hidden[:, :-1])
+        return logits.reshape(-1, logits.shape[-1])
+
+
+def graph_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over labelled rows: the loss the ONNX training graph appends."""
+    return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX)

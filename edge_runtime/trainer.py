@@ -1,0 +1,195 @@
+"""On-device training of a verified bundle: fits the memory budget, checkpoints atomically, resumes after a crash."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+from safetensors.numpy import save_file
+from tqdm.auto import tqdm
+
+from edge_runtime import __version__
+from edge_runtime.backends import open_backend
+from edge_runtime.bundle import ADAPTER_FORMAT, ADAPTER_SCHEMA, MANIFEST, TOKENIZER_FILE, verify_bundle
+from edge_runtime.data import load_examples
+from edge_runtime.errors import ConfigError
+from edge_runtime.files import atomic_directory, atomic_path, write_json_atomic
+from edge_runtime.memory import MIB, ModelShape, choose_micro_batch
+from edge_runtime.monitor import PeakMemory, peak_rss_bytes
+from edge_runtime.schedule import learning_rate_factor
+from edge_runtime.text import TaskEncoder, training_batches
+
+RESULT_FORMAT = "offsite-edge/result"
+RESULT_SCHEMA = 1
+ADAPTER = "adapter.safetensors"
+METRICS = "metrics.json"
+CHECKPOINT_PREFIX = "checkpoint-"
+# Headroom kept between the predicted peak and the budget.
+PLAN_MARGIN = 0.10
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    """What the device owner may override; None takes the bundle's default."""
+
+    steps: int | None = None
+    backend: str | None = None
+    threads: int | None = None
+    checkpoint_every: int | None = None
+    budget_bytes: int | None = None
+    progress: bool = True
+
+
+def bundle_id(bundle: Path) -> str:
+    """sha256 of the signed manifest: names the exact bundle a result or checkpoint came from."""
+    return hashlib.sha256((bundle / MANIFEST).read_bytes()).hexdigest()
+
+
+def device_budget(profile_budget: int, override: int | None) -> int:
+    """Bytes this process may use: the override, else the profile's budget capped by what is free right now."""
+    if override is not None:
+        return override
+    free_now = psutil.Process().memory_info().rss + int(psutil.virtual_memory().available * 0.9)
+    return min(profile_budget, free_now)
+
+
+def _latest_checkpoint(out: Path, bundle: str, backend: str) -> tuple[Path, dict[str, Any]] | None:
+    """The newest complete checkpoint of this bundle and backend in `out` (complete ones are renamed in whole)."""
+    for path in sorted(out.glob(f"{CHECKPOINT_PREFIX}*"), reverse=True):
+        progress_file = path / "progress.json"
+        if path.is_dir() and progress_file.is_file():
+            progress = json.loads(progress_file.read_text(encoding="utf-8"))
+            if progress["bundle"] == bundle and progress["backend"] == backend:
+                return path, progress
+    return None
+
+
+def _save_checkpoint(out: Path, backend: Any, progress: dict[str, Any]) -> None:
+    target = out / f"{CHECKPOINT_PREFIX}{progress['step']:08d}"
+    with atomic_directory(target) as staging:
+        backend.save(staging)
+        write_json_atomic(staging / "progress.json", progress)
+    for older in out.glob(f"{CHECKPOINT_PREFIX}*"):
+        if older != target:
+            shutil.rmtree(older, ignore_errors=True)
+
+
+def _save_adapter(path: Path, weights: dict[str, np.ndarray], manifest: dict[str, Any]) -> None:
+    names: dict[str, str] = manifest["adapter"]["parameters"]
+    tensors = {names[name]: np.ascontiguousarray(array) for name, array in weights.items()}
+    header = {
+        "format": ADAPTER_FORMAT,
+        "schema": str(ADAPTER_SCHEMA),
+        "tool_version": __version__,
+        "model": json.dumps(manifest["model"]["name"]),
+        "bottom": json.dumps(manifest["adapter"]["bottom"]),
+        "top": json.dumps(manifest["adapter"]["top"]),
+    }
+    with atomic_path(path) as temporary:
+        save_file(tensors, str(temporary), metadata=header)
+
+
+def train_bundle(bundle: Path, data: Path, out: Path, trusted_key: Path, options: TrainOptions) -> dict[str, Any]:
+    """Verify `bundle`, train its adapter on `data`, write `out`/adapter.safetensors and metrics.json."""
+    started = time.perf_counter()
+    manifest = verify_bundle(bundle, trusted_key)
+    training: dict[str, Any] = manifest["training"]
+    steps = options.steps if options.steps is not None else training["steps"]
+    every = options.checkpoint_every if options.checkpoint_every is not None else training["checkpoint_every"]
+    if steps < 1 or every < 1:
+        raise ConfigError(f"--steps {steps} and --checkpoint-every {every} must be at least 1")
+    backend_name = options.backend or manifest["backends"][0]
+    encoder = TaskEncoder(bundle / TOKENIZER_FILE, manifest["task"])
+    rows = encoder.rows(load_examples(data))
+    budget = device_budget(manifest["profile"]["budget_bytes"], options.budget_bytes)
+    shape = ModelShape(**manifest["plan"]["shape"])
+    batch_size, max_length = training["batch_size"], manifest["task"]["max_length"]
+    micro_batch, predicted = choose_micro_batch(
+        shape, batch_size, max_length, manifest["task"]["kind"], backend_name, budget, PLAN_MARGIN
+    )
+
+    identity = bundle_id(bundle)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / METRICS).unlink(missing_ok=True)  # a result folder with metrics.json is a finished result, never stale
+    for leftover in out.glob(f".{CHECKPOINT_PREFIX}*.tmp"):  # a checkpoint cut off mid-write
+        shutil.rmtree(leftover, ignore_errors=True)
+    found = _latest_checkpoint(out, identity, backend_name)
+    progress: dict[str, Any] = {
+        "bundle": identity,
+        "backend": backend_name,
+        "step": 0,
+        "samples": 0,
+        "losses": [],
+        "step_seconds": [],
+        "micro_batch_changes": [],
+    }
+    if found is not None:
+        progress = found[1]
+    threads = options.threads or os.cpu_count() or 1
+    monitor = PeakMemory()
+    with monitor:
+        backend = open_backend(backend_name, bundle, manifest, threads, found[0] if found else None)
+        batches = training_batches(encoder, rows, batch_size, training["seed"])
+        for _ in range(progress["step"]):
+            next(batches)
+        resumed_from = progress["step"]
+        with tqdm(
+            total=steps, initial=resumed_from, desc=f"train ({backend_name})", unit="step", disable=not options.progress
+        ) as bar:
+            for step in range(resumed_from, steps):
+                batch = next(batches)
+                tick = time.perf_counter()
+                lr = training["lr"] * learning_rate_factor(step, steps, training["warmup_ratio"])
+                loss = backend.step(batch.split(micro_batch), lr)
+                progress["step_seconds"].append(round(time.perf_counter() - tick, 4))
+                progress["losses"].append(loss)
+                progress["samples"] += len(batch)
+                progress["step"] = step + 1
+                if monitor.peak > budget and micro_batch > 1:
+                    micro_batch = max(m for m in range(1, micro_batch) if batch_size % m == 0)
+                    progress["micro_batch_changes"].append({"step": step + 1, "micro_batch": micro_batch})
+                if progress["step"] % every == 0 and progress["step"] < steps:
+                    _save_checkpoint(out, backend, progress)
+                bar.set_postfix(loss=f"{loss:.3f}", rss=f"{monitor.current / MIB:,.0f}MiB")
+                bar.update()
+        weights = backend.adapter()
+    _save_adapter(out / ADAPTER, weights, manifest)
+    metrics = {
+        "format": RESULT_FORMAT,
+        "schema": RESULT_SCHEMA,
+        "tool_version": __version__,
+        "bundle": identity,
+        "model": manifest["model"],
+        "emulator": manifest["emulator"],
+        "backend": backend_name,
+        "threads": threads,
+        "steps": progress["step"],
+        "samples": progress["samples"],
+        "resumed_from_step": resumed_from,
+        "loss_curve": [round(value, 6) for value in progress["losses"]],
+        "first_loss": progress["losses"][0],
+        "final_loss": progress["losses"][-1],
+        "step_seconds_median": statistics.median(progress["step_seconds"]),
+        "wall_seconds": round(time.perf_counter() - started, 2),
+        "batch_size": batch_size,
+        "micro_batch": micro_batch,
+        "micro_batch_changes": progress["micro_batch_changes"],
+        "budget_bytes": budget,
+        "predicted_peak_bytes": predicted.total,
+        "peak_memory_bytes": max(monitor.peak, peak_rss_bytes()),
+        "peak_memory_sampled_bytes": monitor.peak,
+        "privacy": None,
+    }
+    write_json_atomic(out / METRICS, metrics)
+    for checkpoint in out.glob(f"{CHECKPOINT_PREFIX}*"):
+        shutil.rmtree(checkpoint, ignore_errors=True)
+    return metrics

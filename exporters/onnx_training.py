@@ -1,0 +1,187 @@
+"""Emulator + adapter -> ONNX Runtime training artifacts (training, eval, optimizer models, checkpoint), checked.
+
+Exported at opset 15 with the TorchScript exporter: at opset >= 17 LayerNormalization becomes one node whose
+gradient ONNX Runtime training cannot build (TOOLCHAIN.md). Every export runs in ONNX Runtime and is compared
+with PyTorch: forward logits and the eval model's loss.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime
+import torch
+from onnxruntime.training import artifacts, onnxblock
+from onnxruntime.training.api import CheckpointState, Module
+
+from edge_runtime.errors import OffsiteError
+from edge_runtime.torch_graph import IGNORE_INDEX, TrainingGraph, graph_loss
+
+OPSET = 15
+PREFIX = "causal_lm."
+# Forward logits may differ from PyTorch by at most this much, relative to the largest |logit| (float32 kernels
+# sum in a different order; measured ~1e-6 relative on SmolLM2).
+LOGITS_TOLERANCE = 1e-4
+LOSS_TOLERANCE = 1e-4
+LOSS_SCALE = "loss_scale"
+ARTIFACTS = ("training_model.onnx", "eval_model.onnx", "optimizer_model.onnx", "checkpoint")
+
+
+class ExportError(OffsiteError):
+    """The exported graph is missing a parameter or does not reproduce PyTorch."""
+
+
+@dataclass(frozen=True)
+class OptimizerSettings:
+    """AdamW as the optimizer graph runs it (transformers-style AdamW; gradient clipping by global norm)."""
+
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    eps: float = 1e-8
+
+
+@dataclass(frozen=True)
+class ExportCheck:
+    """How closely ONNX Runtime reproduced PyTorch on the sample batch."""
+
+    logits_max_abs_diff: float
+    logits_max_abs: float
+    loss_onnx: float
+    loss_torch: float
+
+    def to_dict(self) -> dict[str, float]:
+        return {
+            "logits_max_abs_diff": self.logits_max_abs_diff,
+            "logits_max_abs": self.logits_max_abs,
+            "loss_onnx": self.loss_onnx,
+            "loss_torch": self.loss_torch,
+            "logits_tolerance": LOGITS_TOLERANCE,
+            "loss_tolerance": LOSS_TOLERANCE,
+        }
+
+
+class ScaledCrossEntropy(onnxblock.Block):
+    """Mean cross-entropy times a `loss_scale` input: micro-batches pass their share of the batch, so the
+    gradients ONNX Runtime accumulates over them add up to the whole batch's mean gradient."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._cross_entropy = onnxblock.loss.CrossEntropyLoss(ignore_index=IGNORE_INDEX)
+        self._scale = onnxblock.blocks.Mul()
+
+    def build(self, logits_name: str) -> str:
+        loss = self._cross_entropy(logits_name, "labels")
+        self.base.graph.input.append(onnx.helper.make_tensor_value_info(LOSS_SCALE, onnx.TensorProto.FLOAT, []))
+        return self._scale(loss, LOSS_SCALE)
+
+
+def onnx_name(parameter: str) -> str:
+    """The ONNX initializer name of a model parameter."""
+    return PREFIX + parameter
+
+
+def _export_forward(graph: TrainingGraph, sample: tuple[torch.Tensor, torch.Tensor], path: Path) -> onnx.ModelProto:
+    torch.onnx.export(
+        graph,
+        sample,
+        str(path),
+        input_names=["input_ids", "attention_mask"],
+        output_names=["logits"],
+        dynamic_axes={
+            "input_ids": {0: "batch", 1: "sequence"},
+            "attention_mask": {0: "batch", 1: "sequence"},
+            "logits": {0: "rows"},
+        },
+        opset_version=OPSET,
+        do_constant_folding=False,
+        keep_initializers_as_inputs=True,  # stops equal-valued parameters (e.g. fresh norms) being merged into one
+        dynamo=False,
+    )
+    model = onnx.load(str(path))
+    initializers = {initializer.name for initializer in model.graph.initializer}
+    inputs = [value for value in model.graph.input if value.name not in initializers]
+    del model.graph.input[:]
+    model.graph.input.extend(inputs)
+    onnx.save(model, str(path))
+    return model
+
+
+def _quiet_options() -> onnxruntime.SessionOptions:
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 3
+    return options
+
+
+def _check_forward(path: Path, graph: TrainingGraph, sample: tuple[torch.Tensor, ...]) -> tuple[float, float]:
+    session = onnxruntime.InferenceSession(str(path), _quiet_options(), providers=["CPUExecutionProvider"])
+    ids, mask = sample[0], sample[1]
+    got = session.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0]
+    with torch.no_grad():
+        want = graph(ids, mask).numpy()
+    return float(np.abs(got - want).max()), float(np.abs(want).max())
+
+
+def _check_eval_loss(directory: Path, graph: TrainingGraph, sample: tuple[torch.Tensor, ...]) -> tuple[float, float]:
+    state = CheckpointState.load_checkpoint(str(directory / "checkpoint"))
+    module = Module(
+        str(directory / "training_model.onnx"),
+        state,
+        str(directory / "eval_model.onnx"),
+        session_options=_quiet_options(),
+    )
+    module.eval()
+    ids, mask, labels = sample
+    got = float(module(ids.numpy(), mask.numpy(), labels.numpy(), np.array(1.0, dtype=np.float32)))
+    with torch.no_grad():
+        want = float(graph_loss(graph(ids, mask), labels))
+    return got, want
+
+
+def export_training_artifacts(
+    model: torch.nn.Module,
+    backbone: str,
+    head: str,
+    kind: str,
+    trainable: list[str],
+    sample: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    directory: Path,
+    optimizer: OptimizerSettings,
+) -> ExportCheck:
+    """Write the four ONNX Runtime training artifacts of `model` into `directory` (which must exist).
+
+    `trainable` are parameter names of `model` (e.g. 'model.layers.0.mlp.up_proj.weight'); every other parameter
+    is frozen. `sample` = (input_ids, attention_mask, labels) is a real batch used to check the export.
+    """
+    graph = TrainingGraph(model, backbone, head, kind).eval()
+    with tempfile.TemporaryDirectory() as scratch:
+        forward_path = Path(scratch) / "forward.onnx"
+        forward = _export_forward(graph, sample[:2], forward_path)
+        names = [initializer.name for initializer in forward.graph.initializer]
+        wanted = [onnx_name(name) for name in trainable]
+        missing = sorted(set(wanted) - set(names))
+        if missing:
+            raise ExportError(f"the exported graph lost trainable parameters {missing[:3]}...; export them unfolded")
+        diff, scale = _check_forward(forward_path, graph, sample)
+        if diff > LOGITS_TOLERANCE * max(1.0, scale):
+            raise ExportError(f"ONNX logits differ from PyTorch by {diff:.3g} (largest |logit| {scale:.3g})")
+        onnxruntime.set_default_logger_severity(3)
+        artifacts.generate_artifacts(
+            forward,
+            requires_grad=wanted,
+            frozen_params=[name for name in names if name not in set(wanted)],
+            loss=ScaledCrossEntropy(),
+            optimizer=onnxblock.optim.AdamW(
+                eps=optimizer.eps,
+                weight_decay=optimizer.weight_decay,
+                clip_grad=onnxblock.optim.ClipGradNorm(optimizer.max_grad_norm),
+            ),
+            artifact_directory=str(directory),
+        )
+    loss_onnx, loss_torch = _check_eval_loss(directory, graph, sample)
+    if abs(loss_onnx - loss_torch) > LOSS_TOLERANCE * max(1.0, abs(loss_torch)):
+        raise ExportError(f"the ONNX eval loss {loss_onnx:.6f} differs from PyTorch's {loss_torch:.6f}")
+    return ExportCheck(diff, scale, loss_onnx, loss_torch)
