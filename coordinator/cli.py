@@ -200,13 +200,14 @@ def _plan(args: argparse.Namespace) -> None:
 
 def _export(args: argparse.Namespace) -> None:
     from coordinator.emulator import Split
-    from coordinator.export import DeviceTraining, export_bundle
+    from coordinator.export import DeviceTraining, check_backends, export_bundle
     from coordinator.models import load_model
     from device_profiles import load_profile
     from exporters.bundle import PRIVATE_KEY, default_key_directory, load_private_key
 
     profile = load_profile(args.profile)
     backends = tuple(args.backends.split(",")) if args.backends else profile.backends[:1]
+    check_backends(profile, backends)
     key = load_private_key(args.key or default_key_directory() / PRIVATE_KEY)
     training = DeviceTraining(
         args.steps, args.lr, args.batch_size, seed=args.seed, checkpoint_every=args.checkpoint_every

@@ -81,7 +81,11 @@ def run_five_settings(
     else:
         _check_same_emulator(device, emulator)
         plug_in(emulator, device.weights)
-        summary = {key: device.metrics[key] for key in DEVICE_SUMMARY} | {"on_device": True}
+        summary = {key: device.metrics[key] for key in DEVICE_SUMMARY} | {
+            "on_device": True,
+            "seconds": device.metrics["wall_seconds"],
+            "trainable_parameters": sum(p.numel() for p in adapter.values()),
+        }
     results["offsite_emulator"] = _timed_score(task, emulator, test_examples, batch) | {"train": summary}
     trained = adapter_state(emulator, split.bottom, split.top)
     if adapter_path is not None:

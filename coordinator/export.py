@@ -13,6 +13,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from coordinator.adapter import adapter_parameters, adapter_state, save_adapter
 from coordinator.architectures import spec_for
 from coordinator.emulator import Split, build_emulator, emulator_record
+from coordinator.errors import ConfigError
 from coordinator.models import LoadedModel, source_sha256
 from coordinator.planner import Plan, make_plan, model_shape
 from coordinator.tasks import ClassificationTask, LanguageModelTask, pad
@@ -41,6 +42,16 @@ class DeviceTraining:
     max_grad_norm: float = 1.0
     seed: int = 0
     checkpoint_every: int = 10
+
+
+def check_backends(profile: DeviceProfile, backends: tuple[str, ...]) -> None:
+    """Refuse a backend the device cannot run, before any work."""
+    for backend in backends:
+        if backend not in profile.backends:
+            raise ConfigError(
+                f"profile {profile.name} cannot run the {backend!r} backend (it runs {', '.join(profile.backends)}); "
+                "choose from those with --backends"
+            )
 
 
 def task_record(task: ClassificationTask | LanguageModelTask) -> dict[str, Any]:
@@ -96,6 +107,7 @@ def export_bundle(
     key: Ed25519PrivateKey,
 ) -> dict[str, Any]:
     """Build, plan, export and sign the bundle for `profile` into `out` (written whole or not at all)."""
+    check_backends(profile, backends)
     split.check(loaded.model.config.num_hidden_layers)
     spec = spec_for(loaded.model.config.model_type)
     emulator = build_emulator(loaded.model, split).eval()

@@ -77,10 +77,7 @@ def make_plan(
 ) -> Plan:
     """Plan training on `profile`; raises BudgetError naming the smallest budget that would do."""
     if backend not in profile.backends:
-        raise ConfigError(
-            f"profile {profile.name} cannot run the {backend!r} backend (it runs {', '.join(profile.backends)}); "
-            "choose one of those with --backends"
-        )
+        raise ConfigError(f"profile {profile.name} cannot run the {backend!r} backend (it runs {profile.backends})")
     micro_batch, predicted = choose_micro_batch(
         shape, batch_size, max_length, kind, backend, profile.budget_bytes, PLAN_MARGIN
     )

@@ -33,6 +33,12 @@ def format_table(results: dict) -> str:
         f"adapter {config['adapter_layers'][0]}+{config['adapter_layers'][1]} layers; "
         f"{config['test_examples']} test examples"
     )
+    device = results["offsite_emulator"]["train"]
+    if device.get("on_device"):
+        lines.append(
+            f"offsite adapter trained on a device: {device['backend']} backend, {device['steps']} steps, "
+            f"{device['samples']} samples, peak memory {device['peak_memory_bytes'] / 2**20:,.0f} MiB"
+        )
     return "\n".join(lines)
 
 

@@ -112,3 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"edge-runtime {args.command}: error: {error}", file=sys.stderr)
         return 2
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -7,7 +7,12 @@ with PyTorch: forward logits and the eval model's loss.
 
 from __future__ import annotations
 
+import os
+import sys
 import tempfile
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,7 +89,7 @@ def onnx_name(parameter: str) -> str:
     return PREFIX + parameter
 
 
-def _export_forward(graph: TrainingGraph, sample: tuple[torch.Tensor, torch.Tensor], path: Path) -> onnx.ModelProto:
+def _trace(graph: TrainingGraph, sample: tuple[torch.Tensor, torch.Tensor], path: Path) -> None:
     torch.onnx.export(
         graph,
         sample,
@@ -101,6 +106,12 @@ def _export_forward(graph: TrainingGraph, sample: tuple[torch.Tensor, torch.Tens
         keep_initializers_as_inputs=True,  # stops equal-valued parameters (e.g. fresh norms) being merged into one
         dynamo=False,
     )
+
+
+def _export_forward(graph: TrainingGraph, sample: tuple[torch.Tensor, torch.Tensor], path: Path) -> onnx.ModelProto:
+    with warnings.catch_warnings():  # the tracer warns about Python-level shape checks it freezes; harmless here
+        warnings.simplefilter("ignore")
+        _trace(graph, sample, path)
     model = onnx.load(str(path))
     initializers = {initializer.name for initializer in model.graph.initializer}
     inputs = [value for value in model.graph.input if value.name not in initializers]
@@ -108,6 +119,25 @@ def _export_forward(graph: TrainingGraph, sample: tuple[torch.Tensor, torch.Tens
     model.graph.input.extend(inputs)
     onnx.save(model, str(path))
     return model
+
+
+@contextmanager
+def _native_log_captured() -> Iterator[None]:
+    """Hold back the INFO lines ONNX Runtime's C++ gradient builder writes to stderr; replay them on failure."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            os.dup2(saved, 2)
+            captured.seek(0)
+            sys.stderr.write(captured.read().decode(errors="replace"))
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
 
 
 def _quiet_options() -> onnxruntime.SessionOptions:
@@ -168,19 +198,19 @@ def export_training_artifacts(
         diff, scale = _check_forward(forward_path, graph, sample)
         if diff > LOGITS_TOLERANCE * max(1.0, scale):
             raise ExportError(f"ONNX logits differ from PyTorch by {diff:.3g} (largest |logit| {scale:.3g})")
-        onnxruntime.set_default_logger_severity(3)
-        artifacts.generate_artifacts(
-            forward,
-            requires_grad=wanted,
-            frozen_params=[name for name in names if name not in set(wanted)],
-            loss=ScaledCrossEntropy(),
-            optimizer=onnxblock.optim.AdamW(
-                eps=optimizer.eps,
-                weight_decay=optimizer.weight_decay,
-                clip_grad=onnxblock.optim.ClipGradNorm(optimizer.max_grad_norm),
-            ),
-            artifact_directory=str(directory),
-        )
+        with _native_log_captured():
+            artifacts.generate_artifacts(
+                forward,
+                requires_grad=wanted,
+                frozen_params=[name for name in names if name not in set(wanted)],
+                loss=ScaledCrossEntropy(),
+                optimizer=onnxblock.optim.AdamW(
+                    eps=optimizer.eps,
+                    weight_decay=optimizer.weight_decay,
+                    clip_grad=onnxblock.optim.ClipGradNorm(optimizer.max_grad_norm),
+                ),
+                artifact_directory=str(directory),
+            )
     loss_onnx, loss_torch = _check_eval_loss(directory, graph, sample)
     if abs(loss_onnx - loss_torch) > LOSS_TOLERANCE * max(1.0, abs(loss_torch)):
         raise ExportError(f"the ONNX eval loss {loss_onnx:.6f} differs from PyTorch's {loss_torch:.6f}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
@@ -75,3 +77,33 @@ def tokenizer() -> PreTrainedTokenizerFast:
 @pytest.fixture(params=FAMILIES)
 def family(request: pytest.FixtureRequest) -> str:
     return request.param
+
+
+def make_bundle(root: Path, backends: str = "ort,torch", *extra: str) -> dict[str, Path]:
+    """A signed bundle of a tiny 6-layer LLaMA (adapter 1+1, emulator keeps 2) with its keys and data."""
+    from coordinator.cli import main as coordinator
+    from coordinator.datasets import write_jsonl
+
+    folder = root / "tiny-llama"
+    tokenizer = make_tokenizer()
+    make_model("llama", vocab_size=len(tokenizer)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    write_jsonl(root / "train.jsonl", sentiment_examples(64))
+    keys = root / "keys"
+    assert coordinator(["keys", "init", "--out", str(keys)]) == 0
+    options = ["--adapter-layers", "1,1", "--keep", "2", "--batch-size", "8", "--max-length", "32", "--lr", "1e-3"]
+    command = ["export", "--model", str(folder), "--profile", "laptop-16gb", "--backends", backends, *options]
+    assert coordinator([*command, "--key", str(keys / "coordinator.key"), "--out", str(root / "bundle"), *extra]) == 0
+    return {
+        "model": folder,
+        "bundle": root / "bundle",
+        "trust": keys / "coordinator.pub",
+        "key": keys / "coordinator.key",
+        "data": root / "train.jsonl",
+    }
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One tiny bundle shared by the tests that only read it."""
+    return make_bundle(tmp_path_factory.mktemp("tiny-bundle"))

@@ -1,0 +1,47 @@
+"""The memory model: every part grows as it should, and the planner picks the largest micro-batch that fits."""
+
+import pytest
+
+from edge_runtime.memory import MIB, BudgetError, ModelShape, choose_micro_batch, estimate
+
+SMOLLM2_EMULATOR = ModelShape(
+    hidden=576,
+    intermediate=1536,
+    heads=9,
+    vocab=49152,
+    layers=12,
+    backprop_layers=12,
+    frozen_parameters=56_632_896,
+    trainable_parameters=14_160_384,
+)
+
+
+def test_optimizer_state_is_twice_the_trainable_weights_and_gradients_equal_them():
+    predicted = estimate(SMOLLM2_EMULATOR, 8, 128, "classification", "ort")
+    assert predicted.gradients == predicted.trainable_weights == 4 * SMOLLM2_EMULATOR.trainable_parameters
+    assert predicted.optimizer_state == 2 * predicted.trainable_weights
+    assert predicted.total == sum(v for k, v in predicted.to_dict().items() if k != "total")
+
+
+def test_activations_grow_with_rows_tokens_and_depth_and_lm_logits_with_tokens():
+    base = estimate(SMOLLM2_EMULATOR, 2, 64, "classification", "ort")
+    assert estimate(SMOLLM2_EMULATOR, 4, 64, "classification", "ort").activations == 2 * base.activations
+    assert estimate(SMOLLM2_EMULATOR, 2, 128, "classification", "ort").activations > 2 * base.activations
+    shallow = ModelShape(**SMOLLM2_EMULATOR.to_dict() | {"backprop_layers": 6})
+    assert estimate(shallow, 2, 64, "classification", "ort").activations * 2 == base.activations
+    assert estimate(SMOLLM2_EMULATOR, 2, 64, "language-model", "ort").logits == 64 * base.logits
+
+
+def test_the_largest_dividing_micro_batch_that_fits_is_chosen():
+    need = {m: estimate(SMOLLM2_EMULATOR, m, 128, "classification", "ort").total for m in (1, 2, 4, 8)}
+    budget = int(need[4] * 1.1) + 1
+    micro, predicted = choose_micro_batch(SMOLLM2_EMULATOR, 8, 128, "classification", "ort", budget, 0.1)
+    assert micro == 4 and predicted.total == need[4]
+    micro, _ = choose_micro_batch(SMOLLM2_EMULATOR, 6, 128, "classification", "ort", 10**12, 0.1)
+    assert micro == 6
+
+
+def test_a_budget_below_one_row_is_refused_with_the_budget_it_needs():
+    need = estimate(SMOLLM2_EMULATOR, 1, 128, "classification", "ort").total * 1.1 / MIB
+    with pytest.raises(BudgetError, match=f"at least {need:,.0f} MiB.*budget is 256 MiB"):
+        choose_micro_batch(SMOLLM2_EMULATOR, 8, 128, "classification", "ort", 256 * MIB, 0.1)
