@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -12,7 +11,6 @@ from edge_runtime.errors import ConfigError
 from edge_runtime.text import Batch
 
 BACKENDS = ("ort", "torch")
-_MODULES = {"ort": "onnxruntime", "torch": "torch"}
 _INSTALL = {
     "ort": "pip install onnxruntime-training==1.19.2 (x86-64 only)",
     "torch": "pip install '.[runtime-torch]' (on Jetson: JetPack's torch wheel)",
@@ -46,12 +44,12 @@ def open_backend(name: str, bundle: Path, manifest: dict[str, Any], threads: int
             f"this bundle was exported for {manifest['backends']} only; export it with --backends {name} "
             f"or train with --backend {manifest['backends'][0]}"
         )
-    if importlib.util.find_spec(_MODULES[name]) is None:
-        raise ConfigError(f"backend {name!r} is not installed here: {_INSTALL[name]}")
-    if name == "ort":
-        from edge_runtime.backends.ort import OrtBackend
+    try:
+        if name == "ort":
+            from edge_runtime.backends.ort import OrtBackend
 
-        return OrtBackend(bundle, threads, resume)
-    from edge_runtime.backends.pytorch import TorchBackend
-
+            return OrtBackend(bundle, threads, resume)
+        from edge_runtime.backends.pytorch import TorchBackend
+    except ImportError as error:
+        raise ConfigError(f"backend {name!r} is not installed here ({error}): {_INSTALL[name]}") from None
     return TorchBackend(bundle, manifest, threads, resume)

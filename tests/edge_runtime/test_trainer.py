@@ -135,3 +135,32 @@ def test_a_bundle_without_the_requested_backend_says_how_to_get_it(tmp_path):
     bundle = make_bundle(tmp_path, "torch")
     with pytest.raises(Exception, match="exported for \\['torch'\\] only; export it with --backends ort"):
         _train(bundle, tmp_path / "r", steps=1, backend="ort")
+
+
+def test_ort_training_runs_where_torch_is_not_installed(tiny_bundle, tmp_path):
+    # onnxruntime-training 1.19.2's own package __init__ imports torch; the backend must not need it.
+    command = [
+        sys.executable,
+        "-m",
+        "tests.without_torch",
+        "edge_runtime.cli",
+        "train",
+        str(tiny_bundle["bundle"]),
+        "--data",
+        str(tiny_bundle["data"]),
+        "--out",
+        str(tmp_path / "r"),
+        "--trust",
+        str(tiny_bundle["trust"]),
+        "--steps",
+        "3",
+        "--backend",
+        "ort",
+        "--quiet",
+    ]
+    finished = subprocess.run(command, capture_output=True, text=True)
+    assert finished.returncode == 0, finished.stderr
+    assert json.loads((tmp_path / "r" / "metrics.json").read_text())["steps"] == 3
+    command[command.index("ort")] = "torch"
+    finished = subprocess.run(command, capture_output=True, text=True)
+    assert finished.returncode == 2 and "backend 'torch' is not installed here" in finished.stderr

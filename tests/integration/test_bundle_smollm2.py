@@ -1,0 +1,70 @@
+"""SmolLM2 bundles: export for a laptop (ORT + PyTorch), verify, train on the device path, encode as the coordinator."""
+
+import json
+
+import numpy as np
+import pytest
+
+from coordinator.cli import main as coordinator
+from coordinator.datasets import dataset_path, prepare_datasets
+from coordinator.models import load_model
+from coordinator.tasks import ClassificationTask
+from edge_runtime.bundle import TOKENIZER_FILE, verify_bundle
+from edge_runtime.data import load_examples
+from edge_runtime.text import TaskEncoder
+from edge_runtime.trainer import TrainOptions, train_bundle
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    prepare_datasets()
+    root = tmp_path_factory.mktemp("smollm2-bundle")
+    assert coordinator(["keys", "init", "--out", str(root / "keys")]) == 0
+    command = [
+        "export",
+        "--model",
+        "smollm2-135m",
+        "--profile",
+        "laptop-16gb",
+        "--backends",
+        "ort,torch",
+        "--key",
+        str(root / "keys" / "coordinator.key"),
+        "--out",
+        str(root / "bundle"),
+    ]
+    assert coordinator(command) == 0
+    return root / "bundle", root / "keys" / "coordinator.pub"
+
+
+def test_the_bundle_verifies_and_its_export_matches_pytorch(bundle):
+    manifest = verify_bundle(*bundle)
+    check = manifest["export_check"]
+    assert check["logits_max_abs_diff"] <= check["logits_tolerance"] * check["logits_max_abs"]
+    assert manifest["emulator"]["layer_map"] == [0, 1, 2, 6, 9, 13, 16, 20, 23, 27, 28, 29]
+    assert manifest["plan"]["micro_batch"] == 8  # a 10 GB laptop budget holds the whole batch
+
+
+def test_the_device_encodes_reviews_exactly_as_the_coordinator(bundle):
+    manifest = json.loads((bundle[0] / "manifest.json").read_text())
+    device = TaskEncoder(bundle[0] / TOKENIZER_FILE, manifest["task"])
+    task = ClassificationTask(load_model("smollm2-135m").tokenizer, manifest["task"]["label_words"])
+    examples = load_examples(dataset_path("sentiment", "test"))[:300]
+    coordinator_rows = [task.encode(example)[0] for example in examples]
+    assert [ids for ids, _ in device.rows(examples)] == coordinator_rows
+
+
+def test_ort_and_torch_train_the_same_steps_on_smollm2(bundle, tmp_path):
+    data = dataset_path("sentiment", "train")
+    losses = {}
+    for backend in ("ort", "torch"):
+        options = TrainOptions(steps=4, backend=backend, progress=False)
+        losses[backend] = train_bundle(bundle[0], data, tmp_path / backend, bundle[1], options)["loss_curve"]
+    np.testing.assert_allclose(losses["ort"], losses["torch"], rtol=2e-3)
+
+
+def test_jetson_plan_uses_the_torch_backend(capsys):
+    assert coordinator(["plan", "--model", "smollm2-135m", "--profile", "jetson-orin"]) == 0
+    assert "profile jetson-orin-nano-8gb" in capsys.readouterr().out
