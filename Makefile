@@ -31,6 +31,7 @@ test: setup
 
 bench: setup
 	$(BIN)/python -m bench.five_settings
+	$(BIN)/python -m bench.device_training
 
 clean:
 	rm -rf $(VENV) runs

@@ -260,3 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"coordinator {args.command}: error: {error}", file=sys.stderr)
         return 2
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -94,8 +94,14 @@ def format_plan(plan: Plan) -> str:
         "| part | MiB |",
         "| --- | ---: |",
     ]
+    labels = {
+        "activations": "activations (a step's transient)",
+        "logits": "logits (a step's transient)",
+        "checkpoint": "checkpoint write (transient, when larger than a step's)",
+        "total": "**predicted peak** = resident + the larger transient",
+    }
     for part, size in plan.predicted.to_dict().items():
-        lines.append(f"| {part.replace('_', ' ')} | {size / MIB:,.1f} |")
+        lines.append(f"| {labels.get(part, part.replace('_', ' '))} | {size / MIB:,.1f} |")
     lines += ["", "| micro-batch | accumulation | predicted peak MiB | fits |", "| ---: | ---: | ---: | :---: |"]
     for micro in (m for m in range(1, plan.batch_size + 1) if plan.batch_size % m == 0):
         total = estimate(plan.shape, micro, plan.max_length, plan.kind, plan.backend).total

@@ -1,7 +1,9 @@
 """Peak training memory, predicted from the model's shape; used by the coordinator's planner and by the device.
 
-The prediction adds what a training step holds at its peak: the runtime itself, frozen and trainable weights,
-gradients, AdamW's two moments, the activations kept for back-propagation and the logits with their gradient.
+The prediction adds what stays resident (the runtime itself, frozen and trainable weights, gradients, AdamW's two
+moments) to the larger of two transients: a step's activations kept for back-propagation plus the logits with
+their gradient, or writing a checkpoint (ONNX Runtime serializes its whole state, frozen weights included, in
+memory first).
 The per-token activation factors and the runtimes' own footprint were measured on x86-64 with ONNX Runtime
 training 1.19.2 and torch 2.13 (`python -m bench.device_memory` re-measures them against real runs).
 """
@@ -15,14 +17,14 @@ from edge_runtime.errors import OffsiteError
 FLOAT_BYTES = 4
 MIB = 1024**2
 # Resident memory of a process that has loaded the backend but no model (measured; see module docstring).
-RUNTIME_BYTES = {"ort": 130 * MIB, "torch": 420 * MIB}
+RUNTIME_BYTES = {"ort": 145 * MIB, "torch": 450 * MIB}
 # Copies of the frozen weights each backend keeps resident (ORT: checkpoint state plus session buffers).
 FROZEN_COPIES = {"ort": 1.0, "torch": 1.0}
 # Float32 values kept per token per back-propagated layer, in units of hidden and intermediate width.
-HIDDEN_FACTOR = {"ort": 12.0, "torch": 12.0}
-INTERMEDIATE_FACTOR = {"ort": 5.0, "torch": 5.0}
-# Attention probability tensors kept per back-propagated layer (scores, softmax, dropout-free copy).
-ATTENTION_COPIES = {"ort": 3.0, "torch": 3.0}
+HIDDEN_FACTOR = {"ort": 10.5, "torch": 8.6}
+INTERMEDIATE_FACTOR = {"ort": 4.4, "torch": 3.6}
+# Attention-probability-sized tensors kept per back-propagated layer.
+ATTENTION_COPIES = {"ort": 2.25, "torch": 1.0}
 # Logit tensors alive at once (logits, softmax, gradient).
 LOGIT_COPIES = 3.0
 
@@ -59,10 +61,17 @@ class MemoryEstimate:
     optimizer_state: int
     activations: int
     logits: int
+    checkpoint: int
+
+    @property
+    def resident(self) -> int:
+        """What stays allocated through training."""
+        return self.runtime + self.frozen_weights + self.trainable_weights + self.gradients + self.optimizer_state
 
     @property
     def total(self) -> int:
-        return sum(asdict(self).values())
+        """The predicted peak: resident plus the larger transient (a step, or a checkpoint being written)."""
+        return self.resident + max(self.activations + self.logits, self.checkpoint)
 
     def to_dict(self) -> dict[str, int]:
         return asdict(self) | {"total": self.total}
@@ -77,14 +86,16 @@ def estimate(shape: ModelShape, micro_batch: int, sequence: int, kind: str, back
     attention = ATTENTION_COPIES[backend] * micro_batch * shape.heads * sequence * sequence
     logit_rows = micro_batch if kind == "classification" else tokens
     trainable = shape.trainable_parameters * FLOAT_BYTES
+    frozen = shape.frozen_parameters * FLOAT_BYTES
     return MemoryEstimate(
         runtime=RUNTIME_BYTES[backend],
-        frozen_weights=int(FROZEN_COPIES[backend] * shape.frozen_parameters * FLOAT_BYTES),
+        frozen_weights=int(FROZEN_COPIES[backend] * frozen),
         trainable_weights=trainable,
         gradients=trainable,
         optimizer_state=2 * trainable,
         activations=int(shape.backprop_layers * (tokens * per_token + attention) * FLOAT_BYTES),
         logits=int(LOGIT_COPIES * logit_rows * shape.vocab * FLOAT_BYTES),
+        checkpoint=frozen + 3 * trainable if backend == "ort" else 3 * trainable,
     )
 
 

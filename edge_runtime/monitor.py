@@ -20,11 +20,13 @@ def peak_rss_bytes() -> int:
 
 
 class PeakMemory:
-    """Samples resident memory every `interval` seconds while open; `peak` and `current` in bytes."""
+    """Samples resident memory every `interval` seconds while open: `peak` since opening, `window_peak` since the
+    last `new_window()`, and `current`, in bytes."""
 
     def __init__(self, interval: float = 0.02) -> None:
         self.interval = interval
         self.peak = 0
+        self.window_peak = 0
         self.current = 0
         self._process = psutil.Process()
         self._stop = threading.Event()
@@ -33,6 +35,11 @@ class PeakMemory:
     def _sample(self) -> None:
         self.current = self._process.memory_info().rss
         self.peak = max(self.peak, self.current)
+        self.window_peak = max(self.window_peak, self.current)
+
+    def new_window(self) -> None:
+        """Start a new window for `window_peak` (e.g. one training step)."""
+        self.window_peak = self.current
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):

@@ -21,7 +21,7 @@ from edge_runtime import __version__
 from edge_runtime.backends import open_backend
 from edge_runtime.bundle import ADAPTER_FORMAT, ADAPTER_SCHEMA, MANIFEST, TOKENIZER_FILE, verify_bundle
 from edge_runtime.data import load_examples
-from edge_runtime.errors import ConfigError
+from edge_runtime.errors import ConfigError, DataError
 from edge_runtime.files import atomic_directory, atomic_path, write_json_atomic
 from edge_runtime.memory import MIB, ModelShape, choose_micro_batch
 from edge_runtime.monitor import PeakMemory, peak_rss_bytes
@@ -110,11 +110,14 @@ def train_bundle(bundle: Path, data: Path, out: Path, trusted_key: Path, options
     backend_name = options.backend or manifest["backends"][0]
     encoder = TaskEncoder(bundle / TOKENIZER_FILE, manifest["task"])
     rows = encoder.rows(load_examples(data))
+    if not rows:
+        raise DataError(f"{data} holds no example long enough to train on; give it at least one")
     budget = device_budget(manifest["profile"]["budget_bytes"], options.budget_bytes)
     shape = ModelShape(**manifest["plan"]["shape"])
-    batch_size, max_length = training["batch_size"], manifest["task"]["max_length"]
+    batch_size = training["batch_size"]
+    sequence = max(len(ids) for ids, _ in rows)  # the longest row decides the peak; rows are already capped
     micro_batch, predicted = choose_micro_batch(
-        shape, batch_size, max_length, manifest["task"]["kind"], backend_name, budget, PLAN_MARGIN
+        shape, batch_size, sequence, manifest["task"]["kind"], backend_name, budget, PLAN_MARGIN
     )
 
     identity = bundle_id(bundle)
@@ -147,6 +150,7 @@ def train_bundle(bundle: Path, data: Path, out: Path, trusted_key: Path, options
         ) as bar:
             for step in range(resumed_from, steps):
                 batch = next(batches)
+                monitor.new_window()
                 tick = time.perf_counter()
                 lr = training["lr"] * learning_rate_factor(step, steps, training["warmup_ratio"])
                 loss = backend.step(batch.split(micro_batch), lr)
@@ -154,8 +158,8 @@ def train_bundle(bundle: Path, data: Path, out: Path, trusted_key: Path, options
                 progress["losses"].append(loss)
                 progress["samples"] += len(batch)
                 progress["step"] = step + 1
-                if monitor.peak > budget and micro_batch > 1:
-                    micro_batch = max(m for m in range(1, micro_batch) if batch_size % m == 0)
+                if monitor.window_peak > budget and micro_batch > 1:  # this step went over: halve, never exceed again
+                    micro_batch = max(m for m in range(1, micro_batch // 2 + 1) if batch_size % m == 0)
                     progress["micro_batch_changes"].append({"step": step + 1, "micro_batch": micro_batch})
                 if progress["step"] % every == 0 and progress["step"] < steps:
                     _save_checkpoint(out, backend, progress)
@@ -181,6 +185,7 @@ def train_bundle(bundle: Path, data: Path, out: Path, trusted_key: Path, options
         "step_seconds_median": statistics.median(progress["step_seconds"]),
         "wall_seconds": round(time.perf_counter() - started, 2),
         "batch_size": batch_size,
+        "sequence": sequence,
         "micro_batch": micro_batch,
         "micro_batch_changes": progress["micro_batch_changes"],
         "budget_bytes": budget,
