@@ -19,7 +19,7 @@ from edge_runtime.files import atomic_path, write_json_atomic
 
 REPO = Path(__file__).resolve().parent.parent
 OUT = REPO / "bench" / "results" / "device_training.json"
-BUDGETS_GB = (1, 2, 4)
+BUDGETS_GB = (1, 1.5, 2, 4)
 BATCH = 32
 STEPS = 12
 GOAL = 0.15  # |measured - predicted| / measured
@@ -36,11 +36,16 @@ def _export(root: Path) -> tuple[Path, Path]:
 
 
 def _train(bundle: Path, trust: Path, backend: str, budget_gb: float, out: Path) -> dict:
+    """metrics.json of the run, or {"refused": reason} when the device refuses the budget before training."""
     device = [sys.executable, "-m", "tests.without_torch"] if backend == "ort" else [sys.executable, "-m"]
     data = dataset_path("sentiment", "train")
     options = ["--steps", str(STEPS), "--backend", backend, "--budget-gb", str(budget_gb), "--quiet"]
     command = [*device, "edge_runtime.cli", "train", str(bundle), "--data", str(data), "--out", str(out)]
-    subprocess.run([*command, "--trust", str(trust), *options], check=True, cwd=REPO)
+    finished = subprocess.run([*command, "--trust", str(trust), *options], cwd=REPO, stderr=subprocess.PIPE, text=True)
+    if finished.returncode == 2 and "training needs at least" in finished.stderr:
+        return {"refused": finished.stderr.strip().splitlines()[-1].split("error: ")[-1]}
+    if finished.returncode != 0:
+        raise RuntimeError(f"training failed:\n{finished.stderr}")
     return json.loads((out / "metrics.json").read_text())
 
 
@@ -54,6 +59,9 @@ def measure() -> dict:
             for backend in ("ort", "torch"):
                 print(f"budget {budget} GiB, {backend}", flush=True)
                 metrics = _train(bundle, trust, backend, budget, root / f"{backend}-{budget}")
+                if "refused" in metrics:
+                    runs.append({"backend": backend, "budget_gb": budget, "refused": metrics["refused"]})
+                    continue
                 keep = (
                     "micro_batch",
                     "sequence",
@@ -74,7 +82,7 @@ def _plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = results["runs"]
+    runs = [run for run in results["runs"] if "refused" not in run]
     labels = [f"{r['backend']}\n{r['budget_gb']} GiB\nmicro {r['micro_batch']}" for r in runs]
     x = range(len(runs))
     figure, axes = plt.subplots(figsize=(9, 4))
@@ -100,6 +108,13 @@ def report(results: dict) -> str:
     ]
     worst = 0.0
     for run in results["runs"]:
+        if "refused" in run:
+            needed = run["refused"].split("needs at least ")[1].split(" MiB")[0]
+            lines.append(
+                f"| {run['backend']} | {run['budget_gb']} GiB | refused before training: needs {needed} MiB "
+                "| | | | yes | |"
+            )
+            continue
         predicted, measured = run["predicted_peak_bytes"], run["peak_memory_bytes"]
         error = (predicted - measured) / measured
         worst = max(worst, abs(error))
@@ -114,6 +129,8 @@ def report(results: dict) -> str:
         ort, torch = (
             next(r for r in results["runs"] if r["backend"] == b and r["budget_gb"] == budget) for b in ("ort", "torch")
         )
+        if "refused" in ort or "refused" in torch:
+            continue
         ratio = torch["step_seconds_median"] / ort["step_seconds_median"]
         lines.append(
             f"| {budget} GiB | {ort['step_seconds_median']:.2f} | {torch['step_seconds_median']:.2f} | {ratio:.2f}× |"
@@ -122,9 +139,19 @@ def report(results: dict) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    results = measure()
-    write_json_atomic(OUT, results)
+READING = (
+    "Reading it: a budget the configuration cannot meet is refused before training, with the budget it would "
+    "need (here the frozen emulator alone is 216 MiB, and ONNX Runtime serializes its whole state into a growing "
+    "buffer, measured at 1.6x the state, whenever it checkpoints). ORT runs with its CPU memory arena off: with "
+    "batches of varying length the arena kept every size it had served and grew the process 25 % over 24 steps, "
+    "beyond any plan; off, memory stays where predicted at a 5-10 % cost per step. On this CPU the two backends "
+    "take about the same time per step: both spend it in the same float32 matmuls of the 12-layer emulator, "
+    "forward and backward, so the PyTorch fallback costs a device little."
+)
+
+
+def publish(results: dict) -> None:
+    """Plot, print and write the BENCHMARKS.md section from measured `results`."""
     _plot(results, OUT.with_suffix(".png"))
     table = report(results)
     print(table)
@@ -145,10 +172,18 @@ def main() -> None:
             "",
             table,
             "",
+            READING,
+            "",
             f"![predicted vs measured peak memory](bench/results/{OUT.with_suffix('.png').name})",
         ]
     )
     write_section("device_training", body)
+
+
+def main() -> None:
+    results = measure()
+    write_json_atomic(OUT, results)
+    publish(results)
 
 
 if __name__ == "__main__":
