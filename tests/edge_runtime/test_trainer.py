@@ -45,8 +45,8 @@ def test_the_result_holds_the_adapter_under_full_model_names_and_the_metrics(tin
 def test_micro_batches_accumulate_to_the_whole_batch(tiny_bundle, tmp_path, backend):
     manifest = json.loads((tiny_bundle["bundle"] / "manifest.json").read_text())
     shape = ModelShape(**manifest["plan"]["shape"])
-    budget = int(estimate(shape, 2, 32, "classification", backend).total * (1 + PLAN_MARGIN)) + 1
     whole = _train(tiny_bundle, tmp_path / "whole", steps=5, backend=backend)
+    budget = int(estimate(shape, 2, whole["sequence"], "classification", backend).total * (1 + PLAN_MARGIN)) + 1
     split = _train(tiny_bundle, tmp_path / "split", steps=5, backend=backend, budget_bytes=budget)
     # Planned at 2; this pytest process already holds more than the budget, so the run may step down to 1.
     assert whole["micro_batch"] == 8 and split["micro_batch"] in (1, 2)
