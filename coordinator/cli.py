@@ -28,6 +28,17 @@ def _label_word(text: str) -> tuple[str, str]:
     return label, word
 
 
+def _add_prompt_options(command: argparse.ArgumentParser) -> None:
+    command.add_argument(
+        "--label-word",
+        type=_label_word,
+        action="append",
+        metavar="LABEL=WORD",
+        help="word whose first token stands for LABEL (default ' LABEL'); repeat per label",
+    )
+    command.add_argument("--template", default=None, help="prompt with {text}; default 'Review: {text}\\nSentiment:'")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every `coordinator` command."""
     parser = argparse.ArgumentParser(prog="coordinator", description=__doc__)
@@ -57,14 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--limit-test", type=int, help="score only the first N test examples")
     evaluate.add_argument("--eval-batch-size", type=int, default=16)
-    evaluate.add_argument(
-        "--label-word",
-        type=_label_word,
-        action="append",
-        metavar="LABEL=WORD",
-        help="word whose first token stands for LABEL (default ' LABEL'); repeat per label",
-    )
-    evaluate.add_argument("--template", default=None, help="prompt with {text}; default 'Review: {text}\\nSentiment:'")
+    _add_prompt_options(evaluate)
     evaluate.add_argument("--out", type=Path, default=Path("results.json"), help="results JSON; a PNG goes beside it")
     evaluate.add_argument("--save-adapter", type=Path, help="also write the trained adapter (safetensors)")
     evaluate.add_argument(
@@ -90,14 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--backend", choices=("ort", "torch"), help="default: the profile's preferred backend")
     export.add_argument("--out", type=Path, required=True, help="bundle folder (written whole, or not at all)")
     export.add_argument("--backends", help="comma-separated, e.g. ort,torch (default: the profile's preferred)")
-    export.add_argument(
-        "--label-word",
-        type=_label_word,
-        action="append",
-        metavar="LABEL=WORD",
-        help="classification label words (default negative/positive)",
-    )
-    export.add_argument("--template", default=None, help="prompt with {text}; default 'Review: {text}\\nSentiment:'")
+    _add_prompt_options(export)
     export.add_argument("--steps", type=int, default=100, help="default training steps on the device")
     export.add_argument("--lr", type=float, default=3e-5)
     export.add_argument("--seed", type=int, default=0)
@@ -200,8 +197,9 @@ def _plan(args: argparse.Namespace) -> None:
 
 def _export(args: argparse.Namespace) -> None:
     from coordinator.emulator import Split
-    from coordinator.export import DeviceTraining, check_backends, export_bundle
+    from coordinator.export import check_backends, export_bundle
     from coordinator.models import load_model
+    from coordinator.train import TrainConfig
     from device_profiles import load_profile
     from exporters.bundle import PRIVATE_KEY, default_key_directory, load_private_key
 
@@ -209,13 +207,11 @@ def _export(args: argparse.Namespace) -> None:
     backends = tuple(args.backends.split(",")) if args.backends else profile.backends[:1]
     check_backends(profile, backends)
     key = load_private_key(args.key or default_key_directory() / PRIVATE_KEY)
-    training = DeviceTraining(
-        args.steps, args.lr, args.batch_size, seed=args.seed, checkpoint_every=args.checkpoint_every
-    )
+    training = TrainConfig(args.steps, args.lr, args.batch_size, args.max_length, seed=args.seed)
     loaded = load_model(args.model)
     task = _task_for_export(args, loaded.tokenizer)
     split = Split(*args.adapter_layers, keep=args.keep)
-    manifest = export_bundle(loaded, split, task, profile, backends, training, args.out, key)
+    manifest = export_bundle(loaded, split, task, profile, backends, training, args.checkpoint_every, args.out, key)
     size = sum(entry["size"] for entry in manifest["files"].values())
     plan = manifest["plan"]
     print(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -17,6 +17,7 @@ from coordinator.errors import ConfigError
 from coordinator.models import LoadedModel, source_sha256
 from coordinator.planner import Plan, make_plan, model_shape
 from coordinator.tasks import ClassificationTask, LanguageModelTask, pad
+from coordinator.train import TrainConfig
 from device_profiles import DeviceProfile
 from edge_runtime import __version__
 from edge_runtime.bundle import ADAPTER_FILE, ORT_DIRECTORY, TOKENIZER_FILE, TORCH_DIRECTORY
@@ -28,20 +29,6 @@ from exporters.bundle import seal_bundle
 from exporters.onnx_training import ExportError, OptimizerSettings, export_training_artifacts, onnx_name
 
 SAMPLE_TEXTS = ("a moving, beautifully acted film", "the plot is dull and the jokes fall flat")
-
-
-@dataclass(frozen=True)
-class DeviceTraining:
-    """The training a bundle asks of the device by default (the device may override steps)."""
-
-    steps: int = 100
-    lr: float = 3e-5
-    batch_size: int = 8
-    warmup_ratio: float = 0.1
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    seed: int = 0
-    checkpoint_every: int = 10
 
 
 def check_backends(profile: DeviceProfile, backends: tuple[str, ...]) -> None:
@@ -102,11 +89,18 @@ def export_bundle(
     task: ClassificationTask | LanguageModelTask,
     profile: DeviceProfile,
     backends: tuple[str, ...],
-    training: DeviceTraining,
+    training: TrainConfig,
+    checkpoint_every: int,
     out: Path,
     key: Ed25519PrivateKey,
 ) -> dict[str, Any]:
-    """Build, plan, export and sign the bundle for `profile` into `out` (written whole or not at all)."""
+    """Build, plan, export and sign the bundle for `profile` into `out` (written whole or not at all).
+
+    `training` gives the device's default steps, learning rate, batch, schedule, optimizer and seed (its
+    `max_length` is the task's); the device checkpoints every `checkpoint_every` steps.
+    """
+    if checkpoint_every < 1:
+        raise ConfigError(f"checkpoint_every={checkpoint_every} must be at least 1, e.g. 10")
     check_backends(profile, backends)
     split.check(loaded.model.config.num_hidden_layers)
     spec = spec_for(loaded.model.config.model_type)
@@ -177,7 +171,7 @@ def export_bundle(
                 "batch_size": training.batch_size,
                 "warmup_ratio": training.warmup_ratio,
                 "seed": training.seed,
-                "checkpoint_every": training.checkpoint_every,
+                "checkpoint_every": checkpoint_every,
                 "optimizer": {
                     "name": "adamw",
                     "eps": optimizer.eps,

@@ -128,7 +128,9 @@ def test_a_killed_run_resumes_from_its_checkpoint_to_the_same_adapter(tiny_bundl
         load_file(str(killed / "adapter.safetensors")),
     )
     for name in whole:
-        np.testing.assert_allclose(resumed[name], whole[name], rtol=0, atol=1e-6)
+        # Exact but for float32 rounding: fresh sessions may sum in another order (seen: 2 of 2048 values off by
+        # just over 1e-6 after 300 steps).
+        np.testing.assert_allclose(resumed[name], whole[name], rtol=0, atol=1e-5)
 
 
 def test_a_bundle_without_the_requested_backend_says_how_to_get_it(tmp_path):
