@@ -167,3 +167,26 @@ def test_an_unfinished_result_is_not_plugged(tiny_bundle, tmp_path, capsys):
         == 2
     )
     assert "not a finished result" in capsys.readouterr().err
+
+
+def test_the_short_jetson_name_exports_a_torch_bundle(tiny_bundle, tmp_path):
+    out = tmp_path / "jetson"
+    command = [
+        "export",
+        "--model",
+        str(tiny_bundle["model"]),
+        "--profile",
+        "jetson-orin",
+        "--adapter-layers",
+        "1,1",
+        "--keep",
+        "2",
+        "--key",
+        str(tiny_bundle["key"]),
+        "--out",
+        str(out),
+    ]
+    assert coordinator(command) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["backends"] == ["torch"] and manifest["profile"]["name"] == "jetson-orin-nano-8gb"
+    assert not (out / "ort").exists() and (out / "torch" / "model.safetensors").is_file()

@@ -166,3 +166,11 @@ def test_ort_training_runs_where_torch_is_not_installed(tiny_bundle, tmp_path):
     command[command.index("ort")] = "torch"
     finished = subprocess.run(command, capture_output=True, text=True)
     assert finished.returncode == 2 and "backend 'torch' is not installed here" in finished.stderr
+
+
+def test_a_language_model_bundle_trains_the_same_on_both_backends(tmp_path):
+    bundle = make_bundle(tmp_path, "ort,torch", "--task", "language-model")
+    ort = _train(bundle, tmp_path / "ort", steps=8, backend="ort")
+    torch = _train(bundle, tmp_path / "torch", steps=8, backend="torch")
+    np.testing.assert_allclose(ort["loss_curve"], torch["loss_curve"], rtol=LOSS_RTOL)
+    assert ort["final_loss"] < ort["first_loss"]
