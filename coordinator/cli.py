@@ -197,8 +197,9 @@ def _plan(args: argparse.Namespace) -> None:
 
 def _export(args: argparse.Namespace) -> None:
     from coordinator.emulator import Split
-    from coordinator.export import check_backends, export_bundle
+    from coordinator.export import export_bundle
     from coordinator.models import load_model
+    from coordinator.planner import check_backends
     from coordinator.train import TrainConfig
     from device_profiles import load_profile
     from exporters.bundle import PRIVATE_KEY, default_key_directory, load_private_key

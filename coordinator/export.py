@@ -15,7 +15,7 @@ from coordinator.architectures import spec_for
 from coordinator.emulator import Split, build_emulator, emulator_record
 from coordinator.errors import ConfigError
 from coordinator.models import LoadedModel, source_sha256
-from coordinator.planner import Plan, make_plan, model_shape
+from coordinator.planner import Plan, check_backends, make_plan, model_shape
 from coordinator.tasks import ClassificationTask, LanguageModelTask, pad
 from coordinator.train import TrainConfig
 from device_profiles import DeviceProfile
@@ -29,16 +29,6 @@ from exporters.bundle import seal_bundle
 from exporters.onnx_training import ExportError, OptimizerSettings, export_training_artifacts, onnx_name
 
 SAMPLE_TEXTS = ("a moving, beautifully acted film", "the plot is dull and the jokes fall flat")
-
-
-def check_backends(profile: DeviceProfile, backends: tuple[str, ...]) -> None:
-    """Refuse a backend the device cannot run, before any work."""
-    for backend in backends:
-        if backend not in profile.backends:
-            raise ConfigError(
-                f"profile {profile.name} cannot run the {backend!r} backend (it runs {', '.join(profile.backends)}); "
-                "choose from those with --backends"
-            )
 
 
 def task_record(task: ClassificationTask | LanguageModelTask) -> dict[str, Any]:

@@ -26,9 +26,7 @@ def model_shape(emulator: PreTrainedModel, trainable: dict[str, Any]) -> ModelSh
     )
     layers = emulator.get_submodule(spec_for(config.model_type).layers)
     trainable_ids = {id(parameter) for parameter in trainable.values()}
-    lowest = min(
-        index for index, layer in enumerate(layers) if any(id(p) in trainable_ids for p in layer.parameters())
-    )
+    lowest = min(index for index, layer in enumerate(layers) if any(id(p) in trainable_ids for p in layer.parameters()))
     unique = {id(p): p for p in emulator.parameters()}
     trainable_count = sum(p.numel() for key, p in unique.items() if key in trainable_ids)
     return ModelShape(
@@ -72,12 +70,21 @@ class Plan:
         }
 
 
+def check_backends(profile: DeviceProfile, backends: tuple[str, ...]) -> None:
+    """Refuse a backend the device cannot run, before any work."""
+    for backend in backends:
+        if backend not in profile.backends:
+            raise ConfigError(
+                f"profile {profile.name} cannot run the {backend!r} backend (it runs {', '.join(profile.backends)}); "
+                "choose from those with --backends"
+            )
+
+
 def make_plan(
     shape: ModelShape, profile: DeviceProfile, backend: str, batch_size: int, max_length: int, kind: str
 ) -> Plan:
     """Plan training on `profile`; raises BudgetError naming the smallest budget that would do."""
-    if backend not in profile.backends:
-        raise ConfigError(f"profile {profile.name} cannot run the {backend!r} backend (it runs {profile.backends})")
+    check_backends(profile, (backend,))
     micro_batch, predicted = choose_micro_batch(
         shape, batch_size, max_length, kind, backend, profile.budget_bytes, PLAN_MARGIN
     )

@@ -18,8 +18,6 @@ FLOAT_BYTES = 4
 MIB = 1024**2
 # Resident memory of a process that has loaded the backend but no model (measured; see module docstring).
 RUNTIME_BYTES = {"ort": 145 * MIB, "torch": 450 * MIB}
-# Copies of the frozen weights each backend keeps resident (ORT: checkpoint state plus session buffers).
-FROZEN_COPIES = {"ort": 1.0, "torch": 1.0}
 # Float32 values kept per token per back-propagated layer, in units of hidden and intermediate width.
 HIDDEN_FACTOR = {"ort": 10.5, "torch": 8.6}
 INTERMEDIATE_FACTOR = {"ort": 4.4, "torch": 3.6}
@@ -92,7 +90,7 @@ def estimate(shape: ModelShape, micro_batch: int, sequence: int, kind: str, back
     frozen = shape.frozen_parameters * FLOAT_BYTES
     return MemoryEstimate(
         runtime=RUNTIME_BYTES[backend],
-        frozen_weights=int(FROZEN_COPIES[backend] * frozen),
+        frozen_weights=frozen,
         trainable_weights=trainable,
         gradients=trainable,
         optimizer_state=2 * trainable,

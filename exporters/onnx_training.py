@@ -33,7 +33,6 @@ PREFIX = "causal_lm."
 LOGITS_TOLERANCE = 1e-4
 LOSS_TOLERANCE = 1e-4
 LOSS_SCALE = "loss_scale"
-ARTIFACTS = ("training_model.onnx", "eval_model.onnx", "optimizer_model.onnx", "checkpoint")
 
 
 class ExportError(OffsiteError):

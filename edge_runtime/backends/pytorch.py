@@ -60,10 +60,10 @@ class TorchBackend:
         for name, parameter in self.trainable.items():
             tensors[f"param/{name}"] = parameter.detach().contiguous()
             state = self.optimizer.state.get(parameter, {})
-            for moment in ("exp_avg", "exp_avg_sq"):
-                if moment in state:
-                    tensors[f"{moment}/{name}"] = state[moment].contiguous()
-                    tensors[f"step/{name}"] = torch.as_tensor(state["step"], dtype=torch.float32).reshape(1)
+            if state:  # AdamW has stepped: keep its moments and step count
+                tensors[f"exp_avg/{name}"] = state["exp_avg"].contiguous()
+                tensors[f"exp_avg_sq/{name}"] = state["exp_avg_sq"].contiguous()
+                tensors[f"step/{name}"] = torch.as_tensor(state["step"], dtype=torch.float32).reshape(1)
         save_file(tensors, str(directory / CHECKPOINT))
 
     def _restore(self, path: Path) -> None:
