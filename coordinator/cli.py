@@ -7,6 +7,8 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+from coordinator.fleet.cli import add_commands as add_fleet_commands
+from coordinator.fleet.cli import fleet, serve
 from device_profiles import ProfileError
 from edge_runtime.errors import ConfigError, OffsiteError
 
@@ -105,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     plug.add_argument("--model", default="smollm2-135m", help="named model, HF folder or .gguf file")
     plug.add_argument("--adapter", type=Path, required=True, metavar="RESULT_DIR", help="a device's result folder")
     plug.add_argument("--out", type=Path, required=True, help="folder for the tuned model (transformers format)")
+    add_fleet_commands(commands)
     return parser
 
 
@@ -250,6 +253,8 @@ def main(argv: list[str] | None = None) -> int:
         "plan": _plan,
         "export": _export,
         "plug": _plug,
+        "serve": serve,
+        "fleet": fleet,
     }
     try:
         handlers[args.command](args)

@@ -22,8 +22,16 @@ from edge_runtime.data import Example
 
 RESULTS_SCHEMA = 1
 # What the five-setting results keep of a device's metrics.json.
-DEVICE_SUMMARY = ("steps", "samples", "backend", "first_loss", "final_loss", "loss_curve", "wall_seconds",
-                  "peak_memory_bytes")
+DEVICE_SUMMARY = (
+    "steps",
+    "samples",
+    "backend",
+    "first_loss",
+    "final_loss",
+    "loss_curve",
+    "wall_seconds",
+    "peak_memory_bytes",
+)
 SETTINGS: tuple[tuple[str, str], ...] = (
     ("full_zero_shot", "Full zero-shot"),
     ("emulator_zero_shot", "Emulator zero-shot"),

@@ -146,4 +146,3 @@ def load_profile(name_or_path: str | Path) -> DeviceProfile:
             "(`edge-runtime profile --out my-device.yaml` measures this machine)"
         )
     return profiles[name]
-

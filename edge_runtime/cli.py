@@ -1,4 +1,4 @@
-"""`edge-runtime` command line (device side; torch only with --backend torch): info, profile, verify, train."""
+"""`edge-runtime` command line (device side; torch only with --backend torch): info, profile, verify, train, run."""
 
 from __future__ import annotations
 
@@ -59,6 +59,22 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (default: the bundle's)")
     train.add_argument("--budget-gb", type=float, help="memory budget (default: the profile's, capped by free memory)")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    run = commands.add_parser("run", help="serve training jobs from a coordinator over MQTT until stopped")
+    run.add_argument("--broker", default="mqtt://127.0.0.1:1883", help="mqtt://[USER[:PASSWORD]@]HOST[:PORT]")
+    run.add_argument("--device-id", required=True, help="this device's name on the wire (and its MQTT user)")
+    run.add_argument("--profile", required=True, help="a profile name, alias or YAML path (edge-runtime profile)")
+    run.add_argument(
+        "--dataset", action="append", required=True, metavar="NAME=PATH", help="private data a job may name; repeat"
+    )
+    run.add_argument("--trust", type=Path, required=True, help="the coordinator's public key (coordinator.pub)")
+    run.add_argument("--state", type=Path, help="job state folder (default ~/.local/state/offsite-edge/DEVICE)")
+    run.add_argument("--username", help="MQTT user (default: the device id if a password is given)")
+    run.add_argument("--password-env", default="OFFSITE_EDGE_MQTT_PASSWORD", help="env variable with the password")
+    run.add_argument("--prefix", default="offsite", help="topic prefix shared with the coordinator")
+    run.add_argument("--threads", type=int, help="compute threads (default: all cores)")
+    run.add_argument("--backend", choices=sorted(BACKENDS), help="default: the bundle's first backend")
+    run.add_argument("--budget-gb", type=float, help="memory budget (default: the profile's, capped by free memory)")
     return parser
 
 
@@ -99,6 +115,49 @@ def _train(args: argparse.Namespace) -> None:
     print(f"result -> {args.out}")
 
 
+def _datasets(pairs: list[str]) -> dict[str, Path]:
+    datasets = {}
+    for pair in pairs:
+        name, _, path = pair.partition("=")
+        if not name or not path:
+            raise OffsiteError(f"--dataset {pair!r} is not NAME=PATH, e.g. --dataset reviews=data/reviews.jsonl")
+        datasets[name] = Path(path)
+    return datasets
+
+
+def _run(args: argparse.Namespace) -> None:
+    import logging
+    import signal
+    import threading
+
+    from device_profiles import load_profile
+    from edge_runtime.daemon import DaemonConfig, EdgeDaemon
+    from edge_runtime.mqtt import BrokerAddress
+    from edge_runtime.wire import Topics
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    password = os.environ.get(args.password_env)
+    address = BrokerAddress.parse(args.broker, args.username or (args.device_id if password else None), password)
+    state = args.state or Path.home() / ".local" / "state" / "offsite-edge" / args.device_id
+    budget = None if args.budget_gb is None else int(args.budget_gb * GIB)
+    config = DaemonConfig(
+        args.device_id,
+        load_profile(args.profile),
+        _datasets(args.dataset),
+        args.trust,
+        state,
+        Topics(args.prefix),
+        args.threads,
+        args.backend,
+        budget,
+    )
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    print(f"edge-runtime {args.device_id}: serving jobs from {address} (state in {state}); Ctrl-C stops", flush=True)
+    EdgeDaemon(config, address).run(stop)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one `edge-runtime` command; user errors print one line and exit 2."""
     args = build_parser().parse_args(argv)
@@ -107,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
             json.dump(machine_info(), sys.stdout, indent=2)
             print()
         else:
-            {"profile": _profile, "verify": _verify, "train": _train}[args.command](args)
+            {"profile": _profile, "verify": _verify, "train": _train, "run": _run}[args.command](args)
     except (OffsiteError, ProfileError) as error:
         print(f"edge-runtime {args.command}: error: {error}", file=sys.stderr)
         return 2

@@ -8,13 +8,14 @@ import os
 import shutil
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import psutil
-from safetensors.numpy import save_file
+from safetensors.numpy import load_file, save_file
 from tqdm.auto import tqdm
 
 from edge_runtime import __version__
@@ -23,10 +24,11 @@ from edge_runtime.bundle import ADAPTER_FORMAT, ADAPTER_SCHEMA, MANIFEST, TOKENI
 from edge_runtime.data import load_examples
 from edge_runtime.errors import ConfigError, DataError
 from edge_runtime.files import atomic_directory, atomic_path, write_json_atomic
-from edge_runtime.memory import MIB, ModelShape, choose_micro_batch
+from edge_runtime.memory import MIB, MemoryEstimate, ModelShape, choose_micro_batch
 from edge_runtime.monitor import PeakMemory, peak_rss_bytes
 from edge_runtime.schedule import learning_rate_factor
 from edge_runtime.text import TaskEncoder, training_batches
+from edge_runtime.transfer import sha256_file
 
 RESULT_FORMAT = "offsite-edge/result"
 RESULT_SCHEMA = 1
@@ -98,29 +100,83 @@ def _save_adapter(path: Path, weights: dict[str, np.ndarray], manifest: dict[str
         save_file(tensors, str(temporary), metadata=header)
 
 
-def train_bundle(bundle: Path, data: Path, out: Path, trusted_key: Path, options: TrainOptions) -> dict[str, Any]:
-    """Verify `bundle`, train its adapter on `data`, write `out`/adapter.safetensors and metrics.json."""
-    started = time.perf_counter()
+@dataclass(frozen=True)
+class TrainingPlan:
+    """A verified bundle and the device's data, planned to fit this device's memory (or refused before training)."""
+
+    manifest: dict[str, Any]
+    encoder: TaskEncoder
+    rows: list[tuple[list[int], int]]
+    backend: str
+    steps: int
+    checkpoint_every: int
+    budget: int
+    sequence: int
+    micro_batch: int
+    predicted: MemoryEstimate
+
+
+def plan_training(bundle: Path, data: Path, trusted_key: Path, options: TrainOptions) -> TrainingPlan:
+    """Verify `bundle`, encode `data`, choose the micro-batch; raise BudgetError if even micro-batch 1 won't fit."""
     manifest = verify_bundle(bundle, trusted_key)
     training: dict[str, Any] = manifest["training"]
     steps = options.steps if options.steps is not None else training["steps"]
     every = options.checkpoint_every if options.checkpoint_every is not None else training["checkpoint_every"]
     if steps < 1 or every < 1:
         raise ConfigError(f"--steps {steps} and --checkpoint-every {every} must be at least 1")
-    backend_name = options.backend or manifest["backends"][0]
+    backend = options.backend or manifest["backends"][0]
     encoder = TaskEncoder(bundle / TOKENIZER_FILE, manifest["task"])
     rows = encoder.rows(load_examples(data))
     if not rows:
         raise DataError(f"{data} holds no example long enough to train on; give it at least one")
     budget = device_budget(manifest["profile"]["budget_bytes"], options.budget_bytes)
-    shape = ModelShape(**manifest["plan"]["shape"])
-    batch_size = training["batch_size"]
     sequence = max(len(ids) for ids, _ in rows)  # the longest row decides the peak; rows are already capped
     micro_batch, predicted = choose_micro_batch(
-        shape, batch_size, sequence, manifest["task"]["kind"], backend_name, budget, PLAN_MARGIN
+        ModelShape(**manifest["plan"]["shape"]),
+        training["batch_size"],
+        sequence,
+        manifest["task"]["kind"],
+        backend,
+        budget,
+        PLAN_MARGIN,
     )
+    return TrainingPlan(manifest, encoder, rows, backend, steps, every, budget, sequence, micro_batch, predicted)
 
-    identity = bundle_id(bundle)
+
+def _starting_weights(path: Path, manifest: dict[str, Any]) -> dict[str, np.ndarray]:
+    """A starting adapter (full-model names, e.g. last round's aggregate) under the bundle's parameter names."""
+    tensors = load_file(str(path))
+    names: dict[str, str] = manifest["adapter"]["parameters"]
+    missing = sorted(set(names.values()) - set(tensors))
+    if missing or len(tensors) != len(names):
+        raise DataError(
+            f"starting adapter {path} does not match this bundle's adapter ({len(tensors)} tensors for "
+            f"{len(names)}; missing e.g. {missing[:2]}): it was trained for another split"
+        )
+    return {local: tensors[full] for local, full in names.items()}
+
+
+def train_bundle(
+    bundle: Path,
+    data: Path,
+    out: Path,
+    trusted_key: Path,
+    options: TrainOptions,
+    start_adapter: Path | None = None,
+    on_step: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Verify `bundle`, train its adapter on `data`, write `out`/adapter.safetensors and metrics.json.
+
+    `start_adapter` (safetensors, full-model names) replaces the bundle's initial adapter; `on_step` is called
+    after every step with the step, steps, loss and peak memory so far.
+    """
+    started = time.perf_counter()
+    plan = plan_training(bundle, data, trusted_key, options)
+    manifest, training, backend_name, steps = plan.manifest, plan.manifest["training"], plan.backend, plan.steps
+    budget, micro_batch, batch_size = plan.budget, plan.micro_batch, training["batch_size"]
+    start = _starting_weights(start_adapter, manifest) if start_adapter is not None else None
+
+    identity = bundle_id(bundle) + (f"+{sha256_file(start_adapter)}" if start_adapter is not None else "")
     out.mkdir(parents=True, exist_ok=True)
     (out / METRICS).unlink(missing_ok=True)  # a result folder with metrics.json is a finished result, never stale
     for leftover in out.glob(f".{CHECKPOINT_PREFIX}*.tmp"):  # a checkpoint cut off mid-write
@@ -141,7 +197,9 @@ def train_bundle(bundle: Path, data: Path, out: Path, trusted_key: Path, options
     monitor = PeakMemory()
     with monitor:
         backend = open_backend(backend_name, bundle, manifest, threads, found[0] if found else None)
-        batches = training_batches(encoder, rows, batch_size, training["seed"])
+        if start is not None and found is None:
+            backend.load(start)
+        batches = training_batches(plan.encoder, plan.rows, batch_size, training["seed"])
         for _ in range(progress["step"]):
             next(batches)
         resumed_from = progress["step"]
@@ -161,10 +219,12 @@ def train_bundle(bundle: Path, data: Path, out: Path, trusted_key: Path, options
                 if monitor.window_peak > budget and micro_batch > 1:  # this step went over: halve, never exceed again
                     micro_batch = max(m for m in range(1, micro_batch // 2 + 1) if batch_size % m == 0)
                     progress["micro_batch_changes"].append({"step": step + 1, "micro_batch": micro_batch})
-                if progress["step"] % every == 0 and progress["step"] < steps:
+                if progress["step"] % plan.checkpoint_every == 0 and progress["step"] < steps:
                     _save_checkpoint(out, backend, progress)
                 bar.set_postfix(loss=f"{loss:.3f}", rss=f"{monitor.current / MIB:,.0f}MiB")
                 bar.update()
+                if on_step is not None:
+                    on_step({"step": step + 1, "steps": steps, "loss": loss, "peak_memory_bytes": monitor.peak})
         weights = backend.adapter()
     _save_adapter(out / ADAPTER, weights, manifest)
     metrics = {
@@ -178,6 +238,8 @@ def train_bundle(bundle: Path, data: Path, out: Path, trusted_key: Path, options
         "threads": threads,
         "steps": progress["step"],
         "samples": progress["samples"],
+        "examples": len(plan.rows),
+        "start_adapter": sha256_file(start_adapter) if start_adapter is not None else None,
         "resumed_from_step": resumed_from,
         "loss_curve": [round(value, 6) for value in progress["losses"]],
         "first_loss": progress["losses"][0],
@@ -185,11 +247,11 @@ def train_bundle(bundle: Path, data: Path, out: Path, trusted_key: Path, options
         "step_seconds_median": statistics.median(progress["step_seconds"]),
         "wall_seconds": round(time.perf_counter() - started, 2),
         "batch_size": batch_size,
-        "sequence": sequence,
+        "sequence": plan.sequence,
         "micro_batch": micro_batch,
         "micro_batch_changes": progress["micro_batch_changes"],
         "budget_bytes": budget,
-        "predicted_peak_bytes": predicted.total,
+        "predicted_peak_bytes": plan.predicted.total,
         "peak_memory_bytes": max(monitor.peak, peak_rss_bytes()),
         "peak_memory_sampled_bytes": monitor.peak,
         "privacy": None,

@@ -34,6 +34,10 @@ class Backend(Protocol):
         """Trainable weights by their names in the exported emulator."""
         ...
 
+    def load(self, weights: dict[str, np.ndarray]) -> None:
+        """Start from these trainable weights (names as in `adapter`), e.g. the last round's aggregate."""
+        ...
+
 
 def open_backend(name: str, bundle: Path, manifest: dict[str, Any], threads: int, resume: Path | None) -> Backend:
     """Load backend `name` for `bundle`, from the bundle's initial state or from the checkpoint `resume`."""

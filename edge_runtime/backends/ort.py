@@ -72,3 +72,7 @@ class OrtBackend:
 
     def adapter(self) -> dict[str, np.ndarray]:
         return {name: np.array(self.state.parameters[name].data, copy=True) for name in self.trainable}
+
+    def load(self, weights: dict[str, np.ndarray]) -> None:
+        for name in self.trainable:
+            self.state.parameters[name] = np.ascontiguousarray(weights[name], dtype=np.float32)

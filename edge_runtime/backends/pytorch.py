@@ -80,3 +80,8 @@ class TorchBackend:
 
     def adapter(self) -> dict[str, np.ndarray]:
         return {name: parameter.detach().numpy().copy() for name, parameter in self.trainable.items()}
+
+    def load(self, weights: dict[str, np.ndarray]) -> None:
+        with torch.no_grad():
+            for name, parameter in self.trainable.items():
+                parameter.copy_(torch.from_numpy(np.asarray(weights[name], dtype=np.float32)))

@@ -1,0 +1,1 @@
+"""Fleet over MQTT: registry, service, aggregation, embedded broker, fleet commands."""

@@ -1,0 +1,190 @@
+"""`coordinator serve` and `coordinator fleet devices|dispatch|status|results`: thin commands over the registry."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from coordinator.fleet.registry import JOB_DONE, Registry, default_state_directory
+
+MIB = 2**20
+
+
+def _pair(text: str) -> tuple[int, int]:
+    bottom, _, top = text.partition(",")
+    return int(bottom), int(top)
+
+
+def add_commands(commands: argparse._SubParsersAction) -> None:
+    """Register `serve` and `fleet` on the `coordinator` parser."""
+    serve = commands.add_parser("serve", help="run the fleet service (an embedded MQTT broker unless --broker)")
+    serve.add_argument("--broker", help="mqtt://[USER[:PASSWORD]@]HOST:PORT of a running broker")
+    serve.add_argument("--listen", type=int, default=1883, help="port of the embedded broker (loopback only)")
+    serve.add_argument("--username", help="MQTT user (with the password from --password-env)")
+    serve.add_argument("--password-env", default="OFFSITE_EDGE_MQTT_PASSWORD", help="env variable with the password")
+    serve.add_argument("--key", type=Path, help="signing key (default: coordinator.key where `keys init` put it)")
+    serve.add_argument("--prefix", default="offsite", help="topic prefix shared with the devices")
+    serve.add_argument("--state", type=Path, help=f"registry and files (default {default_state_directory()})")
+
+    fleet = commands.add_parser("fleet", help="the fleet registry: devices, dispatch, status, results")
+    actions = fleet.add_subparsers(dest="fleet_command", required=True)
+    devices = actions.add_parser("devices", help="devices that announced themselves, with profile and datasets")
+    dispatch = actions.add_parser("dispatch", help="queue a federated job for `coordinator serve` to run")
+    dispatch.add_argument("--model", default="smollm2-135m", help="named model, HF folder or .gguf file")
+    dispatch.add_argument("--dataset", required=True, help="the dataset name devices configured (--dataset NAME=…)")
+    dispatch.add_argument("--rounds", type=int, default=2)
+    dispatch.add_argument("--steps", type=int, default=50, help="training steps per device per round")
+    dispatch.add_argument("--devices", help="comma-separated device ids (default: every online device with it)")
+    dispatch.add_argument("--adapter-layers", type=_pair, default=(2, 2), metavar="BOTTOM,TOP")
+    dispatch.add_argument("--keep", type=int, default=8, help="middle layers the emulator keeps")
+    dispatch.add_argument("--batch-size", type=int, default=8)
+    dispatch.add_argument("--max-length", type=int, default=128)
+    dispatch.add_argument("--lr", type=float, default=3e-5)
+    dispatch.add_argument("--task", choices=("classification", "language-model"), default="classification")
+    dispatch.add_argument("--test", type=Path, help="held-out data the aggregate is scored on after each round")
+    dispatch.add_argument("--limit-test", type=int, help="score only the first N test examples")
+    dispatch.add_argument("--wait", action="store_true", help="wait until the job is done, then print its results")
+    status = actions.add_parser("status", help="jobs and their rounds (one job with JOB)")
+    status.add_argument("job", nargs="?")
+    status.add_argument("--wait", action="store_true", help="wait until the job is done or failed")
+    results = actions.add_parser("results", help="per-device results of a job and each round's aggregate")
+    results.add_argument("job")
+    for action in (devices, dispatch, status, results):
+        action.add_argument("--state", type=Path, help=f"the service's --state (default {default_state_directory()})")
+
+
+def serve(args: argparse.Namespace) -> None:
+    from coordinator.fleet.broker import EmbeddedBroker
+    from coordinator.fleet.service import FleetService
+    from edge_runtime.mqtt import BrokerAddress
+    from edge_runtime.wire import Topics
+    from exporters.bundle import PRIVATE_KEY, default_key_directory
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    state = args.state or default_state_directory()
+    broker = None if args.broker else EmbeddedBroker(port=args.listen).start()
+    url = args.broker or broker.url  # type: ignore[union-attr]
+    address = BrokerAddress.parse(url, args.username, os.environ.get(args.password_env))
+    key = args.key or default_key_directory() / PRIVATE_KEY
+    service = FleetService(Registry(state), address, key, state / "files", Topics(args.prefix))
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    where = f"embedded broker {url}" if broker else url
+    print(f"coordinator: serving the fleet on {where}; registry {state}; Ctrl-C stops", flush=True)
+    try:
+        service.run(stop)
+    finally:
+        if broker is not None:
+            broker.stop()
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(str(cell).ljust(width) for cell, width in zip(header, widths, strict=True))]
+    lines.append("-" * len(lines[0]))
+    lines += ["  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)) for row in rows]
+    return "\n".join(lines)
+
+
+def format_devices(registry: Registry) -> str:
+    rows = []
+    for d in registry.devices():
+        profile = d["profile"] or {}
+        datasets = ", ".join(f"{k} ({v})" for k, v in (d["datasets"] or {}).items())
+        seen = time.strftime("%H:%M:%S", time.localtime(d["last_seen"]))
+        rows.append([d["id"], d["state"], profile.get("name", "?"), ",".join(d["backends"] or []), datasets, seen])
+    return _table(rows, ["device", "state", "profile", "backends", "datasets", "last seen"]) if rows else "no devices"
+
+
+def format_status(registry: Registry, job: str | None) -> str:
+    jobs = [registry.job(job)] if job else registry.jobs()
+    rows = []
+    for j in jobs:
+        spec = j["spec"]
+        tasks = registry.tasks(j["id"], j["round"]) if j["round"] else []
+        progress = ", ".join(
+            f"{t['device']}: {t['state']}"
+            + (f" {t['detail']['step']}/{t['detail']['steps']}" if t["state"] == "training" else "")
+            for t in tasks
+        )
+        reason = j["detail"].get("reason", "")
+        rows.append([j["id"], j["state"], f"{j['round']}/{spec['rounds']}", spec["dataset"], progress or reason])
+    return _table(rows, ["job", "state", "round", "dataset", "devices"]) if rows else "no jobs"
+
+
+def _mib(value: Any) -> str:
+    return f"{value / MIB:,.0f}" if value else "-"
+
+
+def format_results(registry: Registry, job: str) -> str:
+    """The fleet table: per device and round, what it trained and what crossed the wire."""
+    rows = []
+    for t in registry.tasks(job):
+        m = t["metrics"] or {}
+        rows.append(
+            [
+                t["device"],
+                str(t["round"]),
+                t["state"],
+                str(m.get("steps", "-")),
+                str(t["examples"] or "-"),
+                f"{m['final_loss']:.3f}" if m else "-",
+                _mib(m.get("peak_memory_bytes")),
+                f"{m['wall_seconds']:.0f}" if m else "-",
+                f"{t['bytes_sent'] / 1e6:,.1f}",
+                f"{t['bytes_received'] / 1e6:,.2f}",
+            ]
+        )
+    header = ["device", "round", "state", "steps", "samples", "loss", "peak MiB", "wall s", "MB sent", "MB received"]
+    lines = [_table(rows, header), ""]
+    for r in registry.rounds(job):
+        evaluation = r["evaluation"]
+        score = "not scored (dispatch --test)"
+        if evaluation:
+            value = evaluation["value"]
+            shown = f"{100 * value:.1f} %" if evaluation["metric"] == "accuracy" else f"{value:.2f}"
+            score = f"plug-in {evaluation['metric']} {shown} on {evaluation['examples']} examples"
+        lines.append(f"round {r['round']}: {r['state']}; aggregate {r['aggregate'] or '-'}; {score}")
+    return "\n".join(lines)
+
+
+def fleet(args: argparse.Namespace) -> None:
+    from coordinator.fleet.service import JobSpec
+
+    registry = Registry(args.state or default_state_directory())
+    if args.fleet_command == "devices":
+        print(format_devices(registry))
+        return
+    job = getattr(args, "job", None)
+    if args.fleet_command == "dispatch":
+        spec = JobSpec(
+            args.model,
+            args.dataset,
+            args.rounds,
+            args.steps,
+            args.devices.split(",") if args.devices else None,
+            args.adapter_layers,
+            args.keep,
+            args.batch_size,
+            args.max_length,
+            args.lr,
+            args.task,
+            test=str(args.test.resolve()) if args.test else None,
+            limit_test=args.limit_test,
+        )
+        job = registry.add_job(spec.__dict__ | {"adapter_layers": list(spec.adapter_layers)})
+        print(f"queued {job}: {args.rounds} rounds of {args.steps} steps on {args.dataset}", flush=True)
+    if getattr(args, "wait", False):
+        while registry.job(job)["state"] not in JOB_DONE:
+            time.sleep(2)
+    if args.fleet_command == "results" or (args.fleet_command == "dispatch" and args.wait):
+        print(format_results(registry, job))
+    else:
+        print(format_status(registry, job))

@@ -1,0 +1,358 @@
+"""`coordinator serve`: the fleet service. Exports bundles, sends signed jobs, collects results, runs FedAvg rounds."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import queue
+import secrets
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from coordinator.errors import ConfigError, DataError
+from coordinator.fleet.registry import JOB_DONE, TASK_DONE, Registry
+from device_profiles import ProfileError
+from edge_runtime.errors import OffsiteError
+from edge_runtime.mqtt import BrokerAddress, Connection
+from edge_runtime.trainer import METRICS, RESULT_FORMAT
+from edge_runtime.transfer import Download, Outbox, offer_for, unpack_archive
+from edge_runtime.wire import Chunk, Done, Event, Job, Offer, Profile, Request, Status, Topics, WireError, decode
+
+log = logging.getLogger(__name__)
+RESEND_SECONDS = 15.0  # a job not yet answered is sent again (freshly signed) this often
+TICK_SECONDS = 0.5
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """One federated job: which model and dataset, how many rounds of how many steps, on which devices."""
+
+    model: str
+    dataset: str
+    rounds: int = 2
+    steps: int = 50
+    devices: list[str] | None = None
+    adapter_layers: tuple[int, int] = (2, 2)
+    keep: int = 8
+    batch_size: int = 8
+    max_length: int = 128
+    lr: float = 3e-5
+    task: str = "classification"
+    label_words: dict[str, str] = field(default_factory=lambda: {"negative": " negative", "positive": " positive"})
+    template: str = "Review: {text}\nSentiment:"
+    test: str | None = None
+    limit_test: int | None = None
+    checkpoint_every: int = 10
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("rounds", "steps", "batch_size", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)} must be at least 1")
+        if self.task not in ("classification", "language-model"):
+            raise ConfigError(f"task {self.task!r} is not classification or language-model")
+        if self.test is not None and not Path(self.test).is_file():
+            raise ConfigError(f"--test {self.test} is not a file; give the held-out data the aggregate is scored on")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> JobSpec:
+        return cls(**(data | {"adapter_layers": tuple(data["adapter_layers"])}))
+
+
+def wire_job_id(job: str, round_: int) -> str:
+    return f"{job}-r{round_}"
+
+
+def parse_wire_job_id(wire: str) -> tuple[str, int]:
+    job, _, round_ = wire.rpartition("-r")
+    if not job or not round_.isdigit():
+        raise WireError(f"{wire!r} is not a fleet job id (JOB-rROUND)")
+    return job, int(round_)
+
+
+class FleetService:
+    """Runs until `stop` is set; everything it must remember is in the registry and under `work`."""
+
+    def __init__(self, registry: Registry, address: BrokerAddress, key_path: Path, work: Path, topics: Topics) -> None:
+        from exporters.bundle import load_private_key
+
+        self.registry = registry
+        self.key = load_private_key(key_path)
+        self.work = work
+        self.topics = topics
+        self.inbox: queue.Queue[tuple[str, bytes]] = queue.Queue()
+        self.outbox = Outbox()
+        self.offers: dict[Path, Offer] = {}
+        self.downloads: dict[str, Download] = {}
+        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fleet-work")
+        self.pending: dict[str, Future] = {}
+        self.last_sent: dict[tuple[str, int, str], float] = {}
+        self.traffic: dict[str, list[int]] = {}
+        self.baseline: dict[tuple[str, int, str], list[int]] = {}
+        self.rejections: list[str] = []
+        self.models: dict[str, Any] = {}
+        channels = ("status", "profile", "events", "acks")
+        subscriptions = [topics.all_devices(channel) for channel in channels] + [topics.all_devices("results/+")]
+        self.connection = Connection(address, f"coordinator-{secrets.token_hex(3)}", subscriptions, self._queue)
+
+    def _queue(self, topic: str, payload: bytes) -> None:
+        self.inbox.put((topic, payload))
+
+    def _count(self, device: str, sent: int = 0, received: int = 0) -> None:
+        counters = self.traffic.setdefault(device, [0, 0])
+        counters[0] += sent
+        counters[1] += received
+
+    def _publish(self, device: str, channel: str, payload: bytes) -> None:
+        self._count(device, sent=len(payload))
+        self.connection.publish(self.topics.device(device, channel), payload)
+
+    def _reject(self, reason: str) -> None:
+        log.warning("rejected: %s", reason)
+        self.rejections.append(reason)
+
+    # -- messages -------------------------------------------------------------------------------------------
+
+    def _handle(self, topic: str, payload: bytes) -> None:
+        device, channel, wire_job = self.topics.parse(topic)
+        self._count(device, received=len(payload))
+        if Chunk.is_frame(payload):
+            chunk = Chunk.decode(payload)
+            if channel != "results" or chunk.transfer not in self.downloads:
+                raise WireError(f"{device} sent a chunk of {chunk.transfer[:12]}…, which is not an expected result")
+            self.downloads[chunk.transfer].receive(chunk)
+            return
+        record = decode(payload)
+        if getattr(record, "device", device) != device:
+            raise WireError(f"a {record.kind} record for {record.device!r} arrived on {device!r}'s topic")  # type: ignore[attr-defined]
+        if isinstance(record, Status) and channel == "status":
+            self.registry.device_status(device, record.state)
+        elif isinstance(record, Profile) and channel == "profile":
+            self.registry.device_profile(device, record.profile, record.datasets, record.backends)
+        elif isinstance(record, Event) and channel == "events":
+            self._on_event(device, record)
+        elif isinstance(record, Request) and channel == "acks":
+            for chunk in self.outbox.chunks(record.transfer, record.indices):
+                self._publish(device, "transfer", chunk.encode())
+        elif isinstance(record, Done) and channel == "acks":
+            log.info("%s has %s… whole", device, record.transfer[:12])
+        elif isinstance(record, Offer) and channel == "results" and wire_job is not None:
+            self._on_result_offer(device, wire_job, record)
+        else:
+            raise WireError(f"a {record.kind} record does not belong on {channel}")
+
+    def _task_of(self, device: str, wire_job: str) -> tuple[str, int, dict[str, Any]]:
+        job, round_ = parse_wire_job_id(wire_job)
+        task = self.registry.task(job, round_, device)
+        if task is None:
+            raise WireError(f"{device} reports on job {wire_job!r}, which was never sent to it")
+        return job, round_, task
+
+    def _on_event(self, device: str, event: Event) -> None:
+        if event.event == "rejected" and not event.job:
+            self._reject(f"{device} refused a message: {event.detail.get('reason')}")
+            return
+        job, round_, task = self._task_of(device, event.job)
+        if task["state"] in TASK_DONE:
+            return
+        if event.event == "progress":
+            log.info(
+                "%s %s: step %d/%d loss %.4f",
+                device,
+                event.job,
+                event.detail["step"],
+                event.detail["steps"],
+                event.detail["loss"],
+            )
+            self.registry.set_task(job, round_, device, "training", **event.detail)
+        elif event.event in ("rejected", "failed"):
+            log.warning("%s skips %s: %s", device, event.job, event.detail.get("reason"))
+            self.registry.set_task(job, round_, device, "skipped", reason=event.detail.get("reason", event.event))
+        elif event.event in ("queued", "accepted", "trained"):
+            log.info("%s %s: %s %s", device, event.job, event.event, event.detail or "")
+            self.registry.set_task(job, round_, device, event.event, **event.detail)
+
+    def _on_result_offer(self, device: str, wire_job: str, offer: Offer) -> None:
+        job, round_, task = self._task_of(device, wire_job)
+        if task["state"] == "received":  # already counted: just say so again
+            self._publish(device, "transfer", Done(offer.transfer, True).encode())
+            return
+        if offer.transfer in self.downloads:
+            return
+        inbox = self.work / "incoming" / device
+
+        def ask(indices: list[int]) -> None:
+            self._publish(device, "transfer", Request(offer.transfer, indices).encode())
+
+        def finished(path: Path) -> None:
+            self._store_result(device, job, round_, path)
+            self._publish(device, "transfer", Done(offer.transfer, True).encode())
+
+        log.info("%s offers its result of %s (%.1f MB)", device, wire_job, offer.size / 1e6)
+        self.downloads[offer.transfer] = Download(offer, inbox, ask, finished)
+        self.downloads[offer.transfer].start()
+
+    def _store_result(self, device: str, job: str, round_: int, archive: Path) -> None:
+        folder = unpack_archive(archive, self.work / "jobs" / job / f"round-{round_}" / device)
+        metrics = json.loads((folder / METRICS).read_text(encoding="utf-8"))
+        expected = self.registry.job(job)["detail"].get("model_sha256")
+        if metrics.get("format") != RESULT_FORMAT or metrics["model"]["sha256"] != expected:
+            raise DataError(f"{device}'s result for {job} round {round_} is not for this job's model")
+        sent, received = self.traffic.get(device, [0, 0])
+        start_sent, start_received = self.baseline.get((job, round_, device), [0, 0])
+        self.registry.task_result(job, round_, device, folder, metrics, sent - start_sent, received - start_received)
+        log.info("%s result of %s round %d stored (%d examples)", device, job, round_, metrics["examples"])
+
+    # -- jobs -----------------------------------------------------------------------------------------------
+
+    def _offer(self, path: Path, name: str) -> Offer:
+        if path not in self.offers:
+            self.offers[path] = self.outbox.add(path, offer_for(path, name))
+        return self.offers[path]
+
+    def _send_job(self, job: str, round_: int, device: str) -> None:
+        spec = JobSpec.from_dict(self.registry.job(job)["spec"])
+        task = self.registry.task(job, round_, device)
+        bundle = self._offer(Path(task["bundle"]), "bundle")
+        start = None
+        if round_ > 1:
+            start = self._offer(
+                self.work / "jobs" / job / f"round-{round_ - 1}" / "aggregate" / "adapter.safetensors", "adapter"
+            )
+        fields = {k: v for k, v in dataclasses.asdict(bundle).items()}
+        record = Job(
+            wire_job_id(job, round_),
+            device,
+            round_,
+            spec.dataset,
+            spec.steps,
+            fields,
+            dataclasses.asdict(start) if start else None,
+            time.time(),
+            secrets.token_hex(16),
+        ).signed(self.key)
+        self._publish(device, "jobs", record.encode())
+        self.last_sent[(job, round_, device)] = time.monotonic()
+
+    def _start_round(self, job: str, round_: int, bundles: dict[str, str]) -> None:
+        self.registry.set_job(job, "running", round_)
+        self.registry.set_round(job, round_, "running")
+        for device, bundle in bundles.items():
+            self.registry.add_task(job, round_, device, bundle)
+            self.baseline[(job, round_, device)] = list(self.traffic.get(device, [0, 0]))
+            self._send_job(job, round_, device)
+        log.info("%s round %d sent to %s", job, round_, ", ".join(bundles))
+
+    def _targets(self, spec: JobSpec) -> dict[str, dict[str, Any]]:
+        devices = {d["id"]: d for d in self.registry.devices() if d["profile"]}
+        chosen = spec.devices or [d for d, row in devices.items() if row["state"] != "offline"]
+        unknown = [d for d in chosen if d not in devices]
+        if unknown:
+            raise ConfigError(f"devices {unknown} never announced a profile; `coordinator fleet devices` lists them")
+        lacking = [d for d in chosen if spec.dataset not in (devices[d]["datasets"] or {})]
+        if lacking:
+            raise ConfigError(f"devices {lacking} have no dataset named {spec.dataset!r}")
+        if not chosen:
+            raise ConfigError(f"no online device has dataset {spec.dataset!r}; start `edge-runtime run` on one")
+        return {d: devices[d] for d in chosen}
+
+    def _on_work_done(self, job: str, future: Future) -> None:
+        try:
+            outcome = future.result()
+        except (OffsiteError, ProfileError) as error:
+            log.error("%s failed: %s", job, error)
+            self.registry.set_job(job, "failed", reason=str(error))
+            return
+        except Exception as error:  # a bug in one job's export or evaluation must not stop the service
+            log.exception("%s failed unexpectedly", job)
+            self.registry.set_job(job, "failed", reason=f"internal error: {error!r}")
+            return
+        kind = outcome.pop("kind")
+        if kind == "prepared":
+            self.registry.set_job(job, "running", model_sha256=outcome["model_sha256"])
+            self._start_round(job, 1, outcome["bundles"])
+            return
+        round_, rounds = outcome["round"], outcome["rounds"]
+        self.registry.set_round(job, round_, "done", outcome["aggregate"], outcome["evaluation"])
+        log.info("%s round %d aggregated over %d devices: %s", job, round_, outcome["devices"], outcome["evaluation"])
+        if round_ < rounds:
+            bundles = {t["device"]: t["bundle"] for t in self.registry.tasks(job, round_) if t["state"] == "received"}
+            self._start_round(job, round_ + 1, bundles)
+        else:
+            self.registry.set_job(job, "done", round_, aggregate=outcome["aggregate"])
+
+    def _tick(self) -> None:
+        from coordinator.fleet import work
+
+        for job in self.registry.jobs("pending"):
+            spec = JobSpec.from_dict(job["spec"])
+            try:
+                targets = self._targets(spec)
+            except ConfigError as error:
+                self.registry.set_job(job["id"], "failed", reason=str(error))
+                continue
+            self.registry.set_job(job["id"], "preparing", devices=sorted(targets))
+            self.pending[job["id"]] = self.worker.submit(work.prepare_job, self, job["id"], spec, targets)
+        for job_id, future in list(self.pending.items()):
+            if future.done():
+                self.pending.pop(job_id)
+                self._on_work_done(job_id, future)
+        for job in self.registry.jobs("running"):
+            round_ = job["round"]
+            tasks = self.registry.tasks(job["id"], round_)
+            for task in tasks:
+                key = (job["id"], round_, task["device"])
+                if task["state"] == "sent" and time.monotonic() - self.last_sent.get(key, 0) > RESEND_SECONDS:
+                    self._send_job(job["id"], round_, task["device"])
+            if tasks and all(task["state"] in TASK_DONE for task in tasks):
+                if not any(task["state"] == "received" for task in tasks):
+                    self.registry.set_job(job["id"], "failed", reason=f"every device skipped round {round_}")
+                    continue
+                self.registry.set_job(job["id"], "aggregating")
+                spec = JobSpec.from_dict(job["spec"])
+                self.pending[job["id"]] = self.worker.submit(work.finish_round, self, job["id"], round_, spec)
+        for transfer, download in list(self.downloads.items()):
+            try:
+                download.tick()
+            except OffsiteError as error:
+                self._reject(str(error))
+            if download.done:
+                self.downloads.pop(transfer)
+
+    def _resume(self) -> None:
+        """After a restart: jobs cut off while preparing or aggregating start that step again."""
+        for job in self.registry.jobs():
+            if job["state"] in ("preparing", "aggregating"):
+                self.registry.set_job(job["id"], "pending" if job["state"] == "preparing" else "running")
+
+    def step(self, wait: float = TICK_SECONDS) -> None:
+        deadline = time.monotonic() + wait
+        while (remaining := deadline - time.monotonic()) > 0:
+            try:
+                topic, payload = self.inbox.get(timeout=remaining)
+            except queue.Empty:
+                break
+            try:
+                self._handle(topic, payload)
+            except OffsiteError as error:
+                self._reject(str(error))
+        self._tick()
+
+    def run(self, stop: threading.Event) -> None:
+        self._resume()
+        self.connection.start()
+        log.info("coordinator connected to %s (%s)", self.connection.address, self.connection.protocol_name)
+        try:
+            while not stop.is_set():
+                self.step()
+        finally:
+            self.worker.shutdown(wait=False, cancel_futures=True)
+            self.connection.close()
+
+    def jobs_done(self) -> bool:
+        return all(job["state"] in JOB_DONE for job in self.registry.jobs())

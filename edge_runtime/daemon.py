@@ -1,0 +1,336 @@
+"""The edge daemon: announces the device, takes signed jobs over MQTT, trains them, returns the adapter in chunks."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import queue
+import shutil
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from device_profiles import DeviceProfile
+from edge_runtime.bundle import load_public_key
+from edge_runtime.data import load_examples
+from edge_runtime.errors import OffsiteError
+from edge_runtime.files import write_json_atomic
+from edge_runtime.mqtt import BrokerAddress, Connection
+from edge_runtime.trainer import TrainOptions, plan_training, train_bundle
+from edge_runtime.transfer import Download, Outbox, offer_for, pack_directory, unpack_archive
+from edge_runtime.wire import (
+    Chunk,
+    Done,
+    Event,
+    Job,
+    Offer,
+    Profile,
+    Request,
+    Status,
+    Topics,
+    WireError,
+    check_device_id,
+    decode,
+)
+
+log = logging.getLogger(__name__)
+# Jobs older than this (by the coordinator's clock) are refused as replays; so are nonces seen before.
+MAX_JOB_AGE_SECONDS = 600.0
+CLOCK_SKEW_SECONDS = 60.0
+# A finished result is offered again this often until the coordinator says it arrived whole.
+OFFER_EVERY_SECONDS = 5.0
+PROGRESS_EVENTS = 20  # progress events per job, at most
+TERMINAL = ("delivered", "rejected", "failed")
+BACKEND_MODULES = {"ort": "onnxruntime", "torch": "torch"}
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    """One device: who it is, what it may train on, whose jobs it trusts, where it keeps its state."""
+
+    device_id: str
+    profile: DeviceProfile
+    datasets: dict[str, Path]
+    trusted_key: Path
+    state: Path
+    topics: Topics = field(default_factory=Topics)
+    threads: int | None = None
+    backend: str | None = None
+    budget_bytes: int | None = None
+
+    def __post_init__(self) -> None:
+        check_device_id(self.device_id)
+        load_public_key(self.trusted_key)
+        for name, path in self.datasets.items():
+            if not Path(path).is_file():
+                raise OffsiteError(f"dataset {name}={path} is not a file; pass --dataset NAME=PATH to an existing file")
+
+
+class EdgeDaemon:
+    """Serves one device until `stop` is set; all job state lives under `config.state`, so a restart resumes.
+
+    EdgeDaemon(config, BrokerAddress.parse("mqtt://127.0.0.1:1883")).run(threading.Event())
+    """
+
+    def __init__(self, config: DaemonConfig, address: BrokerAddress) -> None:
+        self.config = config
+        self.topics = config.topics
+        self.key = load_public_key(config.trusted_key)
+        self.jobs_dir = config.state / "jobs"
+        self.bundles_dir = config.state / "bundles"
+        self.downloads_dir = config.state / "downloads"
+        self.nonces_file = config.state / "nonces.json"
+        self.inbox: queue.Queue[tuple[str, bytes]] = queue.Queue()
+        self.outbox = Outbox()
+        self.downloads: dict[str, Download] = {}
+        self.rejections: list[str] = []
+        self.state = "online"
+        self.current: str | None = None
+        self.last_offer = 0.0
+        me = config.device_id
+        self.connection = Connection(
+            address,
+            f"edge-{me}",
+            [self.topics.device(me, "jobs"), self.topics.device(me, "transfer")],
+            lambda topic, payload: self.inbox.put((topic, payload)),
+            will=(self.topics.device(me, "status"), Status(me, "offline", time.time()).encode()),
+            on_connect=self._announce,
+        )
+
+    # -- wire -----------------------------------------------------------------------------------------------
+
+    def _publish(self, channel: str, payload: bytes, job: str | None = None, retain: bool = False) -> None:
+        self.connection.publish(self.topics.device(self.config.device_id, channel, job), payload, retain)
+
+    def _event(self, job: str, event: str, **detail: Any) -> None:
+        self._publish("events", Event(self.config.device_id, job, event, time.time(), detail).encode())
+
+    def _set_status(self, state: str) -> None:
+        self.state = state
+        status = Status(self.config.device_id, state, time.time(), self.current)
+        self._publish("status", status.encode(), retain=True)
+
+    def _announce(self) -> None:
+        """On every (re)connect: retained status and profile (dataset names and sizes only, never content)."""
+        sizes = {name: len(load_examples(path)) for name, path in self.config.datasets.items()}
+        backends = [
+            name for name, module in (("ort", "onnxruntime"), ("torch", "torch")) if importlib.util.find_spec(module)
+        ]
+        profile = Profile(self.config.device_id, self.config.profile.to_dict(), sizes, backends, time.time())
+        self._publish("profile", profile.encode(), retain=True)
+        self._set_status(self.state)
+
+    def _reject(self, reason: str, job: str = "") -> None:
+        log.warning("%s rejected %s: %s", self.config.device_id, job or "a message", reason)
+        self.rejections.append(reason)
+        self._event(job, "rejected", reason=reason)
+
+    # -- jobs -------------------------------------------------------------------------------------------------
+
+    def _job_dir(self, job: str) -> Path:
+        return self.jobs_dir / job
+
+    def _job_state(self, job: str) -> dict[str, Any]:
+        return json.loads((self._job_dir(job) / "state.json").read_text(encoding="utf-8"))
+
+    def _set_job_state(self, job: str, state: str, **detail: Any) -> None:
+        write_json_atomic(self._job_dir(job) / "state.json", {"state": state, **detail})
+
+    def _take_job(self, job: Job) -> None:
+        """Check a job (signature, addressee, age, nonce, dataset) and queue it; a re-sent known job is answered."""
+        job.verify(self.key)
+        if job.device != self.config.device_id:
+            raise WireError(f"job {job.job!r} is for device {job.device!r}, not {self.config.device_id!r}")
+        age = time.time() - job.issued_at
+        if age > MAX_JOB_AGE_SECONDS or age < -CLOCK_SKEW_SECONDS:
+            raise WireError(
+                f"job {job.job!r} was issued {age:,.0f} s ago: outside the {MAX_JOB_AGE_SECONDS:.0f} s window"
+            )
+        nonces: dict[str, float] = (
+            json.loads(self.nonces_file.read_text(encoding="utf-8")) if self.nonces_file.exists() else {}
+        )
+        if job.nonce in nonces:
+            raise WireError(f"job {job.job!r} repeats nonce {job.nonce[:12]}…: a replay")
+        cutoff = time.time() - MAX_JOB_AGE_SECONDS - CLOCK_SKEW_SECONDS
+        nonces = {nonce: t for nonce, t in nonces.items() if t > cutoff} | {job.nonce: job.issued_at}
+        write_json_atomic(self.nonces_file, nonces)
+        if (self._job_dir(job.job) / "job.json").exists():
+            state = self._job_state(job.job)
+            self._event(job.job, state["state"], **{k: v for k, v in state.items() if k != "state"})
+            return
+        if job.dataset not in self.config.datasets:
+            self._job_dir(job.job).mkdir(parents=True)
+            write_json_atomic(self._job_dir(job.job) / "job.json", job.to_dict())
+            reason = f"no dataset named {job.dataset!r} here (configured: {', '.join(sorted(self.config.datasets))})"
+            self._set_job_state(job.job, "rejected", reason=reason)
+            self._reject(reason, job.job)
+            return
+        self._job_dir(job.job).mkdir(parents=True, exist_ok=True)
+        write_json_atomic(self._job_dir(job.job) / "job.json", job.to_dict())
+        self._set_job_state(job.job, "downloading")
+        self._event(job.job, "queued")
+
+    def _next_job(self) -> str | None:
+        """The oldest job not yet finished (jobs survive restarts on disk)."""
+        pending = []
+        for folder in self.jobs_dir.glob("*") if self.jobs_dir.exists() else []:
+            if (folder / "state.json").exists() and self._job_state(folder.name)["state"] not in TERMINAL:
+                record = json.loads((folder / "job.json").read_text(encoding="utf-8"))
+                pending.append((record["issued_at"], folder.name))
+        return min(pending)[1] if pending else None
+
+    def _fetch(self, spec: dict[str, Any]) -> Path | None:
+        """The downloaded file for an Offer's fields, or None while it is still coming (the pull is started)."""
+        offer = Offer(**spec)
+        target = self.downloads_dir / offer.transfer
+        if target.is_file():
+            return target
+        if offer.transfer not in self.downloads:
+
+            def ask(indices: list[int], transfer: str = offer.transfer) -> None:
+                self._publish("acks", Request(transfer, indices).encode())
+
+            def finished(path: Path, transfer: str = offer.transfer) -> None:
+                self._publish("acks", Done(transfer, True).encode())
+
+            self.downloads[offer.transfer] = Download(offer, self.downloads_dir, ask, finished)
+            self.downloads[offer.transfer].start()
+        return None
+
+    def _advance(self, job_id: str) -> None:
+        """Move the current job one phase on: download → plan (accept or reject) → train → offer the result."""
+        job = decode((self._job_dir(job_id) / "job.json").read_bytes())
+        if not isinstance(job, Job):
+            raise WireError(f"{self._job_dir(job_id) / 'job.json'} does not hold a job")
+        state = self._job_state(job_id)["state"]
+        folder = self._job_dir(job_id)
+        if state == "downloading":
+            archive = self._fetch(job.bundle)
+            start = self._fetch(job.start_adapter) if job.start_adapter else None
+            if archive is None or (job.start_adapter and start is None):
+                return
+            bundle = self.bundles_dir / job.bundle["transfer"]
+            if not bundle.exists():
+                unpack_archive(archive, bundle)
+            self._set_job_state(job_id, "training")
+            state = "training"
+        if state == "training":
+            self._train(job, folder)
+            return
+        if state == "trained" and time.monotonic() - self.last_offer > OFFER_EVERY_SECONDS:
+            self.last_offer = time.monotonic()
+            metrics = json.loads((folder / "result" / "metrics.json").read_text(encoding="utf-8"))
+            offer = self.outbox.add(folder / "result.tar", offer_for(folder / "result.tar", "result", job_id, metrics))
+            self._publish("results", offer.encode(), job_id)
+
+    def _train(self, job: Job, folder: Path) -> None:
+        bundle = self.bundles_dir / job.bundle["transfer"]
+        start = self.downloads_dir / job.start_adapter["transfer"] if job.start_adapter else None
+        data = self.config.datasets[job.dataset]
+        options = TrainOptions(
+            job.steps, self.config.backend, self.config.threads, None, self.config.budget_bytes, progress=False
+        )
+        try:
+            plan = plan_training(bundle, data, self.config.trusted_key, options)
+        except OffsiteError as error:  # a bundle that fails verification or does not fit: say so, skip the job
+            self._set_job_state(job.job, "rejected", reason=str(error))
+            self._reject(str(error), job.job)
+            return
+        self._set_status("busy")
+        self._event(job.job, "accepted", micro_batch=plan.micro_batch, predicted_peak_bytes=plan.predicted.total)
+        every = max(1, job.steps // PROGRESS_EVENTS)
+
+        def progress(step: dict[str, Any]) -> None:
+            if step["step"] % every == 0 or step["step"] == step["steps"]:
+                self._event(job.job, "progress", **step)
+
+        try:
+            metrics = train_bundle(bundle, data, folder / "result", self.config.trusted_key, options, start, progress)
+        except OffsiteError as error:
+            self._set_job_state(job.job, "failed", reason=str(error))
+            self._event(job.job, "failed", reason=str(error))
+            self._set_status("online")
+            return
+        pack_directory(folder / "result", folder / "result.tar")
+        summary = {k: metrics[k] for k in ("steps", "examples", "final_loss", "peak_memory_bytes", "wall_seconds")}
+        self._set_job_state(job.job, "trained", **summary)
+        self._event(job.job, "trained", **summary)
+        self.last_offer = 0.0
+
+    # -- loop -------------------------------------------------------------------------------------------------
+
+    def _handle(self, topic: str, payload: bytes) -> None:
+        _, channel, _ = self.topics.parse(topic)
+        if Chunk.is_frame(payload):
+            chunk = Chunk.decode(payload)
+            if chunk.transfer not in self.downloads:
+                raise WireError(f"chunk for transfer {chunk.transfer[:12]}…, which this device did not ask for")
+            self.downloads[chunk.transfer].receive(chunk)
+            return
+        record = decode(payload)
+        if isinstance(record, Job) and channel == "jobs":
+            self._take_job(record)
+        elif isinstance(record, Request) and channel == "transfer":
+            job = self.current
+            for chunk in self.outbox.chunks(record.transfer, record.indices):
+                self._publish("results", chunk.encode(), job)
+        elif isinstance(record, Done) and channel == "transfer" and self.current is not None:
+            if record.ok and record.transfer in self.outbox.files:
+                self._set_job_state(self.current, "delivered")
+                self._event(self.current, "delivered")
+                shutil.rmtree(self._job_dir(self.current) / "result", ignore_errors=True)
+                self.outbox.files.pop(record.transfer)
+                self.current = None
+                self._set_status("online")
+            elif not record.ok:
+                self.last_offer = 0.0  # the coordinator lost it: offer again
+        else:
+            raise WireError(f"a {record.kind} record does not belong on {channel}")
+
+    def step(self, wait: float = 0.2) -> None:
+        """Handle what arrived (bad messages are rejected and logged), then move the current job on."""
+        try:
+            topic, payload = self.inbox.get(timeout=wait)
+            while True:
+                try:
+                    self._handle(topic, payload)
+                except OffsiteError as error:
+                    self._reject(str(error))
+                topic, payload = self.inbox.get_nowait()
+        except queue.Empty:
+            pass
+        for download in list(self.downloads.values()):
+            try:
+                download.tick()
+            except WireError as error:
+                self._reject(str(error))
+            if download.done:
+                self.downloads.pop(download.offer.transfer, None)
+        self.current = self.current or self._next_job()
+        if self.current is not None:
+            try:
+                self._advance(self.current)
+            except OffsiteError as error:
+                self._set_job_state(self.current, "failed", reason=str(error))
+                self._event(self.current, "failed", reason=str(error))
+            if self._job_state(self.current)["state"] in TERMINAL:
+                self.current = None
+                self._set_status("online")
+
+    def run(self, stop: threading.Event) -> None:
+        """Connect, announce, resume any unfinished job, and serve until `stop` is set."""
+        for folder in (self.jobs_dir, self.bundles_dir, self.downloads_dir):
+            folder.mkdir(parents=True, exist_ok=True)
+        self.connection.start()
+        log.info(
+            "%s connected to %s (%s)", self.config.device_id, self.connection.address, self.connection.protocol_name
+        )
+        try:
+            while not stop.is_set():
+                self.step()
+        finally:
+            self._set_status("offline")
+            self.connection.close()

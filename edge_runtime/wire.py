@@ -1,0 +1,280 @@
+"""Wire records shared by device and coordinator: topics, typed JSON records, signed jobs, binary chunk frames."""
+
+import base64
+import dataclasses
+import hashlib
+import json
+import re
+import struct
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from edge_runtime.errors import OffsiteError
+
+WIRE_SCHEMA = 1
+CHUNK_BYTES = 256 * 1024
+# Nothing on the wire is larger than a chunk plus its header; anything larger is refused before it is parsed.
+MAX_MESSAGE_BYTES = CHUNK_BYTES + 4096
+FRAME_MAGIC = b"OEC1"
+DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+# Per-device channels. The device writes the first five, the coordinator the last two.
+DEVICE_CHANNELS = ("status", "profile", "events", "acks", "results")
+COORDINATOR_CHANNELS = ("jobs", "transfer")
+
+
+class WireError(OffsiteError):
+    """A message that is malformed, of an unknown kind or schema, unsigned, replayed or oversize."""
+
+
+def check_device_id(device_id: str) -> str:
+    """Return `device_id` if it can be a topic level, else raise naming the rule."""
+    if not DEVICE_ID.match(device_id):
+        raise WireError(f"device id {device_id!r} must be 1-64 of A-Z a-z 0-9 _ . - (starting with a letter or digit)")
+    return device_id
+
+
+@dataclass(frozen=True)
+class Topics:
+    """Topic names under one prefix: `{prefix}/devices/{device}/{channel}[/{job}]`."""
+
+    prefix: str = "offsite"
+
+    def __post_init__(self) -> None:
+        if not self.prefix or any(c in self.prefix for c in "#+") or self.prefix.startswith("/"):
+            raise WireError(f"topic prefix {self.prefix!r} must be non-empty, without '#', '+' or a leading '/'")
+
+    def device(self, device_id: str, channel: str, job_id: str | None = None) -> str:
+        tail = f"/{job_id}" if job_id is not None else ""
+        return f"{self.prefix}/devices/{device_id}/{channel}{tail}"
+
+    def all_devices(self, channel: str) -> str:
+        return f"{self.prefix}/devices/+/{channel}"
+
+    def parse(self, topic: str) -> tuple[str, str, str | None]:
+        """(device id, channel, job id or None) of a topic under this prefix."""
+        head = f"{self.prefix}/devices/"
+        parts = topic[len(head) :].split("/") if topic.startswith(head) else []
+        if len(parts) not in (2, 3) or parts[1] not in DEVICE_CHANNELS + COORDINATOR_CHANNELS:
+            raise WireError(f"topic {topic!r} is not a device topic under {self.prefix!r}")
+        return parts[0], parts[1], parts[2] if len(parts) == 3 else None
+
+
+@dataclass(frozen=True)
+class Record:
+    """Base of every JSON wire record: `kind` names the type, `schema` the wire version."""
+
+    kind: ClassVar[str] = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "schema": WIRE_SCHEMA} | dataclasses.asdict(self)
+
+    def encode(self) -> bytes:
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":")).encode()
+
+
+@dataclass(frozen=True)
+class Status(Record):
+    """Retained per device; its Last Will is the same record with state 'offline'."""
+
+    kind: ClassVar[str] = "status"
+    device: str
+    state: str  # online | busy | offline
+    time: float
+    job: str | None = None
+
+
+@dataclass(frozen=True)
+class Profile(Record):
+    """Retained per device: its profile and the datasets its owner configured (names and sizes, never content)."""
+
+    kind: ClassVar[str] = "profile"
+    device: str
+    profile: dict[str, Any]
+    datasets: dict[str, int]
+    backends: list[str]
+    time: float
+
+
+@dataclass(frozen=True)
+class Offer(Record):
+    """A file ready to be pulled in chunks; `transfer` is its sha256, so offering it twice changes nothing."""
+
+    kind: ClassVar[str] = "offer"
+    transfer: str
+    name: str
+    size: int
+    chunk_bytes: int
+    job: str | None = None
+    metrics: dict[str, Any] | None = None
+
+    @property
+    def chunks(self) -> int:
+        return max(1, -(-self.size // self.chunk_bytes))
+
+
+@dataclass(frozen=True)
+class Job(Record):
+    """One device's part of one round, signed by the coordinator; `issued_at` and `nonce` make replays visible."""
+
+    kind: ClassVar[str] = "job"
+    job: str
+    device: str
+    round: int
+    dataset: str
+    steps: int
+    bundle: dict[str, Any]  # an Offer's fields
+    start_adapter: dict[str, Any] | None
+    issued_at: float
+    nonce: str
+    signature: str = ""
+
+    def signed_bytes(self) -> bytes:
+        body = {key: value for key, value in self.to_dict().items() if key != "signature"}
+        return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+
+    def signed(self, key: Ed25519PrivateKey) -> "Job":
+        return dataclasses.replace(self, signature=base64.b64encode(key.sign(self.signed_bytes())).decode())
+
+    def verify(self, key: Ed25519PublicKey) -> None:
+        if not self.signature:
+            raise WireError(f"job {self.job!r} is unsigned; only jobs signed by the trusted coordinator run")
+        try:
+            key.verify(base64.b64decode(self.signature, validate=True), self.signed_bytes())
+        except (InvalidSignature, ValueError):
+            raise WireError(f"job {self.job!r} has a bad signature: not from the trusted coordinator") from None
+
+
+@dataclass(frozen=True)
+class Event(Record):
+    """Device → coordinator: accepted, rejected, progress, trained, failed."""
+
+    kind: ClassVar[str] = "event"
+    device: str
+    job: str
+    event: str
+    time: float
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Request(Record):
+    """Receiver → sender: send these chunks of `transfer` (an empty list asks for an Offer again)."""
+
+    kind: ClassVar[str] = "request"
+    transfer: str
+    indices: list[int]
+
+
+@dataclass(frozen=True)
+class Done(Record):
+    """Receiver → sender: `transfer` arrived whole and its sha256 matched (or did not, with the reason)."""
+
+    kind: ClassVar[str] = "done"
+    transfer: str
+    ok: bool
+    reason: str = ""
+
+
+RECORDS: dict[str, type[Record]] = {cls.kind: cls for cls in (Status, Profile, Offer, Job, Event, Request, Done)}
+
+
+def _matches(value: Any, annotation: Any) -> bool:
+    origin = typing.get_origin(annotation)
+    if origin in (types.UnionType, typing.Union):
+        return any(_matches(value, option) for option in typing.get_args(annotation))
+    if annotation is type(None):
+        return value is None
+    if annotation is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if origin is list:
+        (item,) = typing.get_args(annotation)
+        return isinstance(value, list) and all(_matches(v, item) for v in value)
+    if origin is dict:
+        _, item = typing.get_args(annotation)
+        return isinstance(value, dict) and all(isinstance(k, str) and _matches(v, item) for k, v in value.items())
+    if annotation is Any:
+        return True
+    return isinstance(value, annotation)
+
+
+def decode(payload: bytes) -> Record:
+    """Parse and validate one JSON record; raise WireError naming what is wrong."""
+    if len(payload) > MAX_MESSAGE_BYTES:
+        raise WireError(f"message of {len(payload):,} bytes is over the {MAX_MESSAGE_BYTES:,}-byte limit")
+    try:
+        data = json.loads(payload)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise WireError(f"message is not JSON ({error})") from None
+    if not isinstance(data, dict):
+        raise WireError(f"message is a JSON {type(data).__name__}, not an object")
+    if data.get("schema") != WIRE_SCHEMA:
+        raise WireError(f"wire schema {data.get('schema')!r} is not {WIRE_SCHEMA}: update the older side")
+    cls = RECORDS.get(data.get("kind"))  # type: ignore[arg-type]
+    if cls is None:
+        raise WireError(f"unknown record kind {data.get('kind')!r}; known: {', '.join(RECORDS)}")
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for spec in dataclasses.fields(cls):
+        if spec.name in data:
+            if not _matches(data[spec.name], hints[spec.name]):
+                raise WireError(f"{cls.kind}.{spec.name} = {data[spec.name]!r} is not {hints[spec.name]}")
+            values[spec.name] = data[spec.name]
+        elif spec.default is dataclasses.MISSING and spec.default_factory is dataclasses.MISSING:
+            raise WireError(f"{cls.kind} record lacks its {spec.name!r} field")
+    return cls(**values)
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One slice of a transfer: `index`, its bytes, and their sha256 (checked on receipt)."""
+
+    transfer: str
+    index: int
+    data: bytes
+
+    def encode(self) -> bytes:
+        header = json.dumps(
+            {
+                "kind": "chunk",
+                "schema": WIRE_SCHEMA,
+                "transfer": self.transfer,
+                "index": self.index,
+                "sha256": hashlib.sha256(self.data).hexdigest(),
+            },
+            sort_keys=True,
+        ).encode()
+        return FRAME_MAGIC + struct.pack(">I", len(header)) + header + self.data
+
+    @staticmethod
+    def is_frame(payload: bytes) -> bool:
+        return payload[: len(FRAME_MAGIC)] == FRAME_MAGIC
+
+    @classmethod
+    def decode(cls, payload: bytes) -> "Chunk":
+        """Parse a frame and check its sha256; raise WireError if it is cut, oversize or corrupted."""
+        if len(payload) > MAX_MESSAGE_BYTES:
+            raise WireError(f"chunk of {len(payload):,} bytes is over the {MAX_MESSAGE_BYTES:,}-byte limit")
+        start = len(FRAME_MAGIC) + 4
+        if not cls.is_frame(payload) or len(payload) < start:
+            raise WireError("chunk frame is cut short or lacks its magic bytes")
+        (length,) = struct.unpack(">I", payload[len(FRAME_MAGIC) : start])
+        try:
+            header = json.loads(payload[start : start + length])
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise WireError("chunk header is not JSON") from None
+        if not isinstance(header, dict) or header.get("schema") != WIRE_SCHEMA:
+            raise WireError(f"chunk schema {header.get('schema') if isinstance(header, dict) else None!r} is not 1")
+        data = payload[start + length :]
+        if hashlib.sha256(data).hexdigest() != header.get("sha256"):
+            raise WireError(f"chunk {header.get('index')} of {str(header.get('transfer'))[:12]} fails its sha256")
+        if not isinstance(header.get("index"), int) or not isinstance(header.get("transfer"), str):
+            raise WireError("chunk header lacks an integer index or a transfer id")
+        return cls(header["transfer"], header["index"], data)
