@@ -22,6 +22,7 @@ from edge_runtime.mqtt import BrokerAddress, Connection
 from edge_runtime.trainer import TrainOptions, plan_training, train_bundle
 from edge_runtime.transfer import Download, Outbox, offer_for, pack_directory, unpack_archive
 from edge_runtime.wire import (
+    CHUNK_BYTES,
     Chunk,
     Done,
     Event,
@@ -60,6 +61,7 @@ class DaemonConfig:
     threads: int | None = None
     backend: str | None = None
     budget_bytes: int | None = None
+    chunk_bytes: int = CHUNK_BYTES
 
     def __post_init__(self) -> None:
         check_device_id(self.device_id)
@@ -223,7 +225,8 @@ class EdgeDaemon:
         if state == "trained" and time.monotonic() - self.last_offer > OFFER_EVERY_SECONDS:
             self.last_offer = time.monotonic()
             metrics = json.loads((folder / "result" / "metrics.json").read_text(encoding="utf-8"))
-            offer = self.outbox.add(folder / "result.tar", offer_for(folder / "result.tar", "result", job_id, metrics))
+            archive = folder / "result.tar"
+            offer = self.outbox.add(archive, offer_for(archive, "result", job_id, metrics, self.config.chunk_bytes))
             self._publish("results", offer.encode(), job_id)
 
     def _train(self, job: Job, folder: Path) -> None:
@@ -263,7 +266,10 @@ class EdgeDaemon:
     # -- loop -------------------------------------------------------------------------------------------------
 
     def _handle(self, topic: str, payload: bytes) -> None:
-        _, channel, _ = self.topics.parse(topic)
+        device, channel, _ = self.topics.parse(topic)
+        if device != self.config.device_id or channel not in ("jobs", "transfer"):
+            log.debug("ignoring %s: not a topic this device subscribed to", topic)  # amqtt echoes some back
+            return
         if Chunk.is_frame(payload):
             chunk = Chunk.decode(payload)
             if chunk.transfer not in self.downloads:

@@ -53,8 +53,13 @@ def unpack_archive(archive: Path, directory: Path) -> Path:
     return directory
 
 
-def offer_for(path: Path, name: str, job: str | None = None, metrics: dict | None = None) -> Offer:
-    return Offer(sha256_file(path), name, path.stat().st_size, CHUNK_BYTES, job, metrics)
+def offer_for(
+    path: Path, name: str, job: str | None = None, metrics: dict | None = None, chunk_bytes: int = CHUNK_BYTES
+) -> Offer:
+    """The Offer of a file: its sha256 names the transfer."""
+    if not 1 <= chunk_bytes <= CHUNK_BYTES:
+        raise WireError(f"chunk size {chunk_bytes} must be between 1 and {CHUNK_BYTES} bytes")
+    return Offer(sha256_file(path), name, path.stat().st_size, chunk_bytes, job, metrics)
 
 
 class Outbox:

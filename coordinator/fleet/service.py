@@ -120,6 +120,9 @@ class FleetService:
 
     def _handle(self, topic: str, payload: bytes) -> None:
         device, channel, wire_job = self.topics.parse(topic)
+        if channel in ("jobs", "transfer"):
+            log.debug("ignoring %s: the coordinator's own channel", topic)  # amqtt echoes some back
+            return
         self._count(device, received=len(payload))
         if Chunk.is_frame(payload):
             chunk = Chunk.decode(payload)
