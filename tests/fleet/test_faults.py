@@ -1,0 +1,102 @@
+"""Faults: the broker killed mid-transfer, a daemon killed mid-training; each job still completes, counted once."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from edge_runtime import transfer
+from tests.fleet.conftest import tiny_spec, wait_for
+
+
+def test_broker_restart_in_the_middle_of_a_result_transfer(mosquitto, make_fleet, monkeypatch) -> None:
+    monkeypatch.setattr(transfer, "STALL_SECONDS", 1.0)
+    receive = transfer.Download.receive
+
+    def slow_link(self: transfer.Download, chunk: object) -> None:  # ~25 ms per chunk: time to cut the broker
+        time.sleep(0.025)
+        receive(self, chunk)
+
+    monkeypatch.setattr(transfer.Download, "receive", slow_link)
+    fleet = make_fleet(mosquitto)
+    fleet.start_service()
+    fleet.start_daemon("a", chunk_bytes=1024)
+    fleet.start_daemon("b", chunk_bytes=1024)
+    job = fleet.service.registry.add_job(tiny_spec(fleet.files, rounds=1))
+    incoming = fleet.root / "coordinator" / "files" / "incoming"
+    wait_for(lambda: len(list(incoming.glob("*/.*.parts/*"))) >= 10, 60, "a result transfer under way")
+    mosquitto.kill()
+    unfinished = [t["device"] for t in fleet.service.registry.tasks(job) if t["state"] != "received"]
+    time.sleep(1.5)
+    mosquitto.start()
+    wait_for(lambda: fleet.service.registry.job(job)["state"] in ("done", "failed"), 120, "the job to finish")
+
+    registry = fleet.service.registry
+    assert registry.job(job)["state"] == "done"
+    tasks = registry.tasks(job)
+    assert [(t["device"], t["state"]) for t in tasks] == [("a", "received"), ("b", "received")]
+    assert unfinished, "the broker was cut only after every result had arrived"
+    results = {t["device"]: load_file(Path(t["result"]) / "adapter.safetensors") for t in tasks}
+    aggregate = load_file(Path(registry.rounds(job)[0]["aggregate"]) / "adapter.safetensors")
+    for name, tensor in aggregate.items():  # each result counted once: weights 40 and 24
+        torch.testing.assert_close(tensor, (40 * results["a"][name] + 24 * results["b"][name]) / 64)
+
+
+def _daemon_process(fleet, device: str) -> subprocess.Popen:
+    command = [
+        sys.executable,
+        "-m",
+        "edge_runtime.cli",
+        "run",
+        "--broker",
+        f"mqtt://127.0.0.1:{fleet.broker.port}",
+        "--device-id",
+        device,
+        "--profile",
+        "laptop-16gb",
+        "--dataset",
+        f"reviews={fleet.files[device]}",
+        "--trust",
+        str(fleet.files["trust"]),
+        "--state",
+        str(fleet.root / f"device-{device}"),
+        "--threads",
+        "1",
+    ]
+    environment = os.environ | {"OFFSITE_EDGE_MQTT_PASSWORD": f"{device}-secret"}
+    return subprocess.Popen(command, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def test_a_daemon_killed_mid_training_resumes_and_completes(mosquitto, make_fleet) -> None:
+    fleet = make_fleet(mosquitto)
+    registry = fleet.service.registry
+    fleet.start_service()
+    process = _daemon_process(fleet, "a")
+    try:
+        wait_for(lambda: (registry.device("a") or {}).get("profile"), 60, "the daemon to announce itself")
+        job = registry.add_job(tiny_spec(fleet.files, rounds=1, steps=1500, checkpoint_every=100, devices=["a"]))
+
+        def step() -> int:
+            tasks = registry.tasks(job)
+            return tasks[0]["detail"].get("step", 0) if tasks else 0
+
+        wait_for(lambda: step() >= 300, 120, "training past step 300")
+        process.kill()
+        process.wait()
+        killed_at = step()
+        wait_for(lambda: registry.device("a")["state"] == "offline", 30, "the Last Will to mark the device offline")
+        process = _daemon_process(fleet, "a")
+        wait_for(lambda: registry.job(job)["state"] in ("done", "failed"), 180, "the job to finish")
+    finally:
+        process.kill()
+        process.wait()
+    assert registry.job(job)["state"] == "done", registry.job(job)["detail"]
+    metrics = registry.tasks(job)[0]["metrics"]
+    assert metrics["steps"] == 1500
+    assert 100 <= metrics["resumed_from_step"] <= killed_at + 100  # resumed from a checkpoint, not from scratch
