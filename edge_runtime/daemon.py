@@ -18,6 +18,7 @@ from edge_runtime.bundle import load_public_key
 from edge_runtime.data import load_examples
 from edge_runtime.errors import OffsiteError
 from edge_runtime.files import write_json_atomic
+from edge_runtime.isolated import TrainingInterrupted, train_isolated
 from edge_runtime.mqtt import BrokerAddress, Connection
 from edge_runtime.trainer import TrainOptions, plan_training, train_bundle
 from edge_runtime.transfer import Download, Outbox, offer_for, pack_directory, unpack_archive
@@ -62,6 +63,7 @@ class DaemonConfig:
     backend: str | None = None
     budget_bytes: int | None = None
     chunk_bytes: int = CHUNK_BYTES
+    isolate: bool = True  # train each job in a child process (memory returned, daemon keeps serving)
 
     def __post_init__(self) -> None:
         check_device_id(self.device_id)
@@ -92,6 +94,7 @@ class EdgeDaemon:
         self.state = "online"
         self.current: str | None = None
         self.last_offer = 0.0
+        self.stop = threading.Event()
         me = config.device_id
         self.connection = Connection(
             address,
@@ -250,13 +253,20 @@ class EdgeDaemon:
             if step["step"] % every == 0 or step["step"] == step["steps"]:
                 self._event(job.job, "progress", **step)
 
+        arguments = (bundle, data, folder / "result", self.config.trusted_key, options, start)
         try:
-            metrics = train_bundle(bundle, data, folder / "result", self.config.trusted_key, options, start, progress)
+            if self.config.isolate:
+                train_isolated(*arguments, progress, lambda: self._serve(0.0), self.stop)
+            else:
+                train_bundle(*arguments, progress)
+        except TrainingInterrupted:
+            return  # the job stays in "training" and resumes from its checkpoint on the next start
         except OffsiteError as error:
             self._set_job_state(job.job, "failed", reason=str(error))
             self._event(job.job, "failed", reason=str(error))
             self._set_status("online")
             return
+        metrics = json.loads((folder / "result" / "metrics.json").read_text(encoding="utf-8"))
         pack_directory(folder / "result", folder / "result.tar")
         summary = {k: metrics[k] for k in ("steps", "examples", "final_loss", "peak_memory_bytes", "wall_seconds")}
         self._set_job_state(job.job, "trained", **summary)
@@ -296,10 +306,10 @@ class EdgeDaemon:
         else:
             raise WireError(f"a {record.kind} record does not belong on {channel}")
 
-    def step(self, wait: float = 0.2) -> None:
-        """Handle what arrived (bad messages are rejected and logged), then move the current job on."""
+    def _serve(self, wait: float) -> None:
+        """Handle what arrived (bad messages are rejected and logged) and keep downloads moving."""
         try:
-            topic, payload = self.inbox.get(timeout=wait)
+            topic, payload = self.inbox.get(timeout=wait) if wait > 0 else self.inbox.get_nowait()
             while True:
                 try:
                     self._handle(topic, payload)
@@ -315,6 +325,10 @@ class EdgeDaemon:
                 self._reject(str(error))
             if download.done:
                 self.downloads.pop(download.offer.transfer, None)
+
+    def step(self, wait: float = 0.2) -> None:
+        """Serve messages, then move the current job on by one phase."""
+        self._serve(wait)
         self.current = self.current or self._next_job()
         if self.current is not None:
             try:
@@ -328,6 +342,7 @@ class EdgeDaemon:
 
     def run(self, stop: threading.Event) -> None:
         """Connect, announce, resume any unfinished job, and serve until `stop` is set."""
+        self.stop = stop
         for folder in (self.jobs_dir, self.bundles_dir, self.downloads_dir):
             folder.mkdir(parents=True, exist_ok=True)
         self.connection.start()
