@@ -283,6 +283,8 @@ class EdgeDaemon:
         if Chunk.is_frame(payload):
             chunk = Chunk.decode(payload)
             if chunk.transfer not in self.downloads:
+                if (self.downloads_dir / chunk.transfer).is_file():
+                    return  # a late duplicate of a transfer already complete (asked twice after a stall)
                 raise WireError(f"chunk for transfer {chunk.transfer[:12]}…, which this device did not ask for")
             self.downloads[chunk.transfer].receive(chunk)
             return
@@ -293,8 +295,10 @@ class EdgeDaemon:
             job = self.current
             for chunk in self.outbox.chunks(record.transfer, record.indices):
                 self._publish("results", chunk.encode(), job)
-        elif isinstance(record, Done) and channel == "transfer" and self.current is not None:
-            if record.ok and record.transfer in self.outbox.files:
+        elif isinstance(record, Done) and channel == "transfer":
+            if record.transfer not in self.outbox.files or self.current is None:
+                return  # the same acknowledgement again (the result was offered twice): already delivered
+            if record.ok:
                 self._set_job_state(self.current, "delivered")
                 self._event(self.current, "delivered")
                 shutil.rmtree(self._job_dir(self.current) / "result", ignore_errors=True)

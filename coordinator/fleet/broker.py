@@ -9,6 +9,7 @@ import threading
 
 from coordinator.errors import ConfigError
 
+log = logging.getLogger(__name__)
 for _noisy in ("amqtt", "transitions"):  # amqtt logs every connection at INFO and every bad packet with a trace
     logging.getLogger(_noisy).setLevel(logging.ERROR)
 
@@ -29,6 +30,11 @@ class EmbeddedBroker:
     def __init__(self, host: str = "127.0.0.1", port: int = 1883) -> None:
         self.host, self.port = host, port
         self.loop = asyncio.new_event_loop()
+        # amqtt lets some session errors escape to the loop (e.g. under many concurrent connects); the client
+        # reconnects, so one line is enough, not a traceback per client.
+        self.loop.set_exception_handler(
+            lambda _, context: log.warning("embedded broker: %s", context.get("exception") or context.get("message"))
+        )
         self.thread = threading.Thread(target=self.loop.run_forever, name="amqtt", daemon=True)
         self.broker = None
 

@@ -126,6 +126,8 @@ class FleetService:
         self._count(device, received=len(payload))
         if Chunk.is_frame(payload):
             chunk = Chunk.decode(payload)
+            if channel == "results" and (self.work / "incoming" / device / chunk.transfer).is_file():
+                return  # a late duplicate of a result already complete (asked twice after a stall)
             if channel != "results" or chunk.transfer not in self.downloads:
                 raise WireError(f"{device} sent a chunk of {chunk.transfer[:12]}…, which is not an expected result")
             self.downloads[chunk.transfer].receive(chunk)
@@ -193,7 +195,11 @@ class FleetService:
             self._publish(device, "transfer", Request(offer.transfer, indices).encode())
 
         def finished(path: Path) -> None:
-            self._store_result(device, job, round_, path)
+            try:
+                self._store_result(device, job, round_, path)
+            except OffsiteError as error:  # arrived whole but unusable: skip this device's result, say so once
+                self._reject(str(error))
+                self.registry.set_task(job, round_, device, "skipped", reason=str(error))
             self._publish(device, "transfer", Done(offer.transfer, True).encode())
 
         log.info("%s offers its result of %s (%.1f MB)", device, wire_job, offer.size / 1e6)
