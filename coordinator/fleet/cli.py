@@ -142,7 +142,7 @@ def format_results(registry: Registry, job: str) -> str:
                 f"{t['bytes_received'] / 1e6:,.2f}",
             ]
         )
-    header = ["device", "round", "state", "steps", "samples", "loss", "peak MiB", "wall s", "MB sent", "MB received"]
+    header = ["device", "round", "state", "steps", "examples", "loss", "peak MiB", "wall s", "MB sent", "MB received"]
     lines = [_table(rows, header), ""]
     for r in registry.rounds(job):
         evaluation = r["evaluation"]
