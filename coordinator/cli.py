@@ -12,8 +12,6 @@ from coordinator.fleet.cli import fleet, serve
 from device_profiles import ProfileError
 from edge_runtime.errors import ConfigError, OffsiteError
 
-DEFAULT_LABEL_WORDS = {"negative": " negative", "positive": " positive"}
-
 
 def _pair(text: str) -> tuple[int, int]:
     try:
@@ -172,7 +170,7 @@ def _keys(args: argparse.Namespace) -> None:
 
 
 def _task_for_export(args: argparse.Namespace, tokenizer: object) -> object:
-    from coordinator.tasks import DEFAULT_TEMPLATE, ClassificationTask, LanguageModelTask
+    from coordinator.tasks import DEFAULT_LABEL_WORDS, DEFAULT_TEMPLATE, ClassificationTask, LanguageModelTask
 
     if args.task == "language-model":
         return LanguageModelTask(tokenizer, args.max_length)

@@ -17,6 +17,7 @@ from coordinator.errors import ConfigError, DataError
 from edge_runtime.data import Example
 
 DEFAULT_TEMPLATE = "Review: {text}\nSentiment:"
+DEFAULT_LABEL_WORDS = {"negative": " negative", "positive": " positive"}
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import platform
@@ -14,9 +13,8 @@ import psutil
 
 from device_profiles import GIB, ProfileError
 from edge_runtime import __version__
+from edge_runtime.backends import BACKENDS, installed_backends
 from edge_runtime.errors import OffsiteError
-
-BACKENDS = {"ort": "onnxruntime", "torch": "torch"}
 
 
 def machine_info() -> dict[str, object]:
@@ -29,7 +27,7 @@ def machine_info() -> dict[str, object]:
         "cpu_cores": os.cpu_count(),
         "memory_total_bytes": memory.total,
         "memory_available_bytes": memory.available,
-        "backends": {name: importlib.util.find_spec(module) is not None for name, module in BACKENDS.items()},
+        "backends": {name: name in installed_backends() for name in BACKENDS},
     }
 
 

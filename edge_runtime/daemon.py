@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import queue
@@ -14,12 +13,13 @@ from pathlib import Path
 from typing import Any
 
 from device_profiles import DeviceProfile
+from edge_runtime.backends import installed_backends
 from edge_runtime.bundle import load_public_key
 from edge_runtime.data import load_examples
 from edge_runtime.errors import OffsiteError
 from edge_runtime.files import write_json_atomic
 from edge_runtime.isolated import TrainingInterrupted, train_isolated
-from edge_runtime.mqtt import BrokerAddress, Connection
+from edge_runtime.mqtt import BrokerAddress, BrokerUnreachable, Connection
 from edge_runtime.trainer import TrainOptions, plan_training, train_bundle
 from edge_runtime.transfer import Download, Outbox, offer_for, pack_directory, unpack_archive
 from edge_runtime.wire import (
@@ -46,7 +46,6 @@ CLOCK_SKEW_SECONDS = 60.0
 OFFER_EVERY_SECONDS = 5.0
 PROGRESS_EVENTS = 20  # progress events per job, at most
 TERMINAL = ("delivered", "rejected", "failed")
-BACKEND_MODULES = {"ort": "onnxruntime", "torch": "torch"}
 
 
 @dataclass(frozen=True)
@@ -121,9 +120,7 @@ class EdgeDaemon:
     def _announce(self) -> None:
         """On every (re)connect: retained status and profile (dataset names and sizes only, never content)."""
         sizes = {name: len(load_examples(path)) for name, path in self.config.datasets.items()}
-        backends = [
-            name for name, module in (("ort", "onnxruntime"), ("torch", "torch")) if importlib.util.find_spec(module)
-        ]
+        backends = installed_backends()
         profile = Profile(self.config.device_id, self.config.profile.to_dict(), sizes, backends, time.time())
         self._publish("profile", profile.encode(), retain=True)
         self._set_status(self.state)
@@ -349,7 +346,16 @@ class EdgeDaemon:
         self.stop = stop
         for folder in (self.jobs_dir, self.bundles_dir, self.downloads_dir):
             folder.mkdir(parents=True, exist_ok=True)
-        self.connection.start()
+        delay = 1.0
+        while True:  # a device may well start before its coordinator's broker: wait for it
+            try:
+                self.connection.start()
+                break
+            except BrokerUnreachable as error:
+                log.warning("%s; trying again in %.0f s", error, delay)
+                if stop.wait(delay):
+                    return
+                delay = min(delay * 2, 16.0)
         log.info(
             "%s connected to %s (%s)", self.config.device_id, self.connection.address, self.connection.protocol_name
         )

@@ -18,6 +18,10 @@ DEFAULT_PORT = 1883
 V5_ANSWER_SECONDS = 3.0  # a broker that has MQTT 5 answers a local CONNECT well within this
 
 
+class BrokerUnreachable(ConfigError):
+    """Nothing answers at the broker's address (yet): worth trying again, unlike a refused login."""
+
+
 @dataclass(frozen=True)
 class BrokerAddress:
     """Where the broker listens and who we are to it."""
@@ -107,7 +111,7 @@ class Connection:
             try:
                 self.client.connect(self.address.host, self.address.port, keepalive=30)
             except OSError as error:
-                raise ConfigError(f"cannot reach the MQTT broker at {self.address}: {error}") from None
+                raise BrokerUnreachable(f"cannot reach the MQTT broker at {self.address}: {error}") from None
             self.client.loop_start()
             if self.connected.wait(wait):
                 return self

@@ -16,13 +16,10 @@ from coordinator.fleet.registry import JOB_DONE, Registry, default_state_directo
 MIB = 2**20
 
 
-def _pair(text: str) -> tuple[int, int]:
-    bottom, _, top = text.partition(",")
-    return int(bottom), int(top)
-
-
 def add_commands(commands: argparse._SubParsersAction) -> None:
     """Register `serve` and `fleet` on the `coordinator` parser."""
+    from coordinator.cli import _pair  # the same BOTTOM,TOP parser as export and evaluate
+
     serve = commands.add_parser("serve", help="run the fleet service (an embedded MQTT broker unless --broker)")
     serve.add_argument("--broker", help="mqtt://[USER[:PASSWORD]@]HOST:PORT of a running broker")
     serve.add_argument("--listen", type=int, default=1883, help="port of the embedded broker (loopback only)")
@@ -61,14 +58,16 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 
 def serve(args: argparse.Namespace) -> None:
     from coordinator.fleet.broker import EmbeddedBroker
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    state = args.state or default_state_directory()
+    broker = None if args.broker else EmbeddedBroker(port=args.listen).start()  # first: devices may be waiting
+
     from coordinator.fleet.service import FleetService
     from edge_runtime.mqtt import BrokerAddress
     from edge_runtime.wire import Topics
     from exporters.bundle import PRIVATE_KEY, default_key_directory
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    state = args.state or default_state_directory()
-    broker = None if args.broker else EmbeddedBroker(port=args.listen).start()
     url = args.broker or broker.url  # type: ignore[union-attr]
     address = BrokerAddress.parse(url, args.username, os.environ.get(args.password_env))
     key = args.key or default_key_directory() / PRIVATE_KEY

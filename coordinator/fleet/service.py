@@ -16,6 +16,7 @@ from typing import Any
 
 from coordinator.errors import ConfigError, DataError
 from coordinator.fleet.registry import JOB_DONE, TASK_DONE, Registry
+from coordinator.tasks import DEFAULT_LABEL_WORDS, DEFAULT_TEMPLATE
 from device_profiles import ProfileError
 from edge_runtime.errors import OffsiteError
 from edge_runtime.mqtt import BrokerAddress, Connection
@@ -43,8 +44,8 @@ class JobSpec:
     max_length: int = 128
     lr: float = 3e-5
     task: str = "classification"
-    label_words: dict[str, str] = field(default_factory=lambda: {"negative": " negative", "positive": " positive"})
-    template: str = "Review: {text}\nSentiment:"
+    label_words: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_LABEL_WORDS))
+    template: str = DEFAULT_TEMPLATE
     test: str | None = None
     limit_test: int | None = None
     checkpoint_every: int = 10
@@ -233,14 +234,13 @@ class FleetService:
             start = self._offer(
                 self.work / "jobs" / job / f"round-{round_ - 1}" / "aggregate" / "adapter.safetensors", "adapter"
             )
-        fields = {k: v for k, v in dataclasses.asdict(bundle).items()}
         record = Job(
             wire_job_id(job, round_),
             device,
             round_,
             spec.dataset,
             spec.steps,
-            fields,
+            dataclasses.asdict(bundle),
             dataclasses.asdict(start) if start else None,
             time.time(),
             secrets.token_hex(16),

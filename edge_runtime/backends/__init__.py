@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -11,6 +12,8 @@ from edge_runtime.errors import ConfigError
 from edge_runtime.text import Batch
 
 BACKENDS = ("ort", "torch")
+# The module each backend needs, to tell whether it is installed without importing it.
+BACKEND_MODULES = {"ort": "onnxruntime", "torch": "torch"}
 _INSTALL = {
     "ort": "pip install onnxruntime-training==1.19.2 (x86-64 only)",
     "torch": "pip install '.[runtime-torch]' (on Jetson: JetPack's torch wheel)",
@@ -37,6 +40,11 @@ class Backend(Protocol):
     def load(self, weights: dict[str, np.ndarray]) -> None:
         """Start from these trainable weights (names as in `adapter`), e.g. the last round's aggregate."""
         ...
+
+
+def installed_backends() -> list[str]:
+    """Backends whose package is installed here (checked without importing them)."""
+    return [name for name, module in BACKEND_MODULES.items() if importlib.util.find_spec(module) is not None]
 
 
 def open_backend(name: str, bundle: Path, manifest: dict[str, Any], threads: int, resume: Path | None) -> Backend:

@@ -24,6 +24,7 @@ import random
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -48,6 +49,19 @@ def split_shards(train: Path, devices: int, out: Path, seed: int = 0) -> list[Pa
         path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
         paths.append(path)
     return paths
+
+
+def _wait_for_port(port: int, process: subprocess.Popen, log: Path, timeout: float = 120) -> None:
+    """Until the coordinator's embedded broker listens (the daemons would also wait, but say less)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"the coordinator did not start its broker; see {log}") from None
+            time.sleep(0.2)
 
 
 def _command(module: str, *args: str) -> list[str]:
@@ -97,7 +111,7 @@ def main(argv: list[str] | None = None) -> None:
                 str(keys / "coordinator.key"),
             ),
         )
-        time.sleep(3)
+        _wait_for_port(port, processes[0], args.out / "logs" / "coordinator.log")
         for i, shard in enumerate(shards, 1):
             start(
                 f"device-{i}",

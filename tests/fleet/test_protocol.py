@@ -166,3 +166,27 @@ def test_wrong_credentials_are_refused_with_a_clear_error(mosquitto) -> None:
     wrong = BrokerAddress("127.0.0.1", mosquitto.port, "a", "not-the-password")
     with pytest.raises(ConfigError, match="refused 'edge-a'"):
         Connection(wrong, "edge-a", [], lambda topic, payload: None).start(timeout=5)
+
+
+def test_a_daemon_started_before_its_broker_waits_for_it(fleet_files, tmp_path) -> None:
+    import threading
+
+    from coordinator.fleet.broker import EmbeddedBroker, free_port
+    from device_profiles import load_profile
+    from edge_runtime.daemon import DaemonConfig, EdgeDaemon
+    from edge_runtime.mqtt import BrokerAddress
+
+    port = free_port()
+    config = DaemonConfig(
+        "a", load_profile("laptop-16gb"), {"reviews": fleet_files["a"]}, fleet_files["trust"], tmp_path
+    )
+    daemon = EdgeDaemon(config, BrokerAddress("127.0.0.1", port))
+    stop = threading.Event()
+    thread = threading.Thread(target=daemon.run, args=(stop,), daemon=True)
+    thread.start()
+    time.sleep(1.5)  # refused at least once
+    assert not daemon.connection.connected.is_set()
+    with EmbeddedBroker(port=port):
+        wait_for(daemon.connection.connected.is_set, 30, "the daemon to connect once the broker is up")
+        stop.set()
+        thread.join(timeout=10)
