@@ -163,15 +163,12 @@ class EdgeDaemon:
             state = self._job_state(job.job)
             self._event(job.job, state["state"], **{k: v for k, v in state.items() if k != "state"})
             return
+        write_json_atomic(self._job_dir(job.job) / "job.json", job.to_dict())
         if job.dataset not in self.config.datasets:
-            self._job_dir(job.job).mkdir(parents=True)
-            write_json_atomic(self._job_dir(job.job) / "job.json", job.to_dict())
             reason = f"no dataset named {job.dataset!r} here (configured: {', '.join(sorted(self.config.datasets))})"
             self._set_job_state(job.job, "rejected", reason=reason)
             self._reject(reason, job.job)
             return
-        self._job_dir(job.job).mkdir(parents=True, exist_ok=True)
-        write_json_atomic(self._job_dir(job.job) / "job.json", job.to_dict())
         self._set_job_state(job.job, "downloading")
         self._event(job.job, "queued")
 
@@ -224,9 +221,11 @@ class EdgeDaemon:
             return
         if state == "trained" and time.monotonic() - self.last_offer > OFFER_EVERY_SECONDS:
             self.last_offer = time.monotonic()
-            metrics = json.loads((folder / "result" / "metrics.json").read_text(encoding="utf-8"))
             archive = folder / "result.tar"
-            offer = self.outbox.add(archive, offer_for(archive, "result", job_id, metrics, self.config.chunk_bytes))
+            offer = next((o for path, o in self.outbox.files.values() if path == archive), None)
+            if offer is None:  # hash the result once, not at every re-offer
+                metrics = json.loads((folder / "result" / "metrics.json").read_text(encoding="utf-8"))
+                offer = self.outbox.add(archive, offer_for(archive, "result", job_id, metrics, self.config.chunk_bytes))
             self._publish("results", offer.encode(), job_id)
 
     def _train(self, job: Job, folder: Path) -> None:
