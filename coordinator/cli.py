@@ -39,6 +39,31 @@ def _add_prompt_options(command: argparse.ArgumentParser) -> None:
     command.add_argument("--template", default=None, help="prompt with {text}; default 'Review: {text}\\nSentiment:'")
 
 
+def _add_emulator_options(command: argparse.ArgumentParser, repeatable: bool = False) -> None:
+    command.add_argument(
+        "--emulator",
+        action="append" if repeatable else "store",
+        metavar="RECIPE[:KEY=VALUE,...]",
+        help="emulator recipe: uniform, importance, luc:size=F, lowrank:energy=E|size=F; keys keep, select, distill "
+        "(e.g. luc:keep=26,size=0.15)"
+        + ("; repeat to compare recipes in one privacy-utility table" if repeatable else ""),
+    )
+    command.add_argument(
+        "--distill",
+        type=int,
+        default=0,
+        metavar="STEPS",
+        help="distill the emulator toward the full model's middle for STEPS steps on public Wikipedia text",
+    )
+
+
+def _emulator_specs(args: argparse.Namespace) -> list:
+    from coordinator.compression import EmulatorSpec
+
+    texts = args.emulator if isinstance(args.emulator, list) else [args.emulator or "uniform"]
+    return [EmulatorSpec.parse(text, keep=args.keep, distill=args.distill) for text in texts]
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every `coordinator` command."""
     parser = argparse.ArgumentParser(prog="coordinator", description=__doc__)
@@ -52,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     emulator.add_argument("--model", default="smollm2-135m")
     emulator.add_argument("--adapter-layers", type=_pair, default=(2, 2), metavar="BOTTOM,TOP")
     emulator.add_argument("--keep", type=int, required=True, help="middle layers the emulator keeps")
+    _add_emulator_options(emulator)
     emulator.add_argument("--out", type=Path, required=True)
 
     evaluate = commands.add_parser("evaluate", help="measure the five Offsite-Tuning settings on one task")
@@ -60,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--test", type=Path, required=True, help="held-out data, same format")
     evaluate.add_argument("--adapter-layers", type=_pair, default=(2, 2), metavar="BOTTOM,TOP")
     evaluate.add_argument("--keep", type=int, default=8, help="middle layers the emulator keeps")
+    _add_emulator_options(evaluate, repeatable=True)
     evaluate.add_argument("--steps", type=int, default=100, help="training steps (adapter and full fine-tune)")
     evaluate.add_argument("--lr", type=float, default=3e-5, help="adapter learning rate")
     evaluate.add_argument("--full-lr", type=float, default=2e-5, help="full fine-tuning learning rate")
@@ -88,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("--profile", required=True, help="profile name (e.g. jetson-orin) or a .yaml path")
         command.add_argument("--adapter-layers", type=_pair, default=(2, 2), metavar="BOTTOM,TOP")
         command.add_argument("--keep", type=int, default=8, help="middle layers the emulator keeps")
+        _add_emulator_options(command)
         command.add_argument("--task", choices=("classification", "language-model"), default="classification")
         command.add_argument("--batch-size", type=int, default=8)
         command.add_argument("--max-length", type=int, default=128, help="token cap per example (LM: block size)")
@@ -119,16 +147,20 @@ def _prepare(args: argparse.Namespace) -> None:
 
 
 def _emulator(args: argparse.Namespace) -> None:
-    from coordinator.emulator import Split, build_emulator
+    from coordinator.compression import make_emulator
+    from coordinator.emulator import Split, emulator_record
     from coordinator.models import load_model
     from edge_runtime.files import atomic_directory
 
+    (spec,) = _emulator_specs(args)
     loaded = load_model(args.model)
-    emulator = build_emulator(loaded.model, Split(*args.adapter_layers, keep=args.keep))
+    emulator = make_emulator(loaded.model, Split(*args.adapter_layers, keep=args.keep), spec, loaded.tokenizer)
     with atomic_directory(args.out) as staging:
         emulator.save_pretrained(staging)
         loaded.tokenizer.save_pretrained(staging)
-    print(f"emulator with layers {emulator.config.offsite_emulator['layer_map']} -> {args.out}")
+    record = emulator_record(emulator)
+    size = record.details["footprint"]["middle_fraction"]
+    print(f"emulator {spec.label()}: layers {record.layer_map}, middle {size:.1%} of the full middle -> {args.out}")
 
 
 def _evaluate(args: argparse.Namespace) -> None:
@@ -138,27 +170,37 @@ def _evaluate(args: argparse.Namespace) -> None:
     from coordinator.report import format_table, write_results
     from coordinator.results import read_result
     from coordinator.tasks import DEFAULT_TEMPLATE, make_task
+    from coordinator.tradeoff import format_tradeoff, run_tradeoff, write_tradeoff
     from coordinator.train import TrainConfig
     from edge_runtime.data import load_examples
 
     if args.limit_test is not None and args.limit_test < 1:
         raise ConfigError(f"--limit-test {args.limit_test} must be at least 1")
+    specs = _emulator_specs(args)
+    if len(specs) > 1 and (args.adapter or args.save_adapter):
+        raise ConfigError("--adapter and --save-adapter take one --emulator recipe, not a comparison of several")
     adapter_training = TrainConfig(args.steps, args.lr, args.batch_size, args.max_length, seed=args.seed)
     experiment = Experiment(
         Split(*args.adapter_layers, keep=args.keep),
         adapter_training,
         replace(adapter_training, lr=args.full_lr),
         args.eval_batch_size,
+        specs[0],
     )
     train, test = load_examples(args.train), load_examples(args.test)[: args.limit_test]
     loaded = load_model(args.model)
-    experiment.split.check(loaded.model.config.num_hidden_layers)
+    for spec in specs:
+        spec.split_for(experiment.split).check(loaded.model.config.num_hidden_layers)
     label_words = dict(args.label_word) if args.label_word else None
     task = make_task(loaded.tokenizer, train, test, label_words, args.template or DEFAULT_TEMPLATE, args.max_length)
-    device = read_result(args.adapter, loaded) if args.adapter else None
-    results = run_five_settings(loaded, task, train, test, experiment, args.save_adapter, device)
-    chart = write_results(results, args.out)
-    print(format_table(results))
+    if len(specs) > 1:
+        results = run_tradeoff(loaded, task, train, test, experiment, specs)
+        chart, table = write_tradeoff(results, args.out), format_tradeoff(results)
+    else:
+        device = read_result(args.adapter, loaded) if args.adapter else None
+        results = run_five_settings(loaded, task, train, test, experiment, args.save_adapter, device)
+        chart, table = write_results(results, args.out), format_table(results)
+    print(table)
     print(f"\nresults: {args.out}\nchart:   {chart}")
 
 
@@ -181,16 +223,18 @@ def _task_for_export(args: argparse.Namespace, tokenizer: object) -> object:
 
 def _plan(args: argparse.Namespace) -> None:
     from coordinator.adapter import adapter_parameters
-    from coordinator.emulator import Split, build_emulator
+    from coordinator.compression import make_emulator
+    from coordinator.emulator import Split
     from coordinator.models import load_model
     from coordinator.planner import format_plan, make_plan, model_shape
     from device_profiles import load_profile
 
     profile = load_profile(args.profile)
+    (spec,) = _emulator_specs(args)
     loaded = load_model(args.model)
-    split = Split(*args.adapter_layers, keep=args.keep)
+    split = spec.split_for(Split(*args.adapter_layers, keep=args.keep))
     split.check(loaded.model.config.num_hidden_layers)
-    emulator = build_emulator(loaded.model, split)
+    emulator = make_emulator(loaded.model, split, spec, loaded.tokenizer)
     shape = model_shape(emulator, adapter_parameters(emulator, split.bottom, split.top))
     backend = args.backend or profile.backends[0]
     print(format_plan(make_plan(shape, profile, backend, args.batch_size, args.max_length, args.task)))
@@ -210,17 +254,22 @@ def _export(args: argparse.Namespace) -> None:
     check_backends(profile, backends)
     key = load_private_key(args.key or default_key_directory() / PRIVATE_KEY)
     training = TrainConfig(args.steps, args.lr, args.batch_size, args.max_length, seed=args.seed)
+    (spec,) = _emulator_specs(args)
     loaded = load_model(args.model)
     task = _task_for_export(args, loaded.tokenizer)
     split = Split(*args.adapter_layers, keep=args.keep)
-    manifest = export_bundle(loaded, split, task, profile, backends, training, args.checkpoint_every, args.out, key)
+    manifest = export_bundle(
+        loaded, split, task, profile, backends, training, args.checkpoint_every, args.out, key, spec
+    )
     size = sum(entry["size"] for entry in manifest["files"].values())
     plan = manifest["plan"]
     print(
         f"bundle -> {args.out}: {len(manifest['files'])} files, {size / 1e6:,.1f} MB, backends "
         f"{', '.join(backends)}, signed by {manifest['signer']}\n"
-        f"emulator layers {manifest['emulator']['layer_map']}, adapter {manifest['adapter']['count']:,} parameters; "
-        f"plan for {profile.name}: micro-batch {plan['micro_batch']} of {plan['batch_size']}, predicted peak "
+        f"emulator {spec.label()}: layers {manifest['emulator']['layer_map']}, middle "
+        f"{manifest['emulator']['details']['footprint']['middle_fraction']:.1%} of the full middle; "
+        f"adapter {manifest['adapter']['count']:,} parameters; plan for {profile.name}: micro-batch "
+        f"{plan['micro_batch']} of {plan['batch_size']}, predicted peak "
         f"{plan['predicted']['total'] / 2**20:,.0f} MiB of {plan['budget_bytes'] / 2**20:,.0f} MiB"
     )
 

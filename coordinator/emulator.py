@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 from transformers import PreTrainedModel
@@ -55,11 +55,19 @@ class Split:
                 f"{self.bottom},{self.top} has {middle} middle layers; choose keep in {valid}"
             )
 
-    def kept_layers(self, num_layers: int) -> list[int]:
-        """Full-model indices of the emulator's layers: bottom adapter, kept middle, top adapter."""
+    def kept_layers(self, num_layers: int, middle: list[int] | None = None) -> list[int]:
+        """Full-model indices of the emulator's layers: bottom adapter, kept middle, top adapter.
+
+        `middle` lists the kept middle offsets (0 = first middle layer); default: uniform drop.
+        """
         self.check(num_layers)
-        middle = [self.bottom + i for i in uniform_drop(self.middle_size(num_layers), self.keep)]
-        return [*range(self.bottom), *middle, *range(num_layers - self.top, num_layers)]
+        size = self.middle_size(num_layers)
+        if middle is None:
+            middle = uniform_drop(size, self.keep)
+        if len(middle) != self.keep or sorted(set(middle)) != middle or not 0 <= middle[0] <= middle[-1] < size:
+            raise ConfigError(f"middle offsets {middle} must be {self.keep} increasing offsets in 0..{size - 1}")
+        kept = [self.bottom + i for i in middle]
+        return [*range(self.bottom), *kept, *range(num_layers - self.top, num_layers)]
 
 
 def uniform_drop(num_middle: int, keep: int) -> list[int]:
@@ -78,30 +86,36 @@ def uniform_drop(num_middle: int, keep: int) -> list[int]:
 
 @dataclass(frozen=True)
 class EmulatorRecord:
-    """What an emulator remembers of its source: which full-model layer each of its layers came from."""
+    """What an emulator remembers of its source: which full-model layer each of its layers came from, the
+    recipe and settings that built it, and what the recipe measured and chose (`details`)."""
 
     recipe: str
     source_num_layers: int
     layer_map: list[int]
     bottom: int
     top: int
+    options: dict = field(default_factory=dict)
+    details: dict = field(default_factory=dict)
 
 
-def build_emulator(model: PreTrainedModel, split: Split) -> PreTrainedModel:
-    """A new, smaller model of the same family: adapter layers plus uniformly dropped middle layers.
+def build_emulator(
+    model: PreTrainedModel, split: Split, middle: list[int] | None = None, recipe: str = "uniform"
+) -> PreTrainedModel:
+    """A new, smaller model of the same family: adapter layers plus the kept middle layers (`middle` offsets;
+    default uniform drop), copied uncompressed.
 
     The emulator shares no tensors with `model`; its config records the layer map, so
     `save_pretrained` / `from_pretrained` round-trip it as an ordinary transformers model.
     """
     spec = spec_for(model.config.model_type)
     num_layers = model.config.num_hidden_layers
-    kept = split.kept_layers(num_layers)
+    kept = split.kept_layers(num_layers, middle)
     config = copy.deepcopy(model.config)
     config.num_hidden_layers = len(kept)
     if isinstance(getattr(config, "layer_types", None), list):
         config.layer_types = [config.layer_types[i] for i in kept]
-    record = EmulatorRecord("uniform", num_layers, kept, split.bottom, split.top)
-    setattr(config, EMULATOR_RECORD, asdict(record))
+    record = EmulatorRecord(recipe, num_layers, kept, split.bottom, split.top)
+    set_emulator_record(config, record)
     emulator = type(model)(config).to(model.dtype)
     position = {source: target for target, source in enumerate(kept)}
     state = {}
@@ -134,6 +148,11 @@ def emulator_record(model: PreTrainedModel) -> EmulatorRecord | None:
     """The record of an emulator built by `build_emulator`; None for a full model."""
     record = getattr(model.config, EMULATOR_RECORD, None)
     return None if record is None else EmulatorRecord(**record)
+
+
+def set_emulator_record(config: object, record: EmulatorRecord) -> None:
+    """Store `record` in a model config (it travels with config.json)."""
+    setattr(config, EMULATOR_RECORD, asdict(record))
 
 
 def layer_map(model: PreTrainedModel) -> list[int]:

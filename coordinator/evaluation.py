@@ -5,13 +5,14 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from transformers import PreTrainedModel
 
 from coordinator.adapter import adapter_parameters, adapter_state, plug_in, save_adapter
-from coordinator.emulator import Split, build_emulator, count_parameters, layer_map
+from coordinator.compression import EmulatorSpec, make_emulator
+from coordinator.emulator import Split, count_parameters, emulator_record
 from coordinator.errors import ConfigError
 from coordinator.models import LoadedModel, source_sha256
 from coordinator.results import DeviceResult
@@ -43,22 +44,74 @@ SETTINGS: tuple[tuple[str, str], ...] = (
 
 @dataclass(frozen=True)
 class Experiment:
-    """One five-setting run: the split, how the adapter and the full-model baseline train, how to score."""
+    """One run: the split, the emulator recipe, how the adapter and the full-model baseline train, how to score."""
 
     split: Split
     adapter_training: TrainConfig
     full_training: TrainConfig
     eval_batch_size: int = 16
+    emulator: EmulatorSpec = field(default_factory=EmulatorSpec)
 
     def __post_init__(self) -> None:
         if self.eval_batch_size < 1:
             raise ConfigError(f"eval_batch_size={self.eval_batch_size} must be at least 1, e.g. 16")
 
 
-def _timed_score(task: Task, model: PreTrainedModel, examples: Sequence[Example], batch_size: int) -> dict[str, float]:
+def timed_score(task: Task, model: PreTrainedModel, examples: Sequence[Example], batch_size: int) -> dict[str, float]:
     start = time.perf_counter()
     value = task.score(model, examples, batch_size)
     return {task.metric: value, "eval_seconds": round(time.perf_counter() - start, 2)}
+
+
+def measure_offsite(
+    loaded: LoadedModel,
+    task: Task,
+    train_examples: Sequence[Example],
+    test_examples: Sequence[Example],
+    experiment: Experiment,
+    adapter_path: Path | None = None,
+    device: DeviceResult | None = None,
+) -> dict[str, object]:
+    """Build the experiment's emulator and score it zero-shot, with its adapter trained on it (here, or `device`'s),
+    and with that adapter plugged into the full model; `loaded.model` is left as it was."""
+    full, split, batch = loaded.model, experiment.emulator.split_for(experiment.split), experiment.eval_batch_size
+    start = time.perf_counter()
+    emulator = make_emulator(full, split, experiment.emulator, loaded.tokenizer)
+    build_seconds = round(time.perf_counter() - start, 2)
+    results: dict[str, object] = {"emulator_zero_shot": timed_score(task, emulator, test_examples, batch)}
+    adapter = adapter_parameters(emulator, split.bottom, split.top)
+    if device is None:
+        offsite = train(emulator, adapter.values(), task, train_examples, experiment.adapter_training, "offsite")
+        summary: dict[str, object] = offsite.summary()
+    else:
+        _check_same_emulator(device, emulator)
+        plug_in(emulator, device.weights)
+        summary = {key: device.metrics[key] for key in DEVICE_SUMMARY} | {
+            "on_device": True,
+            "seconds": device.metrics["wall_seconds"],
+            "trainable_parameters": sum(p.numel() for p in adapter.values()),
+        }
+    results["offsite_emulator"] = timed_score(task, emulator, test_examples, batch) | {"train": summary}
+    trained = adapter_state(emulator, split.bottom, split.top)
+    if adapter_path is not None:
+        save_adapter(trained, adapter_path, {"model": loaded.name, "bottom": split.bottom, "top": split.top})
+    original = adapter_state(full, split.bottom, split.top)
+    plug_in(full, trained)
+    try:
+        results["offsite_plugin"] = timed_score(task, full, test_examples, batch)
+    finally:
+        plug_in(full, original)
+    record = emulator_record(emulator)
+    return results | {
+        "emulator": {
+            "spec": experiment.emulator.label(),
+            "layer_map": record.layer_map,
+            "build_seconds": build_seconds,
+            "parameters": count_parameters(emulator),
+            "adapter_parameters": sum(p.numel() for p in adapter.values()),
+            **record.details["footprint"],
+        }
+    }
 
 
 def run_five_settings(
@@ -75,77 +128,57 @@ def run_five_settings(
     The adapter trained on the emulator is saved to `adapter_path` (safetensors, full-model names) if given.
     With `device`, the adapter a device trained is evaluated instead of training one here.
     """
-    full = loaded.model
-    split = experiment.split
-    batch = experiment.eval_batch_size
-    results: dict[str, object] = {"full_zero_shot": _timed_score(task, full, test_examples, batch)}
-
-    emulator = build_emulator(full, split)
-    results["emulator_zero_shot"] = _timed_score(task, emulator, test_examples, batch)
-    adapter = adapter_parameters(emulator, split.bottom, split.top)
-    if device is None:
-        offsite = train(emulator, adapter.values(), task, train_examples, experiment.adapter_training, "offsite")
-        summary: dict[str, object] = offsite.summary()
-    else:
-        _check_same_emulator(device, emulator)
-        plug_in(emulator, device.weights)
-        summary = {key: device.metrics[key] for key in DEVICE_SUMMARY} | {
-            "on_device": True,
-            "seconds": device.metrics["wall_seconds"],
-            "trainable_parameters": sum(p.numel() for p in adapter.values()),
-        }
-    results["offsite_emulator"] = _timed_score(task, emulator, test_examples, batch) | {"train": summary}
-    trained = adapter_state(emulator, split.bottom, split.top)
-    if adapter_path is not None:
-        save_adapter(trained, adapter_path, {"model": loaded.name, "bottom": split.bottom, "top": split.top})
-
+    full, batch = loaded.model, experiment.eval_batch_size
+    results: dict[str, object] = {"full_zero_shot": timed_score(task, full, test_examples, batch)}
+    results |= measure_offsite(loaded, task, train_examples, test_examples, experiment, adapter_path, device)
     finetuned = copy.deepcopy(full)
     baseline = train(finetuned, finetuned.parameters(), task, train_examples, experiment.full_training, "full")
-    results["full_finetune"] = _timed_score(task, finetuned, test_examples, batch) | {"train": baseline.summary()}
+    results["full_finetune"] = timed_score(task, finetuned, test_examples, batch) | {"train": baseline.summary()}
     del finetuned
-
-    original = adapter_state(full, split.bottom, split.top)
-    plug_in(full, trained)
-    try:
-        results["offsite_plugin"] = _timed_score(task, full, test_examples, batch)
-    finally:
-        plug_in(full, original)
-
+    emulator = results["emulator"]
+    split = experiment.emulator.split_for(experiment.split)
     results |= {
         "schema": RESULTS_SCHEMA,
         "tool_version": __version__,
         "metric": task.metric,
-        "model": {"name": loaded.name, "sha256": source_sha256(loaded), "layers": full.config.num_hidden_layers},
+        "model": model_summary(loaded),
         "parameters": {
             "full": count_parameters(full),
-            "emulator": count_parameters(emulator),
-            "adapter": sum(p.numel() for p in adapter.values()),
+            "emulator": emulator["parameters"],
+            "adapter": emulator["adapter_parameters"],
         },
         "config": {
             "adapter_layers": [split.bottom, split.top],
             "keep": split.keep,
-            "emulator_layers": layer_map(emulator),
+            "emulator_layers": emulator["layer_map"],
             "adapter_training": asdict(experiment.adapter_training),
             "full_training": asdict(experiment.full_training),
             "eval_batch_size": batch,
             "train_examples": len(train_examples),
             "test_examples": len(test_examples),
-            **_task_config(task),
+            **task_config(task),
         },
     }
     return results
 
 
+def model_summary(loaded: LoadedModel) -> dict[str, object]:
+    """Name, source sha256 and layer count of the model the results are for."""
+    return {"name": loaded.name, "sha256": source_sha256(loaded), "layers": loaded.model.config.num_hidden_layers}
+
+
 def _check_same_emulator(device: DeviceResult, emulator: PreTrainedModel) -> None:
-    trained_on = device.metrics["emulator"]["layer_map"]
-    if trained_on != layer_map(emulator):
+    trained_on = device.metrics["emulator"]
+    built = emulator_record(emulator)
+    if trained_on["layer_map"] != built.layer_map or trained_on.get("options", built.options) != built.options:
         raise ConfigError(
-            f"the device trained through emulator layers {trained_on}, but this run builds {layer_map(emulator)}; "
-            "pass the --adapter-layers and --keep the bundle was exported with"
+            f"the device trained through emulator {trained_on.get('options', {})} with layers "
+            f"{trained_on['layer_map']}, but this run builds {built.options} with layers {built.layer_map}; "
+            "pass the --adapter-layers, --keep, --emulator and --distill the bundle was exported with"
         )
 
 
-def _task_config(task: Task) -> dict[str, object]:
+def task_config(task: Task) -> dict[str, object]:
     if isinstance(task, ClassificationTask):
         return {"task": "classification", "label_words": task.label_words, "template": task.template}
     return {"task": "language_modelling"}

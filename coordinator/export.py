@@ -12,7 +12,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from coordinator.adapter import adapter_parameters, adapter_state, save_adapter
 from coordinator.architectures import spec_for
-from coordinator.emulator import Split, build_emulator, emulator_record
+from coordinator.compression import EmulatorSpec, make_emulator
+from coordinator.emulator import Split, emulator_record
 from coordinator.errors import ConfigError
 from coordinator.models import LoadedModel, source_sha256
 from coordinator.planner import Plan, check_backends, make_plan, model_shape
@@ -83,18 +84,22 @@ def export_bundle(
     checkpoint_every: int,
     out: Path,
     key: Ed25519PrivateKey,
+    recipe: EmulatorSpec | None = None,
 ) -> dict[str, Any]:
     """Build, plan, export and sign the bundle for `profile` into `out` (written whole or not at all).
 
-    `training` gives the device's default steps, learning rate, batch, schedule, optimizer and seed (its
+    `recipe` builds the emulator (default: uniform drop of `split.keep` middle layers). `training` gives the
+    device's default steps, learning rate, batch, schedule, optimizer and seed (its
     `max_length` is the task's); the device checkpoints every `checkpoint_every` steps.
     """
     if checkpoint_every < 1:
         raise ConfigError(f"checkpoint_every={checkpoint_every} must be at least 1, e.g. 10")
     check_backends(profile, backends)
+    recipe = recipe or EmulatorSpec(keep=split.keep)
+    split = recipe.split_for(split)
     split.check(loaded.model.config.num_hidden_layers)
     spec = spec_for(loaded.model.config.model_type)
-    emulator = build_emulator(loaded.model, split).eval()
+    emulator = make_emulator(loaded.model, split, recipe, loaded.tokenizer).eval()
     adapter = adapter_parameters(emulator, split.bottom, split.top)
     record = task_record(task)
     plans: list[Plan] = [

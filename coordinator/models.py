@@ -17,6 +17,7 @@ from coordinator.architectures import spec_for
 from coordinator.errors import ModelSourceError
 from edge_runtime import __version__
 from edge_runtime.files import atomic_directory, write_json_atomic
+from edge_runtime.low_rank import load_causal_lm
 
 
 @dataclass(frozen=True)
@@ -130,7 +131,7 @@ def source_sha256(loaded: LoadedModel) -> str:
 
 
 def _load_folder(folder: Path, name: str, dtype: torch.dtype) -> LoadedModel:
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    model = load_causal_lm(folder, dtype)  # low-rank emulator folders too
     spec_for(model.config.model_type)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     _ensure_pad_token(tokenizer, model)

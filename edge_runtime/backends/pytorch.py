@@ -8,9 +8,9 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM
 
 from edge_runtime.bundle import TORCH_DIRECTORY
+from edge_runtime.low_rank import load_causal_lm
 from edge_runtime.text import Batch
 from edge_runtime.torch_graph import TrainingGraph, graph_loss
 
@@ -24,7 +24,7 @@ class TorchBackend:
 
     def __init__(self, bundle: Path, manifest: dict[str, Any], threads: int, resume: Path | None) -> None:
         torch.set_num_threads(threads)
-        model = AutoModelForCausalLM.from_pretrained(bundle / TORCH_DIRECTORY, dtype=torch.float32)
+        model = load_causal_lm(bundle / TORCH_DIRECTORY)
         architecture = manifest["architecture"]
         self.graph = TrainingGraph(model, architecture["backbone"], architecture["head"], manifest["task"]["kind"])
         self.graph.eval()  # no dropout: both backends train the same deterministic graph

@@ -147,7 +147,9 @@ def test_a_device_result_plugs_in_and_evaluates(tmp_path, capsys):
     assert results["offsite_emulator"]["train"]["steps"] == 30
 
     assert coordinator([*command[:-4], "--keep", "3", "--adapter", str(result), "--out", str(out)]) == 2
-    assert "pass the --adapter-layers and --keep the bundle was exported with" in capsys.readouterr().err
+    assert "pass the --adapter-layers, --keep, --emulator and --distill the bundle was exported with" in (
+        capsys.readouterr().err
+    )
 
 
 def test_an_unfinished_result_is_not_plugged(tiny_bundle, tmp_path, capsys):

@@ -1,0 +1,223 @@
+"""Emulator recipes behind one Protocol, the `NAME[:key=value,...]` spec that picks one, and `make_emulator`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Protocol
+
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from coordinator.architectures import decoder_layers
+from coordinator.compression.calibration import Calibration, public_calibration
+from coordinator.compression.distill import DistillConfig, distill
+from coordinator.compression.importance import select_important
+from coordinator.compression.lowrank import compress_low_rank
+from coordinator.compression.luc import FLOAT_BITS, bake, compress_layerwise
+from coordinator.emulator import Split, build_emulator, emulator_record, set_emulator_record
+from coordinator.errors import ConfigError
+
+RECIPES = ("uniform", "importance", "luc", "lowrank")
+SELECTIONS = ("uniform", "importance")
+
+
+class EmulatorRecipe(Protocol):
+    """Turns a full model's middle into a frozen emulator; `build` may leave parametrizations for distillation."""
+
+    name: str
+    needs_calibration: bool
+
+    def build(
+        self, model: PreTrainedModel, split: Split, calibration: Calibration | None
+    ) -> tuple[PreTrainedModel, dict[str, object]]:
+        """The emulator and what the recipe measured and chose."""
+        ...
+
+
+def _selected(
+    model: PreTrainedModel, split: Split, calibration: Calibration | None, select: str, recipe: str
+) -> tuple[PreTrainedModel, dict[str, object]]:
+    if select == "importance":
+        middle, details = select_important(model, split, calibration)
+        return build_emulator(model, split, middle, recipe), details | {"select": select}
+    return build_emulator(model, split, recipe=recipe), {"select": select}
+
+
+@dataclass(frozen=True)
+class UniformDrop:
+    """Keep `keep` evenly spaced middle layers (Offsite-Tuning's baseline)."""
+
+    name: str = "uniform"
+    needs_calibration: bool = False
+
+    def build(self, model: PreTrainedModel, split: Split, calibration: Calibration | None) -> tuple:
+        return build_emulator(model, split), {}
+
+
+@dataclass(frozen=True)
+class ImportanceDrop:
+    """Keep the `keep` middle layers whose removal moves the predictions most (ScaleOT-style importance)."""
+
+    name: str = "importance"
+    needs_calibration: bool = True
+
+    def build(self, model: PreTrainedModel, split: Split, calibration: Calibration | None) -> tuple:
+        return _selected(model, split, calibration, "importance", self.name)
+
+
+@dataclass(frozen=True)
+class LayerwiseCompression:
+    """Select layers, then prune and fake-quantize each by its sensitivity to a compact-size target (Edge-LLM)."""
+
+    size: float
+    select: str = "uniform"
+    name: str = "luc"
+    needs_calibration: bool = True
+
+    def build(self, model: PreTrainedModel, split: Split, calibration: Calibration | None) -> tuple:
+        emulator, details = _selected(model, split, calibration, self.select, self.name)
+        return emulator, details | compress_layerwise(emulator, split, calibration, self.size)
+
+
+@dataclass(frozen=True)
+class LowRank:
+    """Select layers, then factorize their weight matrices by activation-aware SVD (ScaleOT-style)."""
+
+    energy: float | None
+    size: float | None
+    select: str = "uniform"
+    name: str = "lowrank"
+    needs_calibration: bool = True
+
+    def build(self, model: PreTrainedModel, split: Split, calibration: Calibration | None) -> tuple:
+        emulator, details = _selected(model, split, calibration, self.select, self.name)
+        return emulator, details | compress_low_rank(emulator, split, calibration, self.energy, self.size)
+
+
+@dataclass(frozen=True)
+class EmulatorSpec:
+    """A recipe and its settings, written `NAME[:key=value,...]`, e.g. `luc:keep=26,size=0.15,distill=200`.
+
+    keep: middle layers kept (default: the command's --keep); size: luc's compact size or lowrank's weight
+    fraction of the kept layers; energy: lowrank's Σσ² fraction; select: uniform|importance (luc, lowrank);
+    distill: distillation steps (default: the command's --distill).
+
+    >>> EmulatorSpec.parse("luc:size=0.25,keep=12").label()
+    'luc:keep=12,size=0.25'
+    """
+
+    recipe: str = "uniform"
+    keep: int | None = None
+    size: float | None = None
+    energy: float | None = None
+    select: str = "uniform"
+    distill: int = 0
+
+    def __post_init__(self) -> None:
+        if self.recipe not in RECIPES:
+            raise ConfigError(f"emulator recipe {self.recipe!r} is unknown; choose one of {', '.join(RECIPES)}")
+        if self.select not in SELECTIONS:
+            raise ConfigError(f"select={self.select!r} is unknown; choose one of {', '.join(SELECTIONS)}")
+        compressing = self.recipe in ("luc", "lowrank")
+        if not compressing and (self.size, self.energy, self.select) != (None, None, "uniform"):
+            raise ConfigError(f"{self.recipe} takes keep= and distill= only; size, energy, select are for luc/lowrank")
+        if self.recipe == "luc" and (self.size is None or self.energy is not None):
+            raise ConfigError("luc needs size=F, the compact size as a fraction of float32 (e.g. luc:size=0.25)")
+        if self.recipe == "lowrank" and (self.size is None) == (self.energy is None):
+            raise ConfigError("lowrank needs exactly one of energy=E or size=F (e.g. lowrank:energy=0.9)")
+        if self.distill < 0:
+            raise ConfigError(f"distill={self.distill} must be 0 (none) or a number of steps")
+
+    @classmethod
+    def parse(cls, text: str, keep: int | None = None, distill: int = 0) -> EmulatorSpec:
+        """Parse `NAME[:key=value,...]`; `keep` and `distill` fill in what the text leaves out."""
+        name, _, rest = text.partition(":")
+        values: dict[str, object] = {"recipe": name.strip(), "keep": keep, "distill": distill}
+        kinds = {"keep": int, "size": float, "energy": float, "select": str, "distill": int}
+        for item in filter(None, rest.split(",")):
+            key, sep, value = (part.strip() for part in item.partition("="))
+            if not sep or key not in kinds:
+                raise ConfigError(f"{item!r} in emulator spec {text!r} is not KEY=VALUE with KEY in {', '.join(kinds)}")
+            try:
+                values[key] = kinds[key](value)
+            except ValueError:
+                raise ConfigError(f"{key}={value!r} in emulator spec {text!r} is not {kinds[key].__name__}") from None
+        return cls(**values)
+
+    def options(self) -> dict[str, object]:
+        """The recipe and the settings it uses (what the manifest records)."""
+        chosen: dict[str, object] = {"recipe": self.recipe, "keep": self.keep}
+        chosen |= {key: getattr(self, key) for key in ("size", "energy") if getattr(self, key) is not None}
+        if self.recipe in ("luc", "lowrank"):
+            chosen["select"] = self.select
+        return chosen | ({"distill": self.distill} if self.distill else {})
+
+    def label(self) -> str:
+        """The spec written back as text (select only where it is not uniform)."""
+        shown = {k: v for k, v in self.options().items() if k != "recipe" and v is not None}
+        shown = {k: v for k, v in shown.items() if (k, v) != ("select", "uniform")}
+        return self.recipe + (":" + ",".join(f"{k}={v}" for k, v in shown.items()) if shown else "")
+
+    def split_for(self, split: Split) -> Split:
+        """`split` with this spec's keep, if it names one."""
+        return split if self.keep is None else replace(split, keep=self.keep)
+
+    def recipe_object(self) -> EmulatorRecipe:
+        if self.recipe == "uniform":
+            return UniformDrop()
+        if self.recipe == "importance":
+            return ImportanceDrop()
+        if self.recipe == "luc":
+            return LayerwiseCompression(self.size, self.select)
+        return LowRank(self.energy, self.size, self.select)
+
+
+def make_emulator(
+    model: PreTrainedModel,
+    split: Split,
+    spec: EmulatorSpec,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    calibration: Calibration | None = None,
+) -> PreTrainedModel:
+    """Build the emulator `spec` describes (its keep overrides `split`'s), distill it if asked, and record the
+    recipe, its settings, what it measured and the emulator's size in its config. `model` is not changed.
+
+    Recipes that measure or distill use `calibration`, by default the prepared public Wikipedia text.
+    """
+    split = spec.split_for(split)
+    split.check(model.config.num_hidden_layers)
+    spec = replace(spec, keep=split.keep)
+    recipe = spec.recipe_object()
+    if calibration is None and (recipe.needs_calibration or spec.distill):
+        if tokenizer is None:
+            raise ConfigError(f"emulator recipe {spec.label()} needs calibration text or a tokenizer to make it")
+        calibration = public_calibration(tokenizer)
+    emulator, details = recipe.build(model, split, calibration)
+    if spec.distill:
+        details["distill"] = distill(emulator, model, split, calibration, DistillConfig(spec.distill))
+    bake(emulator)
+    if calibration is not None:
+        details["calibration"] = calibration.describe()
+    details["footprint"] = footprint(emulator, model, split, details)
+    record = replace(emulator_record(emulator), options=spec.options(), details=details)
+    set_emulator_record(emulator.config, record)
+    return emulator
+
+
+def _middle_parameters(model: PreTrainedModel, split: Split) -> int:
+    layers = decoder_layers(model)
+    return sum(p.numel() for i in range(split.bottom, len(layers) - split.top) for p in layers[i].parameters())
+
+
+def footprint(
+    emulator: PreTrainedModel, model: PreTrainedModel, split: Split, details: dict[str, object]
+) -> dict[str, object]:
+    """The emulator's size: its middle's compact size against the full model's middle, and its device weights."""
+    middle = _middle_parameters(emulator, split)
+    bits = details.get("compact_bits", middle * FLOAT_BITS)
+    full_bits = _middle_parameters(model, split) * FLOAT_BITS
+    return {
+        "middle_parameters": middle,
+        "middle_compact_bytes": int(bits) // 8,
+        "middle_fraction": round(bits / full_bits, 5),
+        "device_parameters": sum(p.numel() for p in emulator.parameters()),
+    }

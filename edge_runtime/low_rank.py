@@ -1,0 +1,72 @@
+"""Rank-r linear layers of a low-rank emulator, and loading any emulator folder (dense or low-rank) as torch.
+
+Imported by the PyTorch backend and the coordinator; it needs torch and transformers.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+
+from edge_runtime.errors import DataError
+
+# Config attribute of a low-rank emulator: {module path: rank} of every factorized linear layer.
+LOW_RANK_RECORD = "offsite_low_rank"
+
+
+class LowRankLinear(nn.Module):
+    """y = left(right(x)): a [out, in] weight stored as [out, r] @ [r, in], with the original bias on `left`."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool) -> None:
+        super().__init__()
+        self.right = nn.Linear(in_features, rank, bias=False)
+        self.left = nn.Linear(rank, out_features, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.left(self.right(x))
+
+
+def in_out_features(module: nn.Module) -> tuple[int, int]:
+    """(in, out) of an nn.Linear or a transformers Conv1D (GPT-2 stores its weight as [in, out])."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    rows, columns = module.weight.shape
+    return rows, columns
+
+
+def factorize_structure(model: nn.Module, ranks: dict[str, int]) -> None:
+    """Replace each named linear module by an (uninitialized) LowRankLinear of its rank, in place."""
+    for path, rank in ranks.items():
+        parent_path, _, child = path.rpartition(".")
+        parent = model.get_submodule(parent_path)
+        original = getattr(parent, child)
+        in_features, out_features = in_out_features(original)
+        replacement = LowRankLinear(in_features, out_features, rank, original.bias is not None)
+        setattr(parent, child, replacement.to(original.weight.dtype))
+
+
+def load_causal_lm(folder: Path, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """A transformers model folder as a causal LM; a low-rank emulator gets its factorized layers back first."""
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    ranks = config.get(LOW_RANK_RECORD)
+    if not ranks:
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), dtype=dtype)
+    factorize_structure(model, ranks)
+    state = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        state.update(load_file(str(shard)))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
+    if unexpected or set(missing) - tied:
+        raise DataError(
+            f"{folder} does not match its low-rank config (missing {missing[:3]}, extra {unexpected[:3]}); "
+            "export the emulator again"
+        )
+    model.tie_weights()
+    return model.eval()
