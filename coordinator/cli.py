@@ -53,7 +53,13 @@ def _add_emulator_options(command: argparse.ArgumentParser, repeatable: bool = F
         type=int,
         default=0,
         metavar="STEPS",
-        help="distill the emulator toward the full model's middle for STEPS steps on public Wikipedia text",
+        help="distill the emulator toward the full model's middle for STEPS steps on the calibration text",
+    )
+    command.add_argument(
+        "--calibration",
+        type=Path,
+        metavar="FILE",
+        help="public text the recipes measure and distill on (.jsonl, .csv, .txt); default: prepared Wikipedia",
     )
 
 
@@ -61,7 +67,8 @@ def _emulator_specs(args: argparse.Namespace) -> list:
     from coordinator.compression import EmulatorSpec
 
     texts = args.emulator if isinstance(args.emulator, list) else [args.emulator or "uniform"]
-    return [EmulatorSpec.parse(text, keep=args.keep, distill=args.distill) for text in texts]
+    calibration = str(args.calibration) if args.calibration else None
+    return [EmulatorSpec.parse(text, args.keep, args.distill, calibration) for text in texts]
 
 
 def build_parser() -> argparse.ArgumentParser:

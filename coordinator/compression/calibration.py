@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -15,7 +15,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from coordinator.errors import ConfigError, DataError
 from coordinator.tasks import LanguageModelTask
-from edge_runtime.data import Example
+from edge_runtime.data import Example, load_examples
 
 CALIBRATION_DATASET = "wikipedia"
 
@@ -57,15 +57,17 @@ class Calibration:
         return {"source": self.source, "blocks": len(self.blocks), "length": self.length}
 
 
-def public_calibration(tokenizer: PreTrainedTokenizerBase, length: int = 128) -> Calibration:
-    """The prepared Wikipedia training split (public text; never the devices' data) as calibration text."""
+def load_calibration(tokenizer: PreTrainedTokenizerBase, path: str | None = None, length: int = 128) -> Calibration:
+    """Calibration text from `path` (.jsonl, .csv or .txt, as training data), by default the prepared Wikipedia
+    training split: public text the model owner holds, never a device's data."""
     from coordinator.datasets import dataset_path
 
-    path = dataset_path(CALIBRATION_DATASET, "train")
-    if not path.is_file():
-        raise ConfigError(f"calibration text {path} is missing; run `coordinator prepare` once")
-    texts = [json.loads(line)["text"] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    return Calibration(tokenizer, texts, f"{CALIBRATION_DATASET} train", length)
+    if path is None:
+        default = dataset_path(CALIBRATION_DATASET, "train")
+        if not default.is_file():
+            raise ConfigError(f"calibration text {default} is missing; run `coordinator prepare` once")
+        return Calibration(tokenizer, [e.text for e in load_examples(default)], f"{CALIBRATION_DATASET} train", length)
+    return Calibration(tokenizer, [example.text for example in load_examples(Path(path))], Path(path).name, length)
 
 
 @torch.inference_mode()

@@ -3,15 +3,16 @@
 Each kept middle layer is pruned (activation-aware magnitude, per output row) and fake-quantized (symmetric,
 per output channel, rounded back to float32: ONNX Runtime cannot train through INT8 graphs, TOOLCHAIN.md). The
 layer's sensitivity to each sparsity and each bit width is the KL divergence of the emulator's predictions when
-only that layer is compressed so; a Lagrangian search then picks one (sparsity, bits) per layer that minimizes
-the summed sensitivity within the size target. The size is what the weights would take stored compactly
-(b-bit values of the kept weights, a 1-bit mask where pruned, a float32 scale per output channel); on the device
-they are float32, so device memory does not shrink: the privacy and the bundle's information content do.
+only that layer is compressed so; one (sparsity, bits) per layer is then chosen to minimize the summed
+sensitivity within the size target (a knapsack, solved exactly). The size is what the weights would take
+stored compactly (b-bit values of the kept weights, a 1-bit mask where pruned, a float32 scale per output
+channel); on the device they are float32, so device memory does not shrink: the privacy and the bundle's information content do.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -102,40 +103,47 @@ class LayerCost:
         return max(0.0, self.pruning[sparsity]) + max(0.0, self.quantization[bits])
 
 
-def allocate(costs: list[LayerCost], target: float) -> list[tuple[float, int]]:
+def allocate(costs: list[LayerCost], target: float, resolution: int = 2000) -> list[tuple[float, int]]:
     """Per layer (sparsity, bits) minimizing the summed sensitivity with compact size ≤ `target` × float32 size.
 
-    Lagrangian relaxation: each layer takes the option minimizing cost + λ·bits; λ is bisected (in log space)
-    to the smallest value that meets the target.
+    A knapsack solved exactly by dynamic programming over the size, counted in 1/`resolution` of the float32
+    size and rounded up (so the target always holds). Among equal costs the less compressed option wins.
     """
+    if target >= 1:
+        return [(0.0, FLOAT_BITS)] * len(costs)
     options = list(itertools.product(SPARSITIES, BIT_WIDTHS))
     total = sum(layer.full_bits() for layer in costs)
+    budget = int(target * resolution)
 
-    def choose(weight: float) -> list[tuple[float, int]]:
-        return [
-            min(options, key=lambda o, c=layer: (c.cost(*o) + weight * c.bits(*o) / total, -c.bits(*o)))
-            for layer in costs
-        ]
+    def units(layer: LayerCost, option: tuple[float, int]) -> int:
+        return math.ceil(layer.bits(*option) / total * resolution - 1e-9)
 
-    def size(choice: list[tuple[float, int]]) -> float:
-        return sum(layer.bits(*option) for layer, option in zip(costs, choice, strict=True)) / total
-
-    if size(choose(0.0)) <= target:
-        return choose(0.0)
-    smallest = size(choose(1e12))
-    if smallest > target:
+    smallest = sum(min(units(layer, option) for option in options) for layer in costs)
+    if smallest > budget:
         raise ConfigError(
-            f"size={target} is below the smallest layerwise compression, {smallest:.3f} of float32 "
+            f"size={target} is below the smallest layerwise compression, {smallest / resolution:.3f} of float32 "
             f"(sparsity {max(SPARSITIES)} at {min(BIT_WIDTHS)} bits everywhere); raise size or keep fewer layers"
         )
-    low, high = -12.0, 12.0  # log10 of λ
-    for _ in range(80):
-        middle = (low + high) / 2
-        if size(choose(10**middle)) <= target:
-            high = middle
-        else:
-            low = middle
-    return choose(10**high)
+    best = [0.0] * (budget + 1)  # best[b]: least summed cost of the layers so far within b units
+    picks = []
+    for layer in costs:
+        priced = [
+            (layer.cost(*option) + 1e-9 * (1 - layer.bits(*option) / layer.full_bits()), units(layer, option))
+            for option in options
+        ]
+        cheapest, pick = [math.inf] * (budget + 1), [0] * (budget + 1)
+        for room in range(budget + 1):
+            for index, (cost, size) in enumerate(priced):
+                if size <= room and best[room - size] + cost < cheapest[room]:
+                    cheapest[room], pick[room] = best[room - size] + cost, index
+        best = cheapest
+        picks.append(pick)
+    chosen, room = [], budget
+    for layer, pick in zip(reversed(costs), reversed(picks), strict=True):
+        option = options[pick[room]]
+        chosen.append(option)
+        room -= units(layer, option)
+    return chosen[::-1]
 
 
 @contextmanager

@@ -8,7 +8,7 @@ from typing import Protocol
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from coordinator.architectures import decoder_layers
-from coordinator.compression.calibration import Calibration, public_calibration
+from coordinator.compression.calibration import Calibration, load_calibration
 from coordinator.compression.distill import DistillConfig, distill
 from coordinator.compression.importance import select_important
 from coordinator.compression.lowrank import compress_low_rank
@@ -111,6 +111,7 @@ class EmulatorSpec:
     energy: float | None = None
     select: str = "uniform"
     distill: int = 0
+    calibration: str | None = None  # public text (.jsonl, .csv, .txt) to measure and distill on; default Wikipedia
 
     def __post_init__(self) -> None:
         if self.recipe not in RECIPES:
@@ -128,10 +129,13 @@ class EmulatorSpec:
             raise ConfigError(f"distill={self.distill} must be 0 (none) or a number of steps")
 
     @classmethod
-    def parse(cls, text: str, keep: int | None = None, distill: int = 0) -> EmulatorSpec:
-        """Parse `NAME[:key=value,...]`; `keep` and `distill` fill in what the text leaves out."""
+    def parse(
+        cls, text: str, keep: int | None = None, distill: int = 0, calibration: str | None = None
+    ) -> EmulatorSpec:
+        """Parse `NAME[:key=value,...]`; `keep`, `distill` and `calibration` fill in what the text leaves out."""
         name, _, rest = text.partition(":")
         values: dict[str, object] = {"recipe": name.strip(), "keep": keep, "distill": distill}
+        values["calibration"] = calibration
         kinds = {"keep": int, "size": float, "energy": float, "select": str, "distill": int}
         for item in filter(None, rest.split(",")):
             key, sep, value = (part.strip() for part in item.partition("="))
@@ -190,7 +194,7 @@ def make_emulator(
     if calibration is None and (recipe.needs_calibration or spec.distill):
         if tokenizer is None:
             raise ConfigError(f"emulator recipe {spec.label()} needs calibration text or a tokenizer to make it")
-        calibration = public_calibration(tokenizer)
+        calibration = load_calibration(tokenizer, spec.calibration)
     emulator, details = recipe.build(model, split, calibration)
     if spec.distill:
         details["distill"] = distill(emulator, model, split, calibration, DistillConfig(spec.distill))

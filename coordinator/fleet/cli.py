@@ -40,6 +40,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     dispatch.add_argument("--devices", help="comma-separated device ids (default: every online device with it)")
     dispatch.add_argument("--adapter-layers", type=_pair, default=(2, 2), metavar="BOTTOM,TOP")
     dispatch.add_argument("--keep", type=int, default=8, help="middle layers the emulator keeps")
+    dispatch.add_argument("--emulator", default="uniform", metavar="RECIPE[:KEY=VALUE,...]", help="as for export")
+    dispatch.add_argument("--distill", type=int, default=0, metavar="STEPS", help="as for export")
     dispatch.add_argument("--batch-size", type=int, default=8)
     dispatch.add_argument("--max-length", type=int, default=128)
     dispatch.add_argument("--lr", type=float, default=3e-5)
@@ -155,6 +157,7 @@ def format_results(registry: Registry, job: str) -> str:
 
 
 def fleet(args: argparse.Namespace) -> None:
+    from coordinator.compression import EmulatorSpec
     from coordinator.fleet.service import JobSpec
 
     registry = Registry(args.state or default_state_directory())
@@ -177,6 +180,8 @@ def fleet(args: argparse.Namespace) -> None:
             args.task,
             test=str(args.test.resolve()) if args.test else None,
             limit_test=args.limit_test,
+            emulator=EmulatorSpec.parse(args.emulator, args.keep, args.distill).label(),
+            distill=args.distill,
         )
         job = registry.add_job(spec.__dict__ | {"adapter_layers": list(spec.adapter_layers)})
         print(f"queued {job}: {args.rounds} rounds of {args.steps} steps on {args.dataset}", flush=True)

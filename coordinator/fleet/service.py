@@ -50,6 +50,8 @@ class JobSpec:
     limit_test: int | None = None
     checkpoint_every: int = 10
     seed: int = 0
+    emulator: str = "uniform"  # recipe spec, e.g. "luc:size=0.2" (see `coordinator export --help`)
+    distill: int = 0
 
     def __post_init__(self) -> None:
         for name in ("rounds", "steps", "batch_size", "checkpoint_every"):

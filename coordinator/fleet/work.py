@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from coordinator.adapter import adapter_state, plug_in
+from coordinator.compression import EmulatorSpec
 from coordinator.emulator import Split
 from coordinator.export import export_bundle
 from coordinator.fleet.aggregate import write_aggregate
@@ -61,6 +62,8 @@ def prepare_job(service: FleetService, job: str, spec: JobSpec, targets: dict[st
                 spec.label_words,
                 spec.template,
                 spec.checkpoint_every,
+                spec.emulator,
+                spec.distill,
             ],
             sort_keys=True,
         )
@@ -78,6 +81,7 @@ def prepare_job(service: FleetService, job: str, spec: JobSpec, targets: dict[st
                 spec.checkpoint_every,
                 folder / "bundle",
                 service.key,
+                EmulatorSpec.parse(spec.emulator, spec.keep, spec.distill),
             )
             pack_directory(folder / "bundle", archive)
         bundles[device] = str(archive)
