@@ -6,7 +6,7 @@ layer's sensitivity to each sparsity and each bit width is the KL divergence of 
 only that layer is compressed so; one (sparsity, bits) per layer is then chosen to minimize the summed
 sensitivity within the size target (a knapsack, solved exactly). The size is what the weights would take
 stored compactly (b-bit values of the kept weights, a 1-bit mask where pruned, a float32 scale per output
-channel); on the device they are float32, so device memory does not shrink: the privacy and the bundle's information content do.
+channel); on the device they are float32, so device memory does not shrink: what the bundle reveals does.
 """
 
 from __future__ import annotations
