@@ -44,6 +44,7 @@ bench: setup
 	$(BIN)/python -m bench.five_settings
 	$(BIN)/python -m bench.device_training
 	$(BIN)/python -m bench.fleet
+	$(BIN)/python -m bench.compression
 
 clean:
 	rm -rf $(VENV) runs

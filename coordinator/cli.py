@@ -177,7 +177,7 @@ def _evaluate(args: argparse.Namespace) -> None:
     from coordinator.report import format_table, write_results
     from coordinator.results import read_result
     from coordinator.tasks import DEFAULT_TEMPLATE, make_task
-    from coordinator.tradeoff import format_tradeoff, run_tradeoff, write_tradeoff
+    from coordinator.tradeoff import format_tradeoff, plot_tradeoff, run_tradeoff
     from coordinator.train import TrainConfig
     from edge_runtime.data import load_examples
 
@@ -202,7 +202,7 @@ def _evaluate(args: argparse.Namespace) -> None:
     task = make_task(loaded.tokenizer, train, test, label_words, args.template or DEFAULT_TEMPLATE, args.max_length)
     if len(specs) > 1:
         results = run_tradeoff(loaded, task, train, test, experiment, specs)
-        chart, table = write_tradeoff(results, args.out), format_tradeoff(results)
+        chart, table = write_results(results, args.out, plot_tradeoff), format_tradeoff(results)
     else:
         device = read_result(args.adapter, loaded) if args.adapter else None
         results = run_five_settings(loaded, task, train, test, experiment, args.save_adapter, device)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from coordinator.evaluation import SETTINGS
@@ -65,16 +66,23 @@ def plot_results(results: dict, path: str | Path) -> None:
         axes.set_ylim(0, 105)
     axes.set_title(f"Offsite tuning, {results['model']['name']}: five settings")
     axes.tick_params(axis="x", labelsize=9)
+    save_figure(figure, path)
+
+
+def save_figure(figure: object, path: str | Path) -> None:
+    """Write a matplotlib figure as PNG (atomically) and close it."""
+    import matplotlib.pyplot as plt
+
     figure.tight_layout()
     with atomic_path(path) as temporary:
         figure.savefig(temporary, format="png", dpi=120)
     plt.close(figure)
 
 
-def write_results(results: dict, path: str | Path) -> Path:
-    """Write results JSON and the PNG chart beside it (same stem); returns the PNG path."""
+def write_results(results: dict, path: str | Path, plot: Callable[[dict, Path], None] = plot_results) -> Path:
+    """Write results JSON and its PNG chart (drawn by `plot`) beside it, same stem; returns the PNG path."""
     path = Path(path)
     write_json_atomic(path, results)
     chart = path.with_suffix(".png")
-    plot_results(results, chart)
+    plot(results, chart)
     return chart

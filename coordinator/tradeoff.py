@@ -9,10 +9,10 @@ from pathlib import Path
 from coordinator.compression import EmulatorSpec
 from coordinator.evaluation import RESULTS_SCHEMA, Experiment, measure_offsite, model_summary, task_config, timed_score
 from coordinator.models import LoadedModel
+from coordinator.report import save_figure
 from coordinator.tasks import Task
 from edge_runtime import __version__
 from edge_runtime.data import Example
-from edge_runtime.files import atomic_path, write_json_atomic
 
 
 def run_tradeoff(
@@ -102,16 +102,4 @@ def plot_tradeoff(results: dict, path: str | Path) -> None:
     axes.set_ylabel("accuracy (%)" if metric == "accuracy" else "perplexity (lower is better)")
     axes.set_title(f"{results['model']['name']}: plug-in (filled) vs emulator zero-shot (hollow)")
     axes.legend(fontsize=7, loc="best")
-    figure.tight_layout()
-    with atomic_path(path) as temporary:
-        figure.savefig(temporary, format="png", dpi=120)
-    plt.close(figure)
-
-
-def write_tradeoff(results: dict, path: str | Path) -> Path:
-    """Write the results JSON and the PNG beside it; returns the PNG path."""
-    path = Path(path)
-    write_json_atomic(path, results)
-    chart = path.with_suffix(".png")
-    plot_tradeoff(results, chart)
-    return chart
+    save_figure(figure, path)

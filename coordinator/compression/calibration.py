@@ -28,7 +28,7 @@ class Calibration:
     texts: Sequence[str]
     source: str
     length: int = 128
-    measure_blocks: int = 8
+    measure_blocks: int = 4
 
     @cached_property
     def blocks(self) -> torch.Tensor:

@@ -1,0 +1,70 @@
+"""Every emulator recipe through the device path (export → ORT and PyTorch training), and the privacy–utility
+comparison of `coordinator evaluate` with several recipes."""
+
+import json
+import random
+
+import numpy as np
+import pytest
+
+from coordinator.cli import main as coordinator
+from coordinator.datasets import write_jsonl
+from edge_runtime.data import Example
+from edge_runtime.trainer import TrainOptions, train_bundle
+from tests.conftest import WORDS, make_bundle, sentiment_examples
+
+
+def public_text(path):
+    rng = random.Random(1)
+    write_jsonl(path, [Example(" ".join(rng.choice(WORDS) for _ in range(64))) for _ in range(40)])
+    return path
+
+
+@pytest.mark.parametrize("recipe", ["importance", "luc:size=0.3", "lowrank:size=0.5", "uniform:distill=3"])
+def test_each_recipe_exports_a_bundle_that_both_backends_train_alike(tmp_path, recipe):
+    public = public_text(tmp_path / "public.jsonl")
+    bundle = make_bundle(tmp_path, "ort,torch", "--keep", "3", "--emulator", recipe, "--calibration", str(public))
+    manifest = json.loads((bundle["bundle"] / "manifest.json").read_text())
+    emulator = manifest["emulator"]
+    assert emulator["recipe"] == recipe.split(":")[0] and len(emulator["layer_map"]) == 5
+    assert emulator["details"]["calibration"]["source"] == "public.jsonl"
+    assert manifest["export_check"]["logits_max_abs_diff"] <= 1e-4 * max(1, manifest["export_check"]["logits_max_abs"])
+    curves = {}
+    for backend in ("ort", "torch"):
+        options = TrainOptions(steps=8, backend=backend, progress=False, threads=1)
+        metrics = train_bundle(bundle["bundle"], bundle["data"], tmp_path / backend, bundle["trust"], options)
+        assert metrics["emulator"] == emulator
+        curves[backend] = metrics["loss_curve"]
+    np.testing.assert_allclose(curves["ort"], curves["torch"], rtol=1e-3)
+    assert curves["ort"][-1] < curves["ort"][0]
+
+
+def test_evaluate_with_several_recipes_prints_the_privacy_utility_table_and_plots_it(tmp_path, capsys):
+    bundle = make_bundle(tmp_path, "torch")
+    write_jsonl(tmp_path / "test.jsonl", sentiment_examples(16, seed=5))
+    out = tmp_path / "tradeoff.json"
+    command = ["evaluate", "--model", str(bundle["model"]), "--train", str(bundle["data"])]
+    command += ["--test", str(tmp_path / "test.jsonl"), "--adapter-layers", "1,1", "--steps", "3", "--batch-size", "4"]
+    command += [
+        "--emulator",
+        "uniform:keep=2",
+        "--emulator",
+        "luc:keep=4,size=0.25",
+        "--emulator",
+        "lowrank:energy=0.8",
+    ]
+    command += ["--keep", "4", "--calibration", str(public_text(tmp_path / "public.jsonl")), "--out", str(out)]
+    assert coordinator(command) == 0
+    results = json.loads(out.read_text())
+    rows = results["recipes"]
+    assert [row["emulator"]["spec"] for row in rows] == [
+        "uniform:keep=2",
+        "luc:keep=4,size=0.25",
+        "lowrank:keep=4,energy=0.8",
+    ]
+    assert rows[0]["emulator"]["middle_fraction"] == 0.5 and rows[1]["emulator"]["middle_fraction"] <= 0.25
+    for row in rows:
+        assert row["gap"] == pytest.approx(row["offsite_plugin"]["accuracy"] - row["emulator_zero_shot"]["accuracy"])
+    table = capsys.readouterr().out
+    assert "luc:keep=4,size=0.25" in table and "plug-in" in table and "full model zero-shot" in table
+    assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
