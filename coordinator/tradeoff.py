@@ -59,7 +59,7 @@ def format_tradeoff(results: dict) -> str:
     unit = "points" if metric == "accuracy" else "perplexity"
     header = (
         f"{'recipe':<34}{'layers':>7}{'middle':>9}{'device':>9}{'emulator':>10}{'offsite':>10}{'plug-in':>10}"
-        f"{'gap':>9}{'build s':>9}"
+        f"{'gap':>11}{'build s':>9}"
     )
     lines = [header, f"{'':<34}{'':>7}{'size':>9}{'params':>9}{'0-shot':>10}{'on emu':>10}{'':>10}", "-" * len(header)]
     for row in results["recipes"]:
@@ -69,7 +69,7 @@ def format_tradeoff(results: dict) -> str:
             f"{emulator['spec']:<34}{len(emulator['layer_map']):>7}{100 * emulator['middle_fraction']:>8.1f}%"
             f"{emulator['parameters'] / 1e6:>8.1f}M{_shown(metric, row['emulator_zero_shot'][metric]):>10}"
             f"{_shown(metric, row['offsite_emulator'][metric]):>10}{_shown(metric, row['offsite_plugin'][metric]):>10}"
-            f"{gap:>+9.1f}{emulator['build_seconds']:>9.0f}"
+            f"{gap:>+11.1f}{emulator['build_seconds']:>9.0f}"
         )
     lines += [
         "",
@@ -90,8 +90,11 @@ def plot_tradeoff(results: dict, path: str | Path) -> None:
     scale = 100 if metric == "accuracy" else 1
     figure, axes = plt.subplots(figsize=(8, 4.8))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    same_size: dict[float, int] = {}
     for index, row in enumerate(results["recipes"]):
         size = 100 * row["emulator"]["middle_fraction"]
+        nudge = same_size[round(size, 1)] = same_size.get(round(size, 1), -1) + 1
+        size += 0.3 * nudge  # recipes of one size side by side, not on top of each other
         plugin, emulator = scale * row["offsite_plugin"][metric], scale * row["emulator_zero_shot"][metric]
         color = colors[index % len(colors)]
         axes.plot([size, size], [emulator, plugin], color=color, lw=0.8, ls=":")
@@ -99,7 +102,11 @@ def plot_tradeoff(results: dict, path: str | Path) -> None:
         axes.scatter([size], [emulator], facecolors="none", edgecolors=color, s=40)
     axes.axhline(scale * results["full_zero_shot"][metric], color="k", lw=0.8, ls="--", label="full model zero-shot")
     axes.set_xlabel("emulator middle size, % of the full middle (compact storage)")
-    axes.set_ylabel("accuracy (%)" if metric == "accuracy" else "perplexity (lower is better)")
+    if metric == "accuracy":
+        axes.set_ylabel("accuracy (%)")
+    else:
+        axes.set_yscale("log")  # emulators reach perplexities thousands of times the plug-in's
+        axes.set_ylabel("perplexity, log scale (lower is better)")
     axes.set_title(f"{results['model']['name']}: plug-in (filled) vs emulator zero-shot (hollow)")
     axes.legend(fontsize=7, loc="best")
     save_figure(figure, path)

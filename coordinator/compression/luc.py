@@ -43,8 +43,10 @@ FLOAT_BITS = 32
 def quantize_rows(matrix: torch.Tensor, bits: int) -> torch.Tensor:
     """Symmetric round-to-nearest quantization with one scale per row, returned as floats (32 bits: unchanged).
 
-    >>> quantize_rows(torch.tensor([[1.0, -0.4, 0.2]]), 4).tolist()
-    [[1.0, -0.4285714328289032, 0.1428571492433548]]
+    4 bits give 7 levels each side of zero, so a row whose largest entry is 1.0 lands on multiples of 1/7:
+
+    >>> (quantize_rows(torch.tensor([[1.0, -0.4, 0.2]]), 4) * 7).round().tolist()
+    [[7.0, -3.0, 1.0]]
     """
     if bits >= FLOAT_BITS:
         return matrix
