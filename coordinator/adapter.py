@@ -17,6 +17,7 @@ from coordinator.errors import ConfigError, DataError
 from edge_runtime import __version__
 from edge_runtime.bundle import ADAPTER_FORMAT, ADAPTER_SCHEMA
 from edge_runtime.files import atomic_path
+from edge_runtime.windows import split_windows
 
 
 def adapter_layer_indices(num_layers: int, bottom: int, top: int) -> list[int]:
@@ -24,6 +25,14 @@ def adapter_layer_indices(num_layers: int, bottom: int, top: int) -> list[int]:
     if bottom + top > num_layers:
         raise ConfigError(f"adapter layers {bottom},{top} exceed the model's {num_layers} layers")
     return [*range(bottom), *range(num_layers - top, num_layers)]
+
+
+def adapter_windows(num_layers: int, bottom: int, top: int, size: int | None) -> list[list[int]]:
+    """The adapter's layers cut into training windows of at most `size` (edge_runtime/windows.py); one if None."""
+    indices = adapter_layer_indices(num_layers, bottom, top)
+    if size is None:
+        return [indices]
+    return split_windows(indices[:bottom], indices[bottom:], size)
 
 
 def adapter_parameters(model: PreTrainedModel, bottom: int, top: int) -> dict[str, nn.Parameter]:

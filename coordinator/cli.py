@@ -71,6 +71,16 @@ def _emulator_specs(args: argparse.Namespace) -> list:
     return [EmulatorSpec.parse(text, args.keep, args.distill, calibration) for text in texts]
 
 
+def _add_window_option(command: argparse.ArgumentParser) -> None:
+    command.add_argument(
+        "--layer-window",
+        type=int,
+        metavar="LAYERS",
+        help="adaptive layer tuning: train this many adapter layers at a time, each window through its own early "
+        "exit (bottom windows first), and vote across the exits when scoring",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every `coordinator` command."""
     parser = argparse.ArgumentParser(prog="coordinator", description=__doc__)
@@ -94,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--adapter-layers", type=_pair, default=(2, 2), metavar="BOTTOM,TOP")
     evaluate.add_argument("--keep", type=int, default=8, help="middle layers the emulator keeps")
     _add_emulator_options(evaluate, repeatable=True)
+    _add_window_option(evaluate)
     evaluate.add_argument("--steps", type=int, default=100, help="training steps (adapter and full fine-tune)")
     evaluate.add_argument("--lr", type=float, default=3e-5, help="adapter learning rate")
     evaluate.add_argument("--full-lr", type=float, default=2e-5, help="full fine-tuning learning rate")
@@ -134,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--lr", type=float, default=3e-5)
     export.add_argument("--seed", type=int, default=0)
     export.add_argument("--checkpoint-every", type=int, default=10)
+    _add_window_option(export)
     export.add_argument("--key", type=Path, help="signing key (default: coordinator.key where `keys init` put it)")
 
     plug = commands.add_parser("plug", help="plug a device-trained adapter into the full model and save it")
@@ -193,6 +205,7 @@ def _evaluate(args: argparse.Namespace) -> None:
         replace(adapter_training, lr=args.full_lr),
         args.eval_batch_size,
         specs[0],
+        args.layer_window,
     )
     train, test = load_examples(args.train), load_examples(args.test)[: args.limit_test]
     loaded = load_model(args.model)
@@ -266,7 +279,7 @@ def _export(args: argparse.Namespace) -> None:
     task = _task_for_export(args, loaded.tokenizer)
     split = Split(*args.adapter_layers, keep=args.keep)
     manifest = export_bundle(
-        loaded, split, task, profile, backends, training, args.checkpoint_every, args.out, key, spec
+        loaded, split, task, profile, backends, training, args.checkpoint_every, args.out, key, spec, args.layer_window
     )
     size = sum(entry["size"] for entry in manifest["files"].values())
     plan = manifest["plan"]

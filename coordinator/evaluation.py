@@ -10,10 +10,12 @@ from pathlib import Path
 
 from transformers import PreTrainedModel
 
-from coordinator.adapter import adapter_parameters, adapter_state, plug_in, save_adapter
+from coordinator.adapter import adapter_parameters, adapter_state, adapter_windows, plug_in, save_adapter
+from coordinator.architectures import decoder_layers
 from coordinator.compression import EmulatorSpec, make_emulator
-from coordinator.emulator import Split, count_parameters, emulator_record
+from coordinator.emulator import Split, count_parameters, emulator_record, layer_map
 from coordinator.errors import ConfigError
+from coordinator.exits import exit_views
 from coordinator.models import LoadedModel, source_sha256
 from coordinator.results import DeviceResult
 from coordinator.tasks import ClassificationTask, Task
@@ -51,15 +53,20 @@ class Experiment:
     full_training: TrainConfig
     eval_batch_size: int = 16
     emulator: EmulatorSpec = field(default_factory=EmulatorSpec)
+    layer_window: int | None = None  # adaptive layer tuning: train this many adapter layers at a time, then vote
 
     def __post_init__(self) -> None:
         if self.eval_batch_size < 1:
             raise ConfigError(f"eval_batch_size={self.eval_batch_size} must be at least 1, e.g. 16")
+        if self.layer_window is not None and self.layer_window < 1:
+            raise ConfigError(f"--layer-window {self.layer_window} must be at least 1 layer")
 
 
-def timed_score(task: Task, model: PreTrainedModel, examples: Sequence[Example], batch_size: int) -> dict[str, float]:
+def timed_score(
+    task: Task, model: PreTrainedModel, examples: Sequence[Example], batch_size: int, exits: Sequence[int] = ()
+) -> dict[str, float]:
     start = time.perf_counter()
-    value = task.score(model, examples, batch_size)
+    value = task.score(model, examples, batch_size, exits)
     return {task.metric: value, "eval_seconds": round(time.perf_counter() - start, 2)}
 
 
@@ -80,25 +87,42 @@ def measure_offsite(
     build_seconds = round(time.perf_counter() - start, 2)
     results: dict[str, object] = {"emulator_zero_shot": timed_score(task, emulator, test_examples, batch)}
     adapter = adapter_parameters(emulator, split.bottom, split.top)
+    layers = decoder_layers(emulator)
+    windows = adapter_windows(len(layers), split.bottom, split.top, experiment.layer_window)
+    exits = [window[-1] for window in windows] if experiment.layer_window is not None else []
     if device is None:
-        offsite = train(emulator, adapter.values(), task, train_examples, experiment.adapter_training, "offsite")
+        phases = (
+            [
+                (view, [p for i in window for p in layers[i].parameters()])
+                for view, window in zip(exit_views(emulator, exits), windows, strict=True)
+            ]
+            if exits
+            else []
+        )
+        offsite = train(
+            emulator, adapter.values(), task, train_examples, experiment.adapter_training, "offsite", phases
+        )
         summary: dict[str, object] = offsite.summary()
     else:
         _check_same_emulator(device, emulator)
+        _check_same_windows(device, windows if exits else None)
         plug_in(emulator, device.weights)
         summary = {key: device.metrics[key] for key in DEVICE_SUMMARY} | {
             "on_device": True,
             "seconds": device.metrics["wall_seconds"],
             "trainable_parameters": sum(p.numel() for p in adapter.values()),
         }
-    results["offsite_emulator"] = timed_score(task, emulator, test_examples, batch) | {"train": summary}
+    results["offsite_emulator"] = timed_score(task, emulator, test_examples, batch, exits) | {"train": summary}
     trained = adapter_state(emulator, split.bottom, split.top)
     if adapter_path is not None:
         save_adapter(trained, adapter_path, {"model": loaded.name, "bottom": split.bottom, "top": split.top})
     original = adapter_state(full, split.bottom, split.top)
     plug_in(full, trained)
     try:
-        results["offsite_plugin"] = timed_score(task, full, test_examples, batch)
+        full_exits = [layer_map(emulator)[layer] for layer in exits]  # the same layers, numbered in the full model
+        results["offsite_plugin"] = timed_score(task, full, test_examples, batch, full_exits)
+        if exits:  # what voting adds over reading the last layer alone
+            results["offsite_plugin"]["final_exit_only"] = task.score(full, test_examples, batch)
     finally:
         plug_in(full, original)
     record = emulator_record(emulator)
@@ -151,6 +175,7 @@ def run_five_settings(
             "adapter_layers": [split.bottom, split.top],
             "keep": split.keep,
             "emulator_layers": emulator["layer_map"],
+            "layer_window": experiment.layer_window,
             "adapter_training": asdict(experiment.adapter_training),
             "full_training": asdict(experiment.full_training),
             "eval_batch_size": batch,
@@ -175,6 +200,16 @@ def _check_same_emulator(device: DeviceResult, emulator: PreTrainedModel) -> Non
             f"the device trained through emulator {trained_on.get('options', {})} with layers "
             f"{trained_on['layer_map']}, but this run builds {built.options} with layers {built.layer_map}; "
             "pass the --adapter-layers, --keep, --emulator and --distill the bundle was exported with"
+        )
+
+
+def _check_same_windows(device: DeviceResult, windows: list[list[int]] | None) -> None:
+    trained = device.metrics.get("layer_windows")
+    trained_layers = [window["layers"] for window in trained] if trained else None
+    if trained_layers != windows:
+        raise ConfigError(
+            f"the device trained layer windows {trained_layers}, but this run votes over {windows}; "
+            "pass the --layer-window the bundle was exported with (none if it had none)"
         )
 
 

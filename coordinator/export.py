@@ -10,10 +10,10 @@ from typing import Any
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from coordinator.adapter import adapter_parameters, adapter_state, save_adapter
+from coordinator.adapter import adapter_parameters, adapter_state, adapter_windows, save_adapter
 from coordinator.architectures import spec_for
 from coordinator.compression import EmulatorSpec, make_emulator
-from coordinator.emulator import Split, emulator_record
+from coordinator.emulator import Split, emulator_record, layer_map
 from coordinator.errors import ConfigError
 from coordinator.models import LoadedModel, source_sha256
 from coordinator.planner import Plan, check_backends, make_plan, model_shape
@@ -25,9 +25,9 @@ from edge_runtime.bundle import ADAPTER_FILE, ORT_DIRECTORY, TOKENIZER_FILE, TOR
 from edge_runtime.data import Example
 from edge_runtime.files import atomic_directory
 from edge_runtime.text import TaskEncoder
-from edge_runtime.torch_graph import CLASSIFICATION
+from edge_runtime.torch_graph import CLASSIFICATION, truncated
 from exporters.bundle import seal_bundle
-from exporters.onnx_training import ExportError, OptimizerSettings, export_training_artifacts, onnx_name
+from exporters.onnx_training import PREFIX, ExportError, OptimizerSettings, export_training_artifacts, onnx_name
 
 SAMPLE_TEXTS = ("a moving, beautifully acted film", "the plot is dull and the jokes fall flat")
 
@@ -74,6 +74,29 @@ def _check_device_encoding(
             raise ExportError(f"the device tokenizer encodes {example.text!r} differently from the coordinator's")
 
 
+def _windows(emulator: torch.nn.Module, split: Split, size: int | None) -> list[dict[str, Any]]:
+    """The adapter's layer windows (emulator indices), each with its exit, trainable ONNX names and graph folder.
+
+    Without `size`, one window holds every adapter layer and exits at the top, in the bundle's plain `ort/`.
+    """
+    spec = spec_for(emulator.config.model_type)
+    layers = emulator.get_submodule(spec.layers)
+    runs = adapter_windows(len(layers), split.bottom, split.top, size)
+    sources = layer_map(emulator)
+    return [
+        {
+            "layers": run,
+            "exit": len(layers) - 1 if size is None else run[-1],
+            "exit_source": sources[-1] if size is None else sources[run[-1]],
+            "parameters": [
+                onnx_name(f"{spec.layers}.{i}.{name}") for i in run for name, _ in layers[i].named_parameters()
+            ],
+            "ort": ORT_DIRECTORY if size is None else f"{ORT_DIRECTORY}/window-{index}",
+        }
+        for index, run in enumerate(runs)
+    ]
+
+
 def export_bundle(
     loaded: LoadedModel,
     split: Split,
@@ -85,12 +108,15 @@ def export_bundle(
     out: Path,
     key: Ed25519PrivateKey,
     recipe: EmulatorSpec | None = None,
+    layer_window: int | None = None,
 ) -> dict[str, Any]:
     """Build, plan, export and sign the bundle for `profile` into `out` (written whole or not at all).
 
     `recipe` builds the emulator (default: uniform drop of `split.keep` middle layers). `training` gives the
     device's default steps, learning rate, batch, schedule, optimizer and seed (its
-    `max_length` is the task's); the device checkpoints every `checkpoint_every` steps.
+    `max_length` is the task's); the device checkpoints every `checkpoint_every` steps. `layer_window` turns on
+    adaptive layer tuning: the adapter trains `layer_window` layers at a time, each window through its own exit
+    (edge_runtime/windows.py), with one set of ONNX graphs per window.
     """
     if checkpoint_every < 1:
         raise ConfigError(f"checkpoint_every={checkpoint_every} must be at least 1, e.g. 10")
@@ -119,20 +145,21 @@ def export_bundle(
             staging / ADAPTER_FILE,
             {"model": loaded.name, "bottom": split.bottom, "top": split.top},
         )
+        windows = _windows(emulator, split, layer_window)
         check = None
         if "ort" in backends:
-            (staging / ORT_DIRECTORY).mkdir()
-            trainable = [local[id(parameter)] for parameter in adapter.values()]
-            check = export_training_artifacts(
-                emulator,
-                spec.backbone,
-                spec.head,
-                record["kind"],
-                trainable,
-                _sample_batch(task),
-                staging / ORT_DIRECTORY,
-                optimizer,
-            )
+            for window in windows:
+                (staging / window["ort"]).mkdir(parents=True)
+                check = export_training_artifacts(
+                    truncated(emulator, spec.layers, window["exit"] + 1),
+                    spec.backbone,
+                    spec.head,
+                    record["kind"],
+                    [name.removeprefix(PREFIX) for name in window["parameters"]],
+                    _sample_batch(task),
+                    staging / window["ort"],
+                    optimizer,
+                )
         if "torch" in backends:
             emulator.save_pretrained(staging / TORCH_DIRECTORY)
         manifest = {
@@ -156,7 +183,8 @@ def export_bundle(
                 "top": split.top,
                 "count": sum(p.numel() for p in adapter.values()),
                 "parameters": names,
-            },
+            }
+            | ({"windows": windows} if layer_window is not None else {}),
             "task": record,
             "profile": profile.to_dict() | {"budget_bytes": profile.budget_bytes},
             "plan": plans[0].to_dict() | {"per_backend": {plan.backend: plan.to_dict() for plan in plans}},

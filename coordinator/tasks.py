@@ -6,6 +6,7 @@ import math
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Protocol
 
 import torch
@@ -14,6 +15,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from coordinator.architectures import spec_for
 from coordinator.errors import ConfigError, DataError
+from coordinator.exits import voted
 from edge_runtime.data import Example
 
 DEFAULT_TEMPLATE = "Review: {text}\nSentiment:"
@@ -45,8 +47,10 @@ class Task(Protocol):
         """Mean loss of `model` on `batch` (a scalar with gradient)."""
         ...
 
-    def score(self, model: PreTrainedModel, examples: Sequence[Example], batch_size: int) -> float:
-        """The task's metric of `model` on `examples`."""
+    def score(
+        self, model: PreTrainedModel, examples: Sequence[Example], batch_size: int, exits: Sequence[int] = ()
+    ) -> float:
+        """The task's metric of `model` on `examples`, voting across early `exits` (layer indices) when given."""
         ...
 
 
@@ -133,17 +137,23 @@ class ClassificationTask:
         last = batch.attention_mask.sum(dim=1) - 1
         return model.get_submodule(spec.head)(hidden[torch.arange(len(batch)), last])
 
+    def label_logits(self, model: PreTrainedModel, batch: Batch) -> torch.Tensor:
+        """Logits [B, C] of each label word's first token at each row's last real token."""
+        return self.last_token_logits(model, batch)[:, self.label_token_ids]
+
     def loss(self, model: PreTrainedModel, batch: Batch) -> torch.Tensor:
         """Cross-entropy of the label word's first token over the whole vocabulary."""
         return F.cross_entropy(self.last_token_logits(model, batch), self.label_token_ids[batch.targets])
 
     @torch.inference_mode()
-    def score(self, model: PreTrainedModel, examples: Sequence[Example], batch_size: int) -> float:
-        """Accuracy: the label whose word's first token has the highest logit."""
+    def score(
+        self, model: PreTrainedModel, examples: Sequence[Example], batch_size: int, exits: Sequence[int] = ()
+    ) -> float:
+        """Accuracy: the label whose word's first token has the highest logit (at the surest of `exits`, if given)."""
         correct = 0
         for batch in self.batches(examples, batch_size, seed=None):
-            logits = self.last_token_logits(model, batch)[:, self.label_token_ids]
-            correct += int((logits.argmax(dim=1) == batch.targets).sum())
+            scores = voted(model, exits, partial(self.label_logits, batch=batch))
+            correct += int((scores.argmax(dim=1) == batch.targets).sum())
         return correct / len(examples)
 
 
@@ -184,12 +194,30 @@ class LanguageModelTask:
         total, count = self.token_losses(model, batch)
         return total / count
 
+    def voted_token_losses(
+        self, model: PreTrainedModel, batch: Batch, exits: Sequence[int]
+    ) -> tuple[torch.Tensor, int]:
+        """`token_losses` with each token predicted by the surest of the early `exits`."""
+
+        def logits_of(view: PreTrainedModel) -> torch.Tensor:
+            return view(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits[:, :-1]
+
+        targets = batch.targets[:, 1:]
+        log_probs = voted(model, exits, logits_of)
+        total = F.nll_loss(log_probs.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
+        return total, int((targets != -100).sum())
+
     @torch.inference_mode()
-    def score(self, model: PreTrainedModel, examples: Sequence[Example], batch_size: int) -> float:
-        """Perplexity: exp of the mean next-token negative log-likelihood over all test tokens."""
+    def score(
+        self, model: PreTrainedModel, examples: Sequence[Example], batch_size: int, exits: Sequence[int] = ()
+    ) -> float:
+        """Perplexity: exp of the mean next-token negative log-likelihood over all test tokens (voted over `exits`)."""
         total, count = 0.0, 0
         for batch in self.batches(examples, batch_size, seed=None):
-            batch_total, batch_count = self.token_losses(model, batch)
+            if exits:
+                batch_total, batch_count = self.voted_token_losses(model, batch, exits)
+            else:
+                batch_total, batch_count = self.token_losses(model, batch)
             total += float(batch_total)
             count += batch_count
         if count == 0:

@@ -41,6 +41,7 @@ def run_tradeoff(
     results["config"] = {
         "adapter_layers": [experiment.split.bottom, experiment.split.top],
         "adapter_training": asdict(experiment.adapter_training),
+        "layer_window": experiment.layer_window,
         "eval_batch_size": experiment.eval_batch_size,
         "train_examples": len(train_examples),
         "test_examples": len(test_examples),

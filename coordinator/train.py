@@ -15,6 +15,7 @@ from coordinator.errors import ConfigError
 from coordinator.tasks import Batch, Task
 from edge_runtime.data import Example
 from edge_runtime.schedule import learning_rate_factor
+from edge_runtime.windows import window_at
 
 
 @dataclass(frozen=True)
@@ -77,16 +78,20 @@ def train(
     examples: Sequence[Example],
     config: TrainConfig,
     description: str = "train",
+    windows: Sequence[tuple[nn.Module, list[nn.Parameter]]] = (),
 ) -> TrainReport:
-    """Train only `parameters` of `model` (everything else frozen) for `config.steps` steps; seeded."""
+    """Train only `parameters` of `model` (everything else frozen) for `config.steps` steps; seeded.
+
+    `windows` (adaptive layer tuning): (early-exit view of `model`, its window's parameters) pairs trained in equal
+    phases, bottom first, as the device does (edge_runtime/windows.py); by default all parameters train at once.
+    """
     trainable = list(parameters)
     if not trainable:
         raise ConfigError("nothing to train: the parameter list is empty")
+    phases = list(windows) or [(model, trainable)]
     torch.manual_seed(config.seed)
     for parameter in model.parameters():
         parameter.requires_grad_(False)
-    for parameter in trainable:
-        parameter.requires_grad_(True)
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: learning_rate_factor(step, config.steps, config.warmup_ratio)
@@ -98,9 +103,13 @@ def train(
     with tqdm(total=config.steps, desc=description, unit="step", leave=False) as progress:
         for _ in range(config.steps):
             batch = next(batches)
-            loss = task.loss(model, batch)
+            view, window = phases[window_at(report.steps, config.steps, len(phases))]
+            in_window = {id(parameter) for parameter in window}
+            for parameter in trainable:  # only the window gets gradients; AdamW leaves gradient-less ones alone
+                parameter.requires_grad_(id(parameter) in in_window)
+            loss = task.loss(view, batch)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
+            torch.nn.utils.clip_grad_norm_(window, config.max_grad_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)

@@ -5,6 +5,8 @@ Imported by the PyTorch backend and by the ONNX exporter (so both run the same m
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -59,6 +61,30 @@ class TrainingGraph(nn.Module):
             return head(hidden[torch.arange(rows), last])
         logits = head(hidden[:, :-1])
         return logits.reshape(-1, logits.shape[-1])
+
+
+def _shallow_copy(module: nn.Module) -> nn.Module:
+    duplicate = copy.copy(module)
+    duplicate._modules = dict(module._modules)  # children can be swapped in the copy without touching the original
+    return duplicate
+
+
+def truncated(causal_lm: nn.Module, layers_path: str, depth: int) -> nn.Module:
+    """A view of `causal_lm` that runs only its first `depth` layers, then its final norm and head: an early exit.
+
+    Every parameter is shared (same tensors, same names), so training the view trains the model.
+    """
+    *parents, name = layers_path.split(".")
+    root = node = _shallow_copy(causal_lm)
+    for part in parents:
+        child = _shallow_copy(node._modules[part])
+        node._modules[part] = child
+        node = child
+    layers = node._modules[name]
+    if not 1 <= depth <= len(layers):
+        raise ValueError(f"exit depth {depth} must be between 1 and the model's {len(layers)} layers")
+    node._modules[name] = nn.ModuleList(list(layers)[:depth])
+    return root
 
 
 def graph_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -29,6 +29,7 @@ from edge_runtime.monitor import PeakMemory, peak_rss_bytes
 from edge_runtime.schedule import learning_rate_factor
 from edge_runtime.text import TaskEncoder, training_batches
 from edge_runtime.transfer import sha256_file
+from edge_runtime.windows import bundle_windows, window_at
 
 RESULT_FORMAT = "offsite-edge/result"
 RESULT_SCHEMA = 1
@@ -175,6 +176,7 @@ def train_bundle(
     manifest, training, backend_name, steps = plan.manifest, plan.manifest["training"], plan.backend, plan.steps
     budget, micro_batch, batch_size = plan.budget, plan.micro_batch, training["batch_size"]
     start = _starting_weights(start_adapter, manifest) if start_adapter is not None else None
+    windows = bundle_windows(manifest)
 
     identity = bundle_id(bundle) + (f"+{sha256_file(start_adapter)}" if start_adapter is not None else "")
     out.mkdir(parents=True, exist_ok=True)
@@ -211,6 +213,7 @@ def train_bundle(
                 monitor.new_window()
                 tick = time.perf_counter()
                 lr = training["lr"] * learning_rate_factor(step, steps, training["warmup_ratio"])
+                backend.select_window(window_at(step, steps, len(windows)))
                 loss = backend.step(batch.split(micro_batch), lr)
                 progress["step_seconds"].append(round(time.perf_counter() - tick, 4))
                 progress["losses"].append(loss)
@@ -254,6 +257,7 @@ def train_bundle(
         "predicted_peak_bytes": plan.predicted.total,
         "peak_memory_bytes": max(monitor.peak, peak_rss_bytes()),
         "peak_memory_sampled_bytes": monitor.peak,
+        "layer_windows": [{"layers": w["layers"], "exit": w["exit"]} for w in windows] if len(windows) > 1 else None,
         "privacy": None,
     }
     write_json_atomic(out / METRICS, metrics)

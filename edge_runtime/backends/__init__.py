@@ -25,6 +25,10 @@ class Backend(Protocol):
 
     name: str
 
+    def select_window(self, window: int) -> None:
+        """Train the bundle's layer window `window` from the next step on (edge_runtime/windows.py)."""
+        ...
+
     def step(self, micro_batches: list[Batch], learning_rate: float) -> float:
         """Accumulate gradients over `micro_batches` (each weighted by its share of rows), update; mean loss."""
         ...
@@ -60,7 +64,7 @@ def open_backend(name: str, bundle: Path, manifest: dict[str, Any], threads: int
         if name == "ort":
             from edge_runtime.backends.ort import OrtBackend
 
-            return OrtBackend(bundle, threads, resume)
+            return OrtBackend(bundle, manifest, threads, resume)
         from edge_runtime.backends.pytorch import TorchBackend
     except ImportError as error:
         raise ConfigError(f"backend {name!r} is not installed here ({error}): {_INSTALL[name]}") from None

@@ -5,12 +5,16 @@ from __future__ import annotations
 import sys
 import types
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime
+from safetensors import safe_open
+from safetensors.numpy import load_file, save_file
 
-from edge_runtime.bundle import ORT_DIRECTORY
+from edge_runtime.bundle import ADAPTER_FILE
 from edge_runtime.text import Batch
+from edge_runtime.windows import bundle_windows
 
 
 def _without_training_package_init() -> None:
@@ -31,29 +35,60 @@ _without_training_package_init()
 from onnxruntime.training.api import CheckpointState, Module, Optimizer  # noqa: E402
 
 CHECKPOINT = "ort_checkpoint"
+# Adapter weights the open window's graphs do not hold (other windows' layers), with the open window's index.
+HELD = "held_weights.safetensors"
 
 
 class OrtBackend:
-    """Trains the bundle's ONNX graphs; gradients accumulate over micro-batches until the optimizer steps."""
+    """Trains the bundle's ONNX graphs; gradients accumulate over micro-batches until the optimizer steps.
+
+    With layer windows, one window's graphs are open at a time; switching saves its weights, opens the next
+    window's graphs and copies every adapter weight they hold into them (the earlier windows' as frozen inputs).
+    """
 
     name = "ort"
 
-    def __init__(self, bundle: Path, threads: int, resume: Path | None) -> None:
-        graphs = bundle / ORT_DIRECTORY
-        source = resume / CHECKPOINT if resume is not None else graphs / "checkpoint"
-        options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.log_severity_level = 3
+    def __init__(self, bundle: Path, manifest: dict[str, Any], threads: int, resume: Path | None) -> None:
+        self.bundle = bundle
+        self.windows = bundle_windows(manifest)
+        self.options = onnxruntime.SessionOptions()
+        self.options.intra_op_num_threads = threads
+        self.options.inter_op_num_threads = 1
+        self.options.log_severity_level = 3
         # Batches vary in length; the arena keeps every size it ever served and grew the process by 25 % over 24
         # steps (bench/device_training.py). Without it memory stays where the planner predicts, ~5-10 % slower.
-        options.enable_cpu_mem_arena = False
-        self.state = CheckpointState.load_checkpoint(str(source))
+        self.options.enable_cpu_mem_arena = False
+        full_names = manifest["adapter"]["parameters"]
+        initial = load_file(str(bundle / ADAPTER_FILE))
+        self.held = {name: initial[full] for name, full in full_names.items()}
+        window = 0
+        if resume is not None:
+            with safe_open(str(resume / HELD), framework="numpy") as handle:
+                window = int(handle.metadata()["window"])
+                self.held |= {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+        self._open(window, resume / CHECKPOINT if resume is not None else None)
+
+    def _open(self, window: int, checkpoint: Path | None) -> None:
+        graphs = self.bundle / self.windows[window]["ort"]
+        self.module = self.optimizer = self.state = None  # free the last window's sessions before the next loads
+        self.state = CheckpointState.load_checkpoint(str(checkpoint or graphs / "checkpoint"))
         self.module = Module(
-            str(graphs / "training_model.onnx"), self.state, str(graphs / "eval_model.onnx"), session_options=options
+            str(graphs / "training_model.onnx"),
+            self.state,
+            str(graphs / "eval_model.onnx"),
+            session_options=self.options,
         )
         self.optimizer = Optimizer(str(graphs / "optimizer_model.onnx"), self.module)
+        self.window = window
         self.trainable = [name for name, parameter in self.state.parameters if parameter.requires_grad]
+        self.holds = [name for name, _ in self.state.parameters if name in self.held]
+        if checkpoint is None:
+            self.load(self.held)
+
+    def select_window(self, window: int) -> None:
+        if window != self.window:
+            self.held |= self.adapter()
+            self._open(window, None)
 
     def step(self, micro_batches: list[Batch], learning_rate: float) -> float:
         rows = sum(len(batch) for batch in micro_batches)
@@ -69,10 +104,14 @@ class OrtBackend:
 
     def save(self, directory: Path) -> None:
         CheckpointState.save_checkpoint(self.state, str(directory / CHECKPOINT), include_optimizer_state=True)
+        others = {name: value for name, value in self.held.items() if name not in set(self.holds)}
+        save_file(others, str(directory / HELD), metadata={"window": str(self.window)})
 
     def adapter(self) -> dict[str, np.ndarray]:
-        return {name: np.array(self.state.parameters[name].data, copy=True) for name in self.trainable}
+        current = {name: np.array(self.state.parameters[name].data, copy=True) for name in self.holds}
+        return self.held | current
 
     def load(self, weights: dict[str, np.ndarray]) -> None:
-        for name in self.trainable:
-            self.state.parameters[name] = np.ascontiguousarray(weights[name], dtype=np.float32)
+        self.held |= weights
+        for name in self.holds:
+            self.state.parameters[name] = np.ascontiguousarray(self.held[name], dtype=np.float32)

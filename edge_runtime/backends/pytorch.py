@@ -12,7 +12,8 @@ from safetensors.torch import load_file, save_file
 from edge_runtime.bundle import TORCH_DIRECTORY
 from edge_runtime.low_rank import load_causal_lm
 from edge_runtime.text import Batch
-from edge_runtime.torch_graph import TrainingGraph, graph_loss
+from edge_runtime.torch_graph import TrainingGraph, graph_loss, truncated
+from edge_runtime.windows import bundle_windows
 
 CHECKPOINT = "torch_state.safetensors"
 
@@ -25,13 +26,13 @@ class TorchBackend:
     def __init__(self, bundle: Path, manifest: dict[str, Any], threads: int, resume: Path | None) -> None:
         torch.set_num_threads(threads)
         model = load_causal_lm(bundle / TORCH_DIRECTORY)
-        architecture = manifest["architecture"]
-        self.graph = TrainingGraph(model, architecture["backbone"], architecture["head"], manifest["task"]["kind"])
-        self.graph.eval()  # no dropout: both backends train the same deterministic graph
+        model.eval()  # no dropout: both backends train the same deterministic graph
+        self.model, self.architecture, self.kind = model, manifest["architecture"], manifest["task"]["kind"]
+        self.windows = bundle_windows(manifest)
         names = set(manifest["adapter"]["parameters"])
-        self.trainable = {name: p for name, p in self.graph.named_parameters() if name in names}
-        for name, parameter in self.graph.named_parameters():
-            parameter.requires_grad_(name in names)
+        self.whole = TrainingGraph(model, self.architecture["backbone"], self.architecture["head"], self.kind)
+        self.trainable = {name: p for name, p in self.whole.named_parameters() if name in names}
+        self.select_window(0)
         optimizer = manifest["training"]["optimizer"]
         self.max_grad_norm = optimizer["max_grad_norm"]
         self.optimizer = torch.optim.AdamW(
@@ -39,6 +40,20 @@ class TorchBackend:
         )
         if resume is not None:
             self._restore(resume / CHECKPOINT)
+
+    def select_window(self, window: int) -> None:
+        """Forward through the window's exit; only its layers get gradients (AdamW skips the others, gradient-less)."""
+        if window == getattr(self, "window", None):
+            return
+        chosen, layers = self.windows[window], self.architecture["layers"]
+        depth = len(self.model.get_submodule(layers)) if chosen["exit"] is None else chosen["exit"] + 1
+        view = truncated(self.model, layers, depth)
+        self.graph = TrainingGraph(view, self.architecture["backbone"], self.architecture["head"], self.kind)
+        names = set(chosen["parameters"])
+        for name, parameter in self.whole.named_parameters():  # the view holds the same parameters, same names
+            parameter.requires_grad_(name in names)
+        self.window_parameters = [self.trainable[name] for name in chosen["parameters"]]
+        self.window = window
 
     def step(self, micro_batches: list[Batch], learning_rate: float) -> float:
         rows = sum(len(batch) for batch in micro_batches)
@@ -48,7 +63,7 @@ class TorchBackend:
             loss = graph_loss(logits, torch.from_numpy(batch.labels)) * (len(batch) / rows)
             loss.backward()
             total += float(loss.detach())
-        torch.nn.utils.clip_grad_norm_(self.trainable.values(), self.max_grad_norm)
+        torch.nn.utils.clip_grad_norm_(self.window_parameters, self.max_grad_norm)
         for group in self.optimizer.param_groups:
             group["lr"] = learning_rate
         self.optimizer.step()
