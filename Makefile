@@ -45,6 +45,7 @@ bench: setup
 	$(BIN)/python -m bench.device_training
 	$(BIN)/python -m bench.fleet
 	$(BIN)/python -m bench.compression
+	$(BIN)/python -m bench.layer_windows
 
 clean:
 	rm -rf $(VENV) runs

@@ -1,0 +1,173 @@
+"""Benchmark: adaptive layer tuning (train a window of adapter layers at a time, vote across exits) against training
+the whole adapter at once, SmolLM2-135M: device peak memory and step time (ONNX Runtime), and utility on sentiment.
+
+Run alone from the repository root: `python -m bench.layer_windows` (part of `make bench`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from bench.markdown import machine_line, write_section
+from coordinator.datasets import dataset_path, prepare_datasets
+from edge_runtime.files import atomic_path, write_json_atomic
+
+REPO = Path(__file__).resolve().parent.parent
+OUT = REPO / "bench" / "results" / "layer_windows.json"
+SPLIT = ["--adapter-layers", "2,2", "--keep", "4"]
+WINDOW = 2  # layers per window: the bottom pair, then the top pair
+
+
+def _device_run(root: Path, window: int | None, batch: int, steps: int) -> dict:
+    """Export an ORT bundle and train it on sentiment in its own process (torch blocked, as on a device)."""
+    run = [sys.executable, "-m", "coordinator.cli"]
+    keys, bundle, out = root / "keys", root / f"bundle-{window}", root / f"result-{window}"
+    if not keys.exists():
+        subprocess.run([*run, "keys", "init", "--out", str(keys)], check=True, capture_output=True)
+    windows = ["--layer-window", str(window)] if window else []
+    export = ["export", "--model", "smollm2-135m", "--profile", "laptop-16gb", "--backends", "ort", *SPLIT]
+    export += ["--batch-size", str(batch), *windows, "--key", str(keys / "coordinator.key"), "--out", str(bundle)]
+    subprocess.run([*run, *export], check=True, capture_output=True)
+    train = [sys.executable, "-m", "tests.without_torch", "edge_runtime.cli", "train", str(bundle)]
+    train += ["--data", str(dataset_path("sentiment", "train")), "--out", str(out)]
+    train += ["--trust", str(keys / "coordinator.pub")]
+    subprocess.run([*train, "--steps", str(steps), "--budget-gb", "8", "--quiet"], check=True, cwd=REPO)
+    metrics = json.loads((out / "metrics.json").read_text())
+    return {key: metrics[key] for key in ("peak_memory_bytes", "step_seconds_median", "final_loss", "micro_batch")}
+
+
+def _utility(window: int | None, steps: int, limit_test: int) -> dict:
+    """Emulator zero-shot, offsite on the emulator and plug-in accuracy, trained here in PyTorch (same schedule)."""
+    from coordinator.compression import EmulatorSpec
+    from coordinator.emulator import Split
+    from coordinator.evaluation import Experiment, measure_offsite
+    from coordinator.models import load_model
+    from coordinator.tasks import make_task
+    from coordinator.train import TrainConfig
+    from edge_runtime.data import load_examples
+
+    train = load_examples(dataset_path("sentiment", "train"))
+    test = load_examples(dataset_path("sentiment", "test"))[:limit_test]
+    loaded = load_model("smollm2-135m")
+    task = make_task(loaded.tokenizer, train, test)
+    training = TrainConfig(steps, 3e-5, 8, 128)
+    experiment = Experiment(Split(2, 2, keep=4), training, training, 16, EmulatorSpec(keep=4), window)
+    measured = measure_offsite(loaded, task, train, test, experiment)
+    plugin = measured["offsite_plugin"]
+    return {
+        "emulator_zero_shot": measured["emulator_zero_shot"]["accuracy"],
+        "offsite_emulator": measured["offsite_emulator"]["accuracy"],
+        "plugin": plugin["accuracy"],
+        "plugin_final_exit": plugin.get("final_exit_only", plugin["accuracy"]),
+        "train_seconds": measured["offsite_emulator"]["train"]["seconds"],
+    }
+
+
+def measure(batch: int, device_steps: int, steps: int, limit_test: int) -> dict:
+    rows = {}
+    with tempfile.TemporaryDirectory() as scratch:
+        for window in (None, WINDOW):
+            label = f"windows of {window}" if window else "whole adapter"
+            print(f"{label}: device run", flush=True)
+            rows[label] = {"window": window} | _device_run(Path(scratch), window, batch, device_steps)
+            print(f"{label}: utility", flush=True)
+            rows[label] |= _utility(window, steps, limit_test)
+    return {
+        "machine": machine_line(),
+        "batch_size": batch,
+        "device_steps": device_steps,
+        "steps": steps,
+        "test_examples": limit_test,
+        "rows": rows,
+    }
+
+
+def report(results: dict) -> str:
+    lines = [
+        "| adapter training | device peak MiB | device s/step | emulator 0-shot | offsite on emu | plug-in (voted) "
+        "| plug-in (last exit) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for label, row in results["rows"].items():
+        lines.append(
+            f"| {label} | {row['peak_memory_bytes'] / 2**20:,.0f} | {row['step_seconds_median']:.2f} | "
+            f"{100 * row['emulator_zero_shot']:.1f} % | {100 * row['offsite_emulator']:.1f} % | "
+            f"{100 * row['plugin']:.1f} % | {100 * row['plugin_final_exit']:.1f} % |"
+        )
+    whole, windowed = results["rows"]["whole adapter"], results["rows"][f"windows of {WINDOW}"]
+    lines += [
+        "",
+        f"Windows ÷ whole adapter: peak memory {windowed['peak_memory_bytes'] / whole['peak_memory_bytes']:.2f}×, "
+        f"step time {windowed['step_seconds_median'] / whole['step_seconds_median']:.2f}×.",
+    ]
+    return "\n".join(lines)
+
+
+def _plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = list(results["rows"])
+    rows = [results["rows"][label] for label in labels]
+    figure, (memory, utility) = plt.subplots(1, 2, figsize=(9, 3.6))
+    memory.bar(labels, [row["peak_memory_bytes"] / 2**20 for row in rows], color=["tab:gray", "tab:blue"])
+    memory.set_ylabel("device peak memory, MiB (ORT)")
+    x = range(len(labels))
+    for offset, key, name in ((-0.2, "plugin", "plug-in (voted)"), (0.2, "plugin_final_exit", "plug-in (last exit)")):
+        utility.bar([i + offset for i in x], [100 * row[key] for row in rows], 0.4, label=name)
+    utility.set_xticks(list(x), labels)
+    utility.set_ylabel("sentiment accuracy, %")
+    utility.set_ylim(40, 100)
+    utility.legend(fontsize=8)
+    figure.suptitle("SmolLM2-135M, adapter 2+2, emulator keeps 4: whole adapter vs layer windows")
+    figure.tight_layout()
+    with atomic_path(path) as temporary:
+        figure.savefig(temporary, format="png", dpi=120)
+    plt.close(figure)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--batch-size", type=int, default=16, help="device batch (memory and step time)")
+    parser.add_argument("--device-steps", type=int, default=16, help="device steps (memory and step time)")
+    parser.add_argument("--steps", type=int, default=80, help="adapter steps for the accuracy columns")
+    parser.add_argument("--limit-test", type=int, default=400, help="sentiment test examples")
+    args = parser.parse_args()
+    prepare_datasets()
+    results = measure(args.batch_size, args.device_steps, args.steps, args.limit_test)
+    write_json_atomic(OUT, results)
+    _plot(results, OUT.with_suffix(".png"))
+    table = report(results)
+    print(table)
+    command = " ".join(["python -m bench.layer_windows", *sys.argv[1:]])
+    body = "\n".join(
+        [
+            "## Adaptive layer tuning: one window of adapter layers at a time, SmolLM2-135M",
+            "",
+            f"Command: `{command}`. Machine: {results['machine']}.",
+            "",
+            f"Adapter = layers 0, 1, 28, 29; the emulator keeps 4 of the 26 middle layers. `whole adapter` trains "
+            f"all four layers every step; `windows of {WINDOW}` trains layers 0-1 through an exit after layer 1 for "
+            f"the first half of the steps, then layers 28-29 through the model's own exit (Edge-LLM's adaptive layer "
+            f"tuning), and scores by confidence voting across the two exits. Device columns: an ORT bundle trained "
+            f"by `edge-runtime train` for {results['device_steps']} steps of batch {results['batch_size']} in its own "
+            f"process (peak resident set of the whole process, median step). Accuracy columns: "
+            f"{results['steps']} adapter steps (batch 8, lr 3e-5), {results['test_examples']} test reviews.",
+            "",
+            table,
+            "",
+            "![layer windows](bench/results/layer_windows.png)",
+        ]
+    )
+    write_section("layer_windows", body)
+
+
+if __name__ == "__main__":
+    main()
