@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import onnxruntime
 from safetensors import safe_open
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import save_file
 
 from edge_runtime.bundle import ADAPTER_FILE
 from edge_runtime.text import Batch
@@ -58,17 +58,22 @@ class OrtBackend:
         # Batches vary in length; the arena keeps every size it ever served and grew the process by 25 % over 24
         # steps (bench/device_training.py). Without it memory stays where the planner predicts, ~5-10 % slower.
         self.options.enable_cpu_mem_arena = False
-        full_names = manifest["adapter"]["parameters"]
-        initial = load_file(str(bundle / ADAPTER_FILE))
-        self.held = {name: initial[full] for name, full in full_names.items()}
-        window = 0
-        if resume is not None:
-            with safe_open(str(resume / HELD), framework="numpy") as handle:
-                window = int(handle.metadata()["window"])
-                self.held |= {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
-        self._open(window, resume / CHECKPOINT if resume is not None else None)
+        self.adapter_names = set(manifest["adapter"]["parameters"])
+        self.held: dict[str, np.ndarray] = {}  # adapter weights outside the open window's graphs
+        if resume is None:
+            self._open(0, None)
+            with safe_open(str(bundle / ADAPTER_FILE), framework="numpy") as initial:
+                for name, full_name in manifest["adapter"]["parameters"].items():
+                    if name not in self.holds:
+                        self.held[name] = initial.get_tensor(full_name)
+        else:
+            with safe_open(str(resume / HELD), framework="numpy") as saved:
+                self.held = {name: saved.get_tensor(name) for name in saved.keys()}  # noqa: SIM118
+                window = int(saved.metadata()["window"])
+            self._open(window, resume / CHECKPOINT)
 
     def _open(self, window: int, checkpoint: Path | None) -> None:
+        """Load window `window`'s graphs from `checkpoint` (or the bundle's), then move in the held weights they use."""
         graphs = self.bundle / self.windows[window]["ort"]
         self.module = self.optimizer = self.state = None  # free the last window's sessions before the next loads
         self.state = CheckpointState.load_checkpoint(str(checkpoint or graphs / "checkpoint"))
@@ -80,14 +85,12 @@ class OrtBackend:
         )
         self.optimizer = Optimizer(str(graphs / "optimizer_model.onnx"), self.module)
         self.window = window
-        self.trainable = [name for name, parameter in self.state.parameters if parameter.requires_grad]
-        self.holds = [name for name, _ in self.state.parameters if name in self.held]
-        if checkpoint is None:
-            self.load(self.held)
+        self.holds = {name for name, _ in self.state.parameters if name in self.adapter_names}
+        self.load({name: self.held.pop(name) for name in list(self.held) if name in self.holds})
 
     def select_window(self, window: int) -> None:
         if window != self.window:
-            self.held |= self.adapter()
+            self.held |= self._current()
             self._open(window, None)
 
     def step(self, micro_batches: list[Batch], learning_rate: float) -> float:
@@ -104,14 +107,17 @@ class OrtBackend:
 
     def save(self, directory: Path) -> None:
         CheckpointState.save_checkpoint(self.state, str(directory / CHECKPOINT), include_optimizer_state=True)
-        others = {name: value for name, value in self.held.items() if name not in set(self.holds)}
-        save_file(others, str(directory / HELD), metadata={"window": str(self.window)})
+        save_file(self.held, str(directory / HELD), metadata={"window": str(self.window)})
+
+    def _current(self) -> dict[str, np.ndarray]:
+        return {name: np.array(self.state.parameters[name].data, copy=True) for name in self.holds}
 
     def adapter(self) -> dict[str, np.ndarray]:
-        current = {name: np.array(self.state.parameters[name].data, copy=True) for name in self.holds}
-        return self.held | current
+        return self.held | self._current()
 
     def load(self, weights: dict[str, np.ndarray]) -> None:
-        self.held |= weights
-        for name in self.holds:
-            self.state.parameters[name] = np.ascontiguousarray(self.held[name], dtype=np.float32)
+        for name, value in weights.items():
+            if name in self.holds:
+                self.state.parameters[name] = np.ascontiguousarray(value, dtype=np.float32)
+            else:
+                self.held[name] = value
