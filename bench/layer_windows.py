@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -23,22 +24,31 @@ SPLIT = ["--adapter-layers", "2,2", "--keep", "4"]
 WINDOW = 2  # layers per window: the bottom pair, then the top pair
 
 
-def _device_run(root: Path, window: int | None, batch: int, steps: int) -> dict:
-    """Export an ORT bundle and train it on sentiment in its own process (torch blocked, as on a device)."""
+def _device_run(root: Path, window: int | None, batch: int, steps: int, repeats: int) -> dict:
+    """Export an ORT bundle, train it on sentiment `repeats` times, each in its own process with torch blocked (as
+    on a device); medians of the whole process's peak memory and of the median step time."""
     run = [sys.executable, "-m", "coordinator.cli"]
-    keys, bundle, out = root / "keys", root / f"bundle-{window}", root / f"result-{window}"
+    keys, bundle = root / "keys", root / f"bundle-{window}"
     if not keys.exists():
         subprocess.run([*run, "keys", "init", "--out", str(keys)], check=True, capture_output=True)
     windows = ["--layer-window", str(window)] if window else []
     export = ["export", "--model", "smollm2-135m", "--profile", "laptop-16gb", "--backends", "ort", *SPLIT]
     export += ["--batch-size", str(batch), *windows, "--key", str(keys / "coordinator.key"), "--out", str(bundle)]
     subprocess.run([*run, *export], check=True, capture_output=True)
-    train = [sys.executable, "-m", "tests.without_torch", "edge_runtime.cli", "train", str(bundle)]
-    train += ["--data", str(dataset_path("sentiment", "train")), "--out", str(out)]
-    train += ["--trust", str(keys / "coordinator.pub")]
-    subprocess.run([*train, "--steps", str(steps), "--budget-gb", "8", "--quiet"], check=True, cwd=REPO)
-    metrics = json.loads((out / "metrics.json").read_text())
-    return {key: metrics[key] for key in ("peak_memory_bytes", "step_seconds_median", "final_loss", "micro_batch")}
+    runs = []
+    for repeat in range(repeats):
+        out = root / f"result-{window}-{repeat}"
+        train = [sys.executable, "-m", "tests.without_torch", "edge_runtime.cli", "train", str(bundle)]
+        train += ["--data", str(dataset_path("sentiment", "train")), "--out", str(out)]
+        train += ["--trust", str(keys / "coordinator.pub"), "--steps", str(steps), "--budget-gb", "8", "--quiet"]
+        subprocess.run(train, check=True, cwd=REPO)
+        runs.append(json.loads((out / "metrics.json").read_text()))
+    return {
+        "peak_memory_bytes": statistics.median(run["peak_memory_bytes"] for run in runs),
+        "peak_memory_runs": [run["peak_memory_bytes"] for run in runs],
+        "step_seconds_median": statistics.median(run["step_seconds_median"] for run in runs),
+        "bundle_bytes": sum(path.stat().st_size for path in bundle.rglob("*") if path.is_file()),
+    }
 
 
 def _utility(window: int | None, steps: int, limit_test: int) -> dict:
@@ -68,19 +78,20 @@ def _utility(window: int | None, steps: int, limit_test: int) -> dict:
     }
 
 
-def measure(batch: int, device_steps: int, steps: int, limit_test: int) -> dict:
+def measure(batch: int, device_steps: int, repeats: int, steps: int, limit_test: int) -> dict:
     rows = {}
     with tempfile.TemporaryDirectory() as scratch:
         for window in (None, WINDOW):
             label = f"windows of {window}" if window else "whole adapter"
             print(f"{label}: device run", flush=True)
-            rows[label] = {"window": window} | _device_run(Path(scratch), window, batch, device_steps)
+            rows[label] = {"window": window} | _device_run(Path(scratch), window, batch, device_steps, repeats)
             print(f"{label}: utility", flush=True)
             rows[label] |= _utility(window, steps, limit_test)
     return {
         "machine": machine_line(),
         "batch_size": batch,
         "device_steps": device_steps,
+        "repeats": repeats,
         "steps": steps,
         "test_examples": limit_test,
         "rows": rows,
@@ -89,13 +100,14 @@ def measure(batch: int, device_steps: int, steps: int, limit_test: int) -> dict:
 
 def report(results: dict) -> str:
     lines = [
-        "| adapter training | device peak MiB | device s/step | emulator 0-shot | offsite on emu | plug-in (voted) "
-        "| plug-in (last exit) |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| adapter training | bundle MB | device peak MiB | device s/step | emulator 0-shot | offsite on emu "
+        "| plug-in (voted) | plug-in (last exit) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for label, row in results["rows"].items():
         lines.append(
-            f"| {label} | {row['peak_memory_bytes'] / 2**20:,.0f} | {row['step_seconds_median']:.2f} | "
+            f"| {label} | {row['bundle_bytes'] / 1e6:,.0f} | {row['peak_memory_bytes'] / 2**20:,.0f} | "
+            f"{row['step_seconds_median']:.2f} | "
             f"{100 * row['emulator_zero_shot']:.1f} % | {100 * row['offsite_emulator']:.1f} % | "
             f"{100 * row['plugin']:.1f} % | {100 * row['plugin_final_exit']:.1f} % |"
         )
@@ -103,7 +115,13 @@ def report(results: dict) -> str:
     lines += [
         "",
         f"Windows ÷ whole adapter: peak memory {windowed['peak_memory_bytes'] / whole['peak_memory_bytes']:.2f}×, "
-        f"step time {windowed['step_seconds_median'] / whole['step_seconds_median']:.2f}×.",
+        f"step time {windowed['step_seconds_median'] / whole['step_seconds_median']:.2f}×, bundle "
+        f"{windowed['bundle_bytes'] / whole['bundle_bytes']:.2f}×. Peak memory per run (MiB): "
+        + "; ".join(
+            f"{label}: {', '.join(f'{peak / 2**20:,.0f}' for peak in row['peak_memory_runs'])}"
+            for label, row in results["rows"].items()
+        )
+        + ".",
     ]
     return "\n".join(lines)
 
@@ -137,11 +155,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--batch-size", type=int, default=16, help="device batch (memory and step time)")
     parser.add_argument("--device-steps", type=int, default=16, help="device steps (memory and step time)")
+    parser.add_argument("--repeats", type=int, default=3, help="device runs per configuration (medians)")
     parser.add_argument("--steps", type=int, default=80, help="adapter steps for the accuracy columns")
     parser.add_argument("--limit-test", type=int, default=400, help="sentiment test examples")
     args = parser.parse_args()
     prepare_datasets()
-    results = measure(args.batch_size, args.device_steps, args.steps, args.limit_test)
+    results = measure(args.batch_size, args.device_steps, args.repeats, args.steps, args.limit_test)
     write_json_atomic(OUT, results)
     _plot(results, OUT.with_suffix(".png"))
     table = report(results)
@@ -158,8 +177,8 @@ def main() -> None:
             f"the first half of the steps, then layers 28-29 through the model's own exit (Edge-LLM's adaptive layer "
             f"tuning), and scores by confidence voting across the two exits. Device columns: an ORT bundle trained "
             f"by `edge-runtime train` for {results['device_steps']} steps of batch {results['batch_size']} in its own "
-            f"process (peak resident set of the whole process, median step). Accuracy columns: "
-            f"{results['steps']} adapter steps (batch 8, lr 3e-5), {results['test_examples']} test reviews.",
+            f"process (peak resident set of the whole process; medians of {results['repeats']} runs). Accuracy "
+            f"columns: {results['steps']} adapter steps (batch 8, lr 3e-5), {results['test_examples']} test reviews.",
             "",
             table,
             "",

@@ -42,6 +42,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     dispatch.add_argument("--keep", type=int, default=8, help="middle layers the emulator keeps")
     dispatch.add_argument("--emulator", default="uniform", metavar="RECIPE[:KEY=VALUE,...]", help="as for export")
     dispatch.add_argument("--distill", type=int, default=0, metavar="STEPS", help="as for export")
+    dispatch.add_argument("--layer-window", type=int, metavar="LAYERS", help="as for export")
     dispatch.add_argument("--batch-size", type=int, default=8)
     dispatch.add_argument("--max-length", type=int, default=128)
     dispatch.add_argument("--lr", type=float, default=3e-5)
@@ -182,6 +183,7 @@ def fleet(args: argparse.Namespace) -> None:
             limit_test=args.limit_test,
             emulator=EmulatorSpec.parse(args.emulator, args.keep, args.distill).label(),
             distill=args.distill,
+            layer_window=args.layer_window,
         )
         job = registry.add_job(spec.__dict__ | {"adapter_layers": list(spec.adapter_layers)})
         print(f"queued {job}: {args.rounds} rounds of {args.steps} steps on {args.dataset}", flush=True)

@@ -52,11 +52,14 @@ class JobSpec:
     seed: int = 0
     emulator: str = "uniform"  # recipe spec, e.g. "luc:size=0.2" (see `coordinator export --help`)
     distill: int = 0
+    layer_window: int | None = None  # adaptive layer tuning (see `coordinator export --help`)
 
     def __post_init__(self) -> None:
         for name in ("rounds", "steps", "batch_size", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must be at least 1")
+        if self.layer_window is not None and self.layer_window < 1:
+            raise ConfigError(f"--layer-window {self.layer_window} must be at least 1 layer")
         if self.task not in ("classification", "language-model"):
             raise ConfigError(f"task {self.task!r} is not classification or language-model")
         if self.test is not None and not Path(self.test).is_file():

@@ -8,7 +8,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from coordinator.adapter import adapter_state, plug_in
+from coordinator.adapter import adapter_state, adapter_windows, plug_in
 from coordinator.compression import EmulatorSpec
 from coordinator.emulator import Split
 from coordinator.export import export_bundle
@@ -64,6 +64,7 @@ def prepare_job(service: FleetService, job: str, spec: JobSpec, targets: dict[st
                 spec.checkpoint_every,
                 spec.emulator,
                 spec.distill,
+                spec.layer_window,
             ],
             sort_keys=True,
         )
@@ -82,6 +83,7 @@ def prepare_job(service: FleetService, job: str, spec: JobSpec, targets: dict[st
                 folder / "bundle",
                 service.key,
                 EmulatorSpec.parse(spec.emulator, spec.keep, spec.distill),
+                spec.layer_window,
             )
             pack_directory(folder / "bundle", archive)
         bundles[device] = str(archive)
@@ -101,12 +103,14 @@ def finish_round(service: FleetService, job: str, round_: int, spec: JobSpec) ->
         examples = load_examples(spec.test)[: spec.limit_test]
         aggregate = read_result(out, loaded)
         bottom, top = spec.adapter_layers
+        layers = loaded.model.config.num_hidden_layers
+        windows = adapter_windows(layers, bottom, top, spec.layer_window) if spec.layer_window else []
         original = adapter_state(loaded.model, bottom, top)
         plug_in(loaded.model, aggregate.weights)
         try:
             evaluation = {
                 "metric": task.metric,
-                "value": task.score(loaded.model, examples, 16),
+                "value": task.score(loaded.model, examples, 16, [window[-1] for window in windows]),
                 "examples": len(examples),
             }
         finally:

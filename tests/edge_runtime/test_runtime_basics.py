@@ -61,3 +61,13 @@ def test_directory_is_replaced_whole_or_not_at_all(tmp_path):
         (staging / "c").write_text("3")
     assert [p.name for p in target.iterdir()] == ["c"]
     assert [p.name for p in tmp_path.iterdir()] == ["bundle"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the inherited peak is a Linux kernel behaviour")
+def test_a_trainer_started_by_a_large_process_reports_its_own_peak_not_its_parents():
+    held = bytearray(512 * 2**20)
+    held[::4096] = b"\x01" * len(held[::4096])  # touch every page so the parent is really 512 MiB resident
+    code = "from edge_runtime.monitor import peak_rss_bytes; print(peak_rss_bytes())"
+    child = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+    assert int(child.stdout) < 256 * 2**20, f"the child reported {int(child.stdout) >> 20} MiB"
+    del held
