@@ -167,7 +167,8 @@ def publish(results: dict) -> None:
             "on movie-review sentences by `edge-runtime train --budget-gb B`, each run its own process. The device "
             "plans with its data's longest row and picks the largest micro-batch whose predicted peak plus 10 % fits "
             "the budget; gradients accumulate over the micro-batches. Measured = the kernel's peak resident set of the "
-            "whole process (the kernel's high-water mark, VmHWM). ORT runs with torch blocked, as on a device with `.[runtime]` only. "
+            "whole process (the kernel's high-water mark, VmHWM). ORT runs with torch blocked, as on a device with "
+            "`.[runtime]` only. "
             "s/step is the median over the run; both backends use the 2 cores.",
             "",
             table,
