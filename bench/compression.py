@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
-import sys
 from pathlib import Path
 
-from bench.markdown import machine_line, write_section
+from bench.markdown import machine_line, measuring_command, write_section
 from coordinator.cli import main as coordinator
 from coordinator.datasets import dataset_path, prepare_datasets
 from coordinator.models import cache_root
@@ -105,8 +103,7 @@ def main() -> None:
     parser.add_argument("--report-only", action="store_true", help="rewrite the section from the last results")
     args = parser.parse_args()
     prepare_datasets()
-    shown_args = [arg for arg in sys.argv[1:] if arg != "--report-only"]  # the command that made the numbers
-    command = " ".join(["python -m bench.compression", *map(shlex.quote, shown_args)])
+    command = measuring_command("bench.compression")
     body = [
         "## Emulator compression: privacy–utility, SmolLM2-135M",
         "",

@@ -14,7 +14,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench.markdown import machine_line, write_section
+from bench.markdown import machine_line, measuring_command, write_section
 from coordinator.datasets import dataset_path, prepare_datasets
 from edge_runtime.files import atomic_path, write_json_atomic
 
@@ -202,7 +202,7 @@ def main() -> None:
     parser.add_argument("--limit-test", type=int, default=400, help="sentiment test examples")
     parser.add_argument("--report-only", action="store_true", help="rewrite the section from the last results")
     args = parser.parse_args()
-    command = " ".join(["python -m bench.layer_windows", *(arg for arg in sys.argv[1:] if arg != "--report-only")])
+    command = measuring_command("bench.layer_windows")
     if args.report_only:
         publish(json.loads(OUT.read_text()), command)
         return

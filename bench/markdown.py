@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import platform
 import re
+import shlex
+import sys
 from pathlib import Path
 
 import psutil
@@ -19,6 +21,12 @@ def machine_line() -> str:
     processor = platform.processor() or platform.machine()
     memory = psutil.virtual_memory().total / 2**30
     return f"{processor}, {os.cpu_count()} cores, {memory:.0f} GiB, Python {platform.python_version()}, CPU only"
+
+
+def measuring_command(module: str) -> str:
+    """The command line that made the numbers: this run's, without `--report-only` (which only rewrites text)."""
+    shown = [shlex.quote(arg) for arg in sys.argv[1:] if arg != "--report-only"]
+    return " ".join(["python -m", module, *shown])
 
 
 def write_section(name: str, body: str) -> None:

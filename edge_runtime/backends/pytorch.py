@@ -32,6 +32,7 @@ class TorchBackend:
         names = set(manifest["adapter"]["parameters"])
         self.whole = TrainingGraph(model, self.architecture["backbone"], self.architecture["head"], self.kind)
         self.trainable = {name: p for name, p in self.whole.named_parameters() if name in names}
+        self.window: int | None = None
         self.select_window(0)
         optimizer = manifest["training"]["optimizer"]
         self.max_grad_norm = optimizer["max_grad_norm"]
@@ -43,7 +44,7 @@ class TorchBackend:
 
     def select_window(self, window: int) -> None:
         """Forward through the window's exit; only its layers get gradients (AdamW skips the others, gradient-less)."""
-        if window == getattr(self, "window", None):
+        if window == self.window:
             return
         chosen, layers = self.windows[window], self.architecture["layers"]
         depth = len(self.model.get_submodule(layers)) if chosen["exit"] is None else chosen["exit"] + 1
