@@ -35,6 +35,11 @@ def adapter_windows(num_layers: int, bottom: int, top: int, size: int | None) ->
     return split_windows(indices[:bottom], indices[bottom:], size)
 
 
+def adapter_exits(num_layers: int, bottom: int, top: int, size: int | None) -> list[int]:
+    """The layers whose outputs are voted across: each window's last layer; none without windows."""
+    return [] if size is None else [window[-1] for window in adapter_windows(num_layers, bottom, top, size)]
+
+
 def adapter_parameters(model: PreTrainedModel, bottom: int, top: int) -> dict[str, nn.Parameter]:
     """The adapter's parameters keyed by their full-model names (emulator layers renamed to source layers)."""
     prefix = spec_for(model.config.model_type).layers

@@ -10,10 +10,17 @@ from pathlib import Path
 
 from transformers import PreTrainedModel
 
-from coordinator.adapter import adapter_parameters, adapter_state, adapter_windows, plug_in, save_adapter
+from coordinator.adapter import (
+    adapter_exits,
+    adapter_parameters,
+    adapter_state,
+    adapter_windows,
+    plug_in,
+    save_adapter,
+)
 from coordinator.architectures import decoder_layers
 from coordinator.compression import EmulatorSpec, make_emulator
-from coordinator.emulator import Split, count_parameters, emulator_record, layer_map
+from coordinator.emulator import Split, count_parameters, emulator_record
 from coordinator.errors import ConfigError
 from coordinator.exits import exit_views
 from coordinator.models import LoadedModel, source_sha256
@@ -89,7 +96,7 @@ def measure_offsite(
     adapter = adapter_parameters(emulator, split.bottom, split.top)
     layers = decoder_layers(emulator)
     windows = adapter_windows(len(layers), split.bottom, split.top, experiment.layer_window)
-    exits = [window[-1] for window in windows] if experiment.layer_window is not None else []
+    exits = adapter_exits(len(layers), split.bottom, split.top, experiment.layer_window)
     if device is None:
         phases = (
             [
@@ -119,7 +126,7 @@ def measure_offsite(
     original = adapter_state(full, split.bottom, split.top)
     plug_in(full, trained)
     try:
-        full_exits = [layer_map(emulator)[layer] for layer in exits]  # the same layers, numbered in the full model
+        full_exits = adapter_exits(len(decoder_layers(full)), split.bottom, split.top, experiment.layer_window)
         results["offsite_plugin"] = timed_score(task, full, test_examples, batch, full_exits)
         if exits:  # what voting adds over reading the last layer alone
             results["offsite_plugin"]["final_exit_only"] = task.score(full, test_examples, batch)

@@ -89,6 +89,7 @@ def train(
     if not trainable:
         raise ConfigError("nothing to train: the parameter list is empty")
     phases = list(windows) or [(model, trainable)]
+    in_phase = [{id(parameter) for parameter in window} for _, window in phases]
     torch.manual_seed(config.seed)
     for parameter in model.parameters():
         parameter.requires_grad_(False)
@@ -103,10 +104,10 @@ def train(
     with tqdm(total=config.steps, desc=description, unit="step", leave=False) as progress:
         for _ in range(config.steps):
             batch = next(batches)
-            view, window = phases[window_at(report.steps, config.steps, len(phases))]
-            in_window = {id(parameter) for parameter in window}
+            phase = window_at(report.steps, config.steps, len(phases))
+            view, window = phases[phase]
             for parameter in trainable:  # only the window gets gradients; AdamW leaves gradient-less ones alone
-                parameter.requires_grad_(id(parameter) in in_window)
+                parameter.requires_grad_(id(parameter) in in_phase[phase])
             loss = task.loss(view, batch)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(window, config.max_grad_norm)

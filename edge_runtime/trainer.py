@@ -257,7 +257,9 @@ def train_bundle(
         "predicted_peak_bytes": plan.predicted.total,
         "peak_memory_bytes": max(monitor.peak, peak_rss_bytes()),
         "peak_memory_sampled_bytes": monitor.peak,
-        "layer_windows": [{"layers": w["layers"], "exit": w["exit"]} for w in windows] if len(windows) > 1 else None,
+        "layer_windows": (
+            [{"layers": w["layers"], "exit": w["exit"]} for w in windows] if "windows" in manifest["adapter"] else None
+        ),
         "privacy": None,
     }
     write_json_atomic(out / METRICS, metrics)

@@ -8,7 +8,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from coordinator.adapter import adapter_state, adapter_windows, plug_in
+from coordinator.adapter import adapter_exits, adapter_state, plug_in
 from coordinator.compression import EmulatorSpec
 from coordinator.emulator import Split
 from coordinator.export import export_bundle
@@ -103,14 +103,13 @@ def finish_round(service: FleetService, job: str, round_: int, spec: JobSpec) ->
         examples = load_examples(spec.test)[: spec.limit_test]
         aggregate = read_result(out, loaded)
         bottom, top = spec.adapter_layers
-        layers = loaded.model.config.num_hidden_layers
-        windows = adapter_windows(layers, bottom, top, spec.layer_window) if spec.layer_window else []
+        exits = adapter_exits(loaded.model.config.num_hidden_layers, bottom, top, spec.layer_window)
         original = adapter_state(loaded.model, bottom, top)
         plug_in(loaded.model, aggregate.weights)
         try:
             evaluation = {
                 "metric": task.metric,
-                "value": task.score(loaded.model, examples, 16, [window[-1] for window in windows]),
+                "value": task.score(loaded.model, examples, 16, exits),
                 "examples": len(examples),
             }
         finally:
