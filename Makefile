@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 CACHE := $(or $(OFFSITE_EDGE_CACHE),$(HOME)/.cache/offsite-edge)
 SENTIMENT := $(CACHE)/data/sentiment
 
-.PHONY: setup mosquitto demo test lint bench clean
+.PHONY: setup mosquitto demo test lint bench bench-studies clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -40,9 +40,16 @@ test: setup mosquitto
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 
+# Offsite tuning vs full fine-tuning on this machine: speed, memory, floor, communication, cost growth (< 60 min).
 bench: setup
-	$(BIN)/python -m bench.five_settings
+	$(BIN)/python -m bench.head_to_head
+	$(BIN)/python -m bench.cost_growth
+	$(BIN)/python -m bench.communication
 	$(BIN)/python -m bench.device_training
+
+# The longer accuracy studies (about 100 min on 2 cores): five settings, the fleet, emulator recipes, layer windows.
+bench-studies: setup
+	$(BIN)/python -m bench.five_settings
 	$(BIN)/python -m bench.fleet
 	$(BIN)/python -m bench.compression
 	$(BIN)/python -m bench.layer_windows

@@ -7,13 +7,11 @@ is installed (onnxruntime would otherwise import torch to validate itself, and i
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 from bench.markdown import machine_line, write_section
+from bench.runs import device_train, export_bundle
 from coordinator.datasets import dataset_path
 from edge_runtime.files import atomic_path, write_json_atomic
 
@@ -25,40 +23,17 @@ STEPS = 12
 GOAL = 0.15  # |measured - predicted| / measured
 
 
-def _export(root: Path) -> tuple[Path, Path]:
-    keys, bundle = root / "keys", root / "bundle"
-    run = [sys.executable, "-m", "coordinator.cli"]
-    subprocess.run([*run, "keys", "init", "--out", str(keys)], check=True, capture_output=True)
-    export = ["export", "--model", "smollm2-135m", "--profile", "laptop-16gb", "--backends", "ort,torch"]
-    key = ["--key", str(keys / "coordinator.key")]
-    subprocess.run([*run, *export, "--batch-size", str(BATCH), *key, "--out", str(bundle)], check=True)
-    return bundle, keys / "coordinator.pub"
-
-
-def _train(bundle: Path, trust: Path, backend: str, budget_gb: float, out: Path) -> dict:
-    """metrics.json of the run, or {"refused": reason} when the device refuses the budget before training."""
-    device = [sys.executable, "-m", "tests.without_torch"] if backend == "ort" else [sys.executable, "-m"]
-    data = dataset_path("sentiment", "train")
-    options = ["--steps", str(STEPS), "--backend", backend, "--budget-gb", str(budget_gb), "--quiet"]
-    command = [*device, "edge_runtime.cli", "train", str(bundle), "--data", str(data), "--out", str(out)]
-    finished = subprocess.run([*command, "--trust", str(trust), *options], cwd=REPO, stderr=subprocess.PIPE, text=True)
-    if finished.returncode == 2 and "training needs at least" in finished.stderr:
-        return {"refused": finished.stderr.strip().splitlines()[-1].split("error: ")[-1]}
-    if finished.returncode != 0:
-        raise RuntimeError(f"training failed:\n{finished.stderr}")
-    return json.loads((out / "metrics.json").read_text())
-
-
 def measure() -> dict:
     """Train the same bundle under each budget with each backend; one process per run."""
     runs = []
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(scratch)
-        bundle, trust = _export(root)
+        bundle = export_bundle(root, "bundle", ["--batch-size", str(BATCH)])
+        data = dataset_path("sentiment", "train")
         for budget in BUDGETS_GB:
             for backend in ("ort", "torch"):
                 print(f"budget {budget} GiB, {backend}", flush=True)
-                metrics = _train(bundle, trust, backend, budget, root / f"{backend}-{budget}")
+                metrics = device_train(bundle, data, backend, STEPS, root / f"{backend}-{budget}", budget)
                 if "refused" in metrics:
                     runs.append({"backend": backend, "budget_gb": budget, "refused": metrics["refused"]})
                     continue

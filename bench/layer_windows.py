@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 from bench.markdown import machine_line, measuring_command, write_section
+from bench.runs import device_train, export_bundle, folder_bytes, repeated
 from coordinator.datasets import dataset_path, prepare_datasets
 from edge_runtime.files import atomic_path, write_json_atomic
 
@@ -27,28 +25,11 @@ WINDOW = 2  # layers per window: the bottom pair, then the top pair
 def _device_run(root: Path, window: int | None, batch: int, steps: int, repeats: int) -> dict:
     """Export an ORT bundle, train it on sentiment `repeats` times, each in its own process with torch blocked (as
     on a device); medians of the whole process's peak memory and of the median step time."""
-    run = [sys.executable, "-m", "coordinator.cli"]
-    keys, bundle = root / "keys", root / f"bundle-{window}"
-    if not keys.exists():
-        subprocess.run([*run, "keys", "init", "--out", str(keys)], check=True, capture_output=True)
     windows = ["--layer-window", str(window)] if window else []
-    export = ["export", "--model", "smollm2-135m", "--profile", "laptop-16gb", "--backends", "ort", *SPLIT]
-    export += ["--batch-size", str(batch), *windows, "--key", str(keys / "coordinator.key"), "--out", str(bundle)]
-    subprocess.run([*run, *export], check=True, capture_output=True)
-    runs = []
-    for repeat in range(repeats):
-        out = root / f"result-{window}-{repeat}"
-        train = [sys.executable, "-m", "tests.without_torch", "edge_runtime.cli", "train", str(bundle)]
-        train += ["--data", str(dataset_path("sentiment", "train")), "--out", str(out)]
-        train += ["--trust", str(keys / "coordinator.pub"), "--steps", str(steps), "--budget-gb", "8", "--quiet"]
-        subprocess.run(train, check=True, cwd=REPO)
-        runs.append(json.loads((out / "metrics.json").read_text()))
-    return {
-        "peak_memory_bytes": statistics.median(run["peak_memory_bytes"] for run in runs),
-        "peak_memory_runs": [run["peak_memory_bytes"] for run in runs],
-        "step_seconds_median": statistics.median(run["step_seconds_median"] for run in runs),
-        "bundle_bytes": sum(path.stat().st_size for path in bundle.rglob("*") if path.is_file()),
-    }
+    bundle = export_bundle(root, f"bundle-{window}", [*SPLIT, "--batch-size", str(batch), *windows], backends="ort")
+    data = dataset_path("sentiment", "train")
+    runs = [device_train(bundle, data, "ort", steps, root / f"result-{window}-{r}") for r in range(repeats)]
+    return repeated(runs) | {"bundle_bytes": folder_bytes(bundle)}
 
 
 def _utility(window: int | None, steps: int, limit_test: int) -> dict:
@@ -118,7 +99,7 @@ def report(results: dict) -> str:
         f"step time {windowed['step_seconds_median'] / whole['step_seconds_median']:.2f}×, bundle "
         f"{windowed['bundle_bytes'] / whole['bundle_bytes']:.2f}×. Peak memory per run (MiB): "
         + "; ".join(
-            f"{label}: {', '.join(f'{peak / 2**20:,.0f}' for peak in row['peak_memory_runs'])}"
+            f"{label}: {', '.join(f'{peak / 2**20:,.0f}' for peak in row['peak_memory_bytes_runs'])}"
             for label, row in results["rows"].items()
         )
         + ".",

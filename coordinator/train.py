@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -79,11 +79,13 @@ def train(
     config: TrainConfig,
     description: str = "train",
     windows: Sequence[tuple[nn.Module, list[nn.Parameter]]] = (),
+    on_step: Callable[[int], None] | None = None,
 ) -> TrainReport:
     """Train only `parameters` of `model` (everything else frozen) for `config.steps` steps; seeded.
 
     `windows` (adaptive layer tuning): (early-exit view of `model`, its window's parameters) pairs trained in equal
     phases, bottom first, as the device does (edge_runtime/windows.py); by default all parameters train at once.
+    `on_step(steps_done)` runs after every step (e.g. to score a learning curve); its time is not counted.
     """
     trainable = list(parameters)
     if not trainable:
@@ -119,6 +121,10 @@ def train(
             report.losses.append(loss.item())
             progress.set_postfix(loss=f"{report.losses[-1]:.3f}")
             progress.update()
+            if on_step is not None:
+                paused = time.perf_counter()
+                on_step(report.steps)
+                start += time.perf_counter() - paused
     report.seconds = time.perf_counter() - start
     model.eval()
     for parameter in model.parameters():

@@ -1,5 +1,7 @@
 """PyTorch reference training: only the chosen parameters move, runs are seeded, the loss falls."""
 
+import time
+
 import pytest
 import torch
 
@@ -66,3 +68,18 @@ def test_empty_parameter_list_is_refused(tokenizer):
     model = make_model("llama", vocab_size=len(tokenizer))
     with pytest.raises(ConfigError, match="nothing to train"):
         train(model, [], ClassificationTask(tokenizer, WORDS), sentiment_examples(4), TrainConfig(steps=1))
+
+
+def test_on_step_runs_after_every_step_and_its_time_is_not_counted(tokenizer):
+    task = ClassificationTask(tokenizer, WORDS)
+    model = make_model("llama", vocab_size=len(tokenizer))
+    seen = []
+
+    def slow_scoring(step: int) -> None:
+        seen.append(step)
+        time.sleep(0.5)
+
+    config = TrainConfig(steps=3, batch_size=4)
+    report = train(model, model.parameters(), task, sentiment_examples(16), config, on_step=slow_scoring)
+    assert seen == [1, 2, 3]
+    assert report.seconds < 1.5  # the three pauses alone would be 1.5 s

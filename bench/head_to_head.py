@@ -1,0 +1,209 @@
+"""Benchmark: offsite tuning on the device (ORT and PyTorch backends) against full fine-tuning, SmolLM2-135M on
+movie-review sentiment, same data, batch, length cap and batch stream: tokens/s, peak memory, time to a target
+accuracy, plug-in accuracy, and each configuration's physical memory floor.
+
+Run alone from the repository root: `python -m bench.head_to_head` (part of `make bench`); `--report-only`
+rewrites the section from the saved results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from bench.floor import full_model_shape, memory_floor
+from bench.head_to_head_report import report
+from bench.markdown import machine_line, measuring_command, write_section
+from bench.runs import batch_tokens, device_train, export_bundle, folder_bytes, profiled_train, repeated
+from coordinator.datasets import dataset_path, prepare_datasets
+from edge_runtime.files import write_json_atomic
+from edge_runtime.memory import ModelShape
+
+if TYPE_CHECKING:
+    from torch.nn import Parameter
+    from transformers import PreTrainedModel
+
+REPO = Path(__file__).resolve().parent.parent
+OUT = REPO / "bench" / "results" / "head_to_head.json"
+BATCH = 8
+ADAPTER_LR = 1e-4
+FULL_LR = 2e-5
+
+
+@dataclass(frozen=True)
+class Config:
+    """One offsite configuration: adapter layers (bottom, top), emulator recipe and middle layers kept."""
+
+    adapter: tuple[int, int]
+    recipe: str
+    keep: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.adapter[0]}+{self.adapter[1]} · {self.recipe} keep {self.keep}"
+
+    def export_options(self) -> list[str]:
+        adapter = f"{self.adapter[0]},{self.adapter[1]}"
+        options = ["--adapter-layers", adapter, "--keep", str(self.keep), "--emulator", self.recipe]
+        return [*options, "--batch-size", str(BATCH), "--lr", str(ADAPTER_LR)]
+
+
+CONFIGS = (
+    Config((2, 2), "uniform", 8),
+    Config((2, 2), "uniform", 4),
+    Config((1, 1), "uniform", 8),
+    Config((2, 2), "luc:size=0.5", 8),
+    Config((2, 2), "lowrank:size=0.5", 8),
+)
+
+
+class Curves:
+    """Plug-in accuracy learning curves, trained here in PyTorch with the device's schedule and batch size."""
+
+    def __init__(self, steps: int, every: int, limit_test: int) -> None:
+        from coordinator.models import load_model
+        from coordinator.tasks import make_task
+        from edge_runtime.data import load_examples
+
+        self.loaded = load_model("smollm2-135m")
+        self.train_examples = load_examples(dataset_path("sentiment", "train"))
+        self.test_examples = load_examples(dataset_path("sentiment", "test"))[:limit_test]
+        self.task = make_task(self.loaded.tokenizer, self.train_examples, self.test_examples)
+        self.steps, self.every = steps, every
+        self.zero_shot = self.score(self.loaded.model)
+
+    def score(self, model: PreTrainedModel) -> float:
+        return self.task.score(model, self.test_examples, 16)
+
+    def _train(
+        self, model: PreTrainedModel, parameters: Iterable[Parameter], lr: float, on_step: Callable[[int], None]
+    ) -> None:
+        from coordinator.train import TrainConfig, train
+
+        config = TrainConfig(steps=self.steps, lr=lr, batch_size=BATCH, max_length=self.task.max_length)
+        train(model, parameters, self.task, self.train_examples, config, "curve", on_step=on_step)
+
+    def full(self) -> list[tuple[int, float]]:
+        """Full fine-tuning's accuracy every `every` steps."""
+        tuned = copy.deepcopy(self.loaded.model)
+        curve = [(0, self.zero_shot)]
+
+        def on_step(step: int) -> None:
+            if step % self.every == 0:
+                curve.append((step, self.score(tuned)))
+
+        self._train(tuned, tuned.parameters(), FULL_LR, on_step)
+        return curve
+
+    def offsite(self, bundle: Path) -> list[tuple[int, float]]:
+        """The plug-in's accuracy every `every` steps, the adapter trained through the bundle's own emulator."""
+        from coordinator.adapter import plug_in
+        from edge_runtime.low_rank import load_causal_lm
+
+        manifest = json.loads((bundle / "manifest.json").read_text())
+        emulator = load_causal_lm(bundle / "torch")
+        named = dict(emulator.named_parameters())
+        names = manifest["adapter"]["parameters"]  # the training graph's names -> full-model names
+        adapter = {full: named[local.removeprefix("causal_lm.")] for local, full in names.items()}
+        full_model = self.loaded.model
+        original = {name: t.detach().clone() for name, t in full_model.state_dict().items() if name in adapter}
+        curve = [(0, self.zero_shot)]
+
+        def on_step(step: int) -> None:
+            if step % self.every == 0:
+                plug_in(full_model, {name: p.detach() for name, p in adapter.items()})
+                curve.append((step, self.score(full_model)))
+                plug_in(full_model, original)
+
+        self._train(emulator, adapter.values(), ADAPTER_LR, on_step)
+        return curve
+
+
+def _offsite(root: Path, config: Config, data: Path, steps: int, repeats: int, curves: Curves) -> tuple[dict, Path]:
+    """Export the configuration's bundle; time it on both backends, profile it, and trace its plug-in's curve."""
+    print(f"{config.label}: export, device runs, learning curve", flush=True)
+    bundle = export_bundle(root, "bundle", config.export_options())
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    backends = {
+        backend: repeated([device_train(bundle, data, backend, steps, root / f"{backend}-{r}") for r in range(repeats)])
+        for backend in ("ort", "torch")
+    }
+    result = {
+        "label": config.label,
+        "adapter": list(config.adapter),
+        "recipe": config.recipe,
+        "keep": config.keep,
+        "shape": manifest["plan"]["shape"],
+        "predicted": {b: manifest["plan"]["per_backend"][b]["predicted"] for b in backends},
+        "backends": backends,
+        "profile": profiled_train(bundle, data, "adapter", steps, root / "profile.json"),
+        "bundle_bytes": {b: folder_bytes(bundle / b) for b in backends},
+        "adapter_bytes": (bundle / "adapter.safetensors").stat().st_size,
+        "curve": curves.offsite(bundle),
+    }
+    return result | {"tokens": batch_tokens(bundle, data, steps)}, bundle
+
+
+def measure(steps: int, repeats: int, curve_steps: int, every: int, limit_test: int) -> dict:
+    """Every offsite configuration, then full fine-tuning on the first one's tokens; one process per timed run."""
+    prepare_datasets()
+    data = dataset_path("sentiment", "train")
+    curves = Curves(curve_steps, every, limit_test)
+    offsite = []
+    with tempfile.TemporaryDirectory() as scratch:
+        for config in CONFIGS:
+            root = Path(scratch) / config.label.replace(" ", "").replace("·", "-").replace(":", "-")
+            result, bundle = _offsite(root, config, data, steps, repeats, curves)
+            offsite.append(result)
+            if config is CONFIGS[0]:
+                print("full fine-tuning: timed runs, learning curve", flush=True)
+                runs = [profiled_train(bundle, data, "full", steps, root / f"full-{r}.json") for r in range(repeats)]
+                full = repeated(runs) | {"profile": runs[0], "curve": curves.full()}
+                full["tokens"] = batch_tokens(bundle, data, steps)
+            shutil.rmtree(root)
+    model = curves.loaded.model
+    shape = ModelShape(**offsite[0]["shape"])
+    full_shape = full_model_shape(shape, sum(p.numel() for p in model.parameters()), model.config.num_hidden_layers)
+    full["shape"] = full_shape.to_dict()
+    for result in [full, *offsite]:
+        result["floor"] = memory_floor(ModelShape(**result["shape"]), BATCH, result["tokens"]["widest"])
+    return {
+        "machine": machine_line(),
+        "batch_size": BATCH,
+        "max_length": curves.task.max_length,
+        "steps": steps,
+        "repeats": repeats,
+        "curve": {"steps": curve_steps, "every": every, "test_examples": limit_test, "zero_shot": curves.zero_shot},
+        "lr": {"adapter": ADAPTER_LR, "full": FULL_LR},
+        "full": full,
+        "offsite": offsite,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=6, help="timed steps per device run")
+    parser.add_argument("--repeats", type=int, default=3, help="device runs per configuration and backend")
+    parser.add_argument("--curve-steps", type=int, default=60, help="training steps of each learning curve")
+    parser.add_argument("--every", type=int, default=20, help="score the plug-in every this many steps")
+    parser.add_argument("--limit-test", type=int, default=300, help="test reviews each point is scored on")
+    parser.add_argument("--report-only", action="store_true", help="rewrite the section from the saved results")
+    args = parser.parse_args()
+    if args.report_only:
+        results = json.loads(OUT.read_text())
+    else:
+        results = measure(args.steps, args.repeats, args.curve_steps, args.every, args.limit_test)
+        results["command"] = measuring_command("bench.head_to_head")
+        write_json_atomic(OUT, results)
+    write_section("head_to_head", report(results))
+
+
+if __name__ == "__main__":
+    main()
