@@ -14,11 +14,10 @@ import json
 import tempfile
 from pathlib import Path
 
-from bench.markdown import machine_line, measuring_command, write_section
+from bench.markdown import machine_line, measured_or_saved, save_figure, write_section
 from bench.runs import device_train, export_bundle
 from coordinator.datasets import dataset_path, prepare_datasets
 from coordinator.models import prepare_named_model
-from edge_runtime.files import atomic_path, write_json_atomic
 from edge_runtime.transfer import pack_directory
 
 REPO = Path(__file__).resolve().parent.parent
@@ -85,9 +84,7 @@ def _plot(results: dict) -> None:
     axes.legend(fontsize=8)
     axes.grid(alpha=0.3)
     figure.tight_layout()
-    with atomic_path(PLOT) as temporary:
-        figure.savefig(temporary, format="png", dpi=110)
-    plt.close(figure)
+    save_figure(figure, PLOT)
 
 
 def report(results: dict) -> str:
@@ -125,11 +122,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--report-only", action="store_true", help="rewrite the section from the saved results")
     args = parser.parse_args()
-    if args.report_only:
-        results = json.loads(OUT.read_text())
-    else:
-        results = measure() | {"command": measuring_command("bench.communication")}
-        write_json_atomic(OUT, results)
+    results = measured_or_saved(OUT, "bench.communication", args.report_only, measure)
     write_section("communication", report(results))
 
 

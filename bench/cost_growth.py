@@ -15,12 +15,12 @@ from pathlib import Path
 from tokenizers import Tokenizer
 
 from bench.floor import full_model_shape, memory_floor
-from bench.markdown import machine_line, measuring_command, write_section
+from bench.markdown import machine_line, measured_or_saved, save_figure, write_section
 from bench.runs import batch_tokens, device_train, export_bundle, profiled_train
 from coordinator.datasets import dataset_path, prepare_datasets
 from edge_runtime.bundle import TOKENIZER_FILE
 from edge_runtime.data import load_examples
-from edge_runtime.files import atomic_path, write_json_atomic
+from edge_runtime.files import atomic_path
 from edge_runtime.memory import ModelShape
 
 REPO = Path(__file__).resolve().parent.parent
@@ -80,13 +80,12 @@ def measure(steps: int) -> dict:
         by_length = []
         for length in LENGTHS:
             print(f"sequence {length}", flush=True)
-            by_length.append(_point(bundle, data[length], steps, root / f"length-{length}", full=True))
+            by_length.append(_point(bundle, data[length], steps, root / f"run-length-{length}", full=True))
         by_keep = []
         for keep in KEEPS:
             print(f"keep {keep}", flush=True)
-            if keep != 8:
-                bundle = export_bundle(root, f"keep-{keep}", [*common, "--keep", str(keep)], backends="ort")
-            by_keep.append(_point(bundle, data[LENGTH_OF_KEEP_SWEEP], steps, root / f"keep-{keep}", full=False))
+            kept = bundle if keep == 8 else export_bundle(root, f"keep-{keep}", [*common, "--keep", str(keep)], "ort")
+            by_keep.append(_point(kept, data[LENGTH_OF_KEEP_SWEEP], steps, root / f"run-keep-{keep}", full=False))
     return {"machine": machine_line(), "batch_size": BATCH, "steps": steps, "by_length": by_length, "by_keep": by_keep}
 
 
@@ -120,9 +119,7 @@ def _plot(results: dict) -> None:
             axes[row][column].grid(alpha=0.3)
     figure.suptitle("SmolLM2-135M: step cost vs sequence length and vs emulator depth")
     figure.tight_layout()
-    with atomic_path(PLOT) as temporary:
-        figure.savefig(temporary, format="png", dpi=110)
-    plt.close(figure)
+    save_figure(figure, PLOT)
 
 
 def report(results: dict) -> str:
@@ -171,11 +168,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4, help="training steps per point")
     parser.add_argument("--report-only", action="store_true", help="rewrite the section from the saved results")
     args = parser.parse_args()
-    if args.report_only:
-        results = json.loads(OUT.read_text())
-    else:
-        results = measure(args.steps) | {"command": measuring_command("bench.cost_growth")}
-        write_json_atomic(OUT, results)
+    results = measured_or_saved(OUT, "bench.cost_growth", args.report_only, lambda: measure(args.steps))
     write_section("cost_growth", report(results))
 
 

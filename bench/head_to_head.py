@@ -20,10 +20,10 @@ from typing import TYPE_CHECKING
 
 from bench.floor import full_model_shape, memory_floor
 from bench.head_to_head_report import report
-from bench.markdown import machine_line, measuring_command, write_section
+from bench.markdown import machine_line, measured_or_saved, write_section
 from bench.runs import batch_tokens, device_train, export_bundle, folder_bytes, profiled_train, repeated
 from coordinator.datasets import dataset_path, prepare_datasets
-from edge_runtime.files import write_json_atomic
+from edge_runtime.bundle import TORCH_DIRECTORY
 from edge_runtime.memory import ModelShape
 
 if TYPE_CHECKING:
@@ -108,7 +108,7 @@ class Curves:
         from edge_runtime.low_rank import load_causal_lm
 
         manifest = json.loads((bundle / "manifest.json").read_text())
-        emulator = load_causal_lm(bundle / "torch")
+        emulator = load_causal_lm(bundle / TORCH_DIRECTORY)
         named = dict(emulator.named_parameters())
         names = manifest["adapter"]["parameters"]  # the training graph's names -> full-model names
         adapter = {full: named[local.removeprefix("causal_lm.")] for local, full in names.items()}
@@ -196,12 +196,12 @@ def main() -> None:
     parser.add_argument("--limit-test", type=int, default=300, help="test reviews each point is scored on")
     parser.add_argument("--report-only", action="store_true", help="rewrite the section from the saved results")
     args = parser.parse_args()
-    if args.report_only:
-        results = json.loads(OUT.read_text())
-    else:
-        results = measure(args.steps, args.repeats, args.curve_steps, args.every, args.limit_test)
-        results["command"] = measuring_command("bench.head_to_head")
-        write_json_atomic(OUT, results)
+    results = measured_or_saved(
+        OUT,
+        "bench.head_to_head",
+        args.report_only,
+        lambda: measure(args.steps, args.repeats, args.curve_steps, args.every, args.limit_test),
+    )
     write_section("head_to_head", report(results))
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from edge_runtime.files import atomic_path
+from bench.markdown import save_figure
 
 PLOT = Path(__file__).resolve().parent / "results" / "head_to_head.png"
 MIB = 2**20
@@ -164,9 +164,7 @@ def _plot(results: dict, target: float) -> None:
     curve_axes.legend(fontsize=7)
     figure.suptitle(f"SmolLM2-135M, sentiment, batch {results['batch_size']}: offsite tuning vs full fine-tuning")
     figure.tight_layout()
-    with atomic_path(PLOT) as temporary:
-        figure.savefig(temporary, format="png", dpi=110)
-    plt.close(figure)
+    save_figure(figure, PLOT)
 
 
 def report(results: dict) -> str:

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import re
 import shlex
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import psutil
 
-from edge_runtime.files import write_text_atomic
+from edge_runtime.files import atomic_path, write_json_atomic, write_text_atomic
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
 
@@ -27,6 +30,24 @@ def measuring_command(module: str) -> str:
     """The command line that made the numbers: this run's, without `--report-only` (which only rewrites text)."""
     shown = [shlex.quote(arg) for arg in sys.argv[1:] if arg != "--report-only"]
     return " ".join(["python -m", module, *shown])
+
+
+def measured_or_saved(out: Path, module: str, report_only: bool, measure: Callable[[], dict]) -> dict:
+    """With `report_only`, the results saved at `out`; else new ones, saved there with the command that made them."""
+    if report_only:
+        return json.loads(out.read_text())
+    results = measure() | {"command": measuring_command(module)}
+    write_json_atomic(out, results)
+    return results
+
+
+def save_figure(figure: Any, path: Path, dpi: int = 110) -> None:
+    """Write a matplotlib figure as PNG, atomically, and free it."""
+    import matplotlib.pyplot as plt
+
+    with atomic_path(path) as temporary:
+        figure.savefig(temporary, format="png", dpi=dpi)
+    plt.close(figure)
 
 
 def write_section(name: str, body: str) -> None:

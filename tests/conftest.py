@@ -19,12 +19,24 @@ from transformers import (
 )
 
 from edge_runtime.data import Example
+from edge_runtime.memory import ModelShape
 
 GOOD = ["great", "good", "wonderful", "moving", "brilliant", "fun"]
 BAD = ["bad", "awful", "boring", "dull", "terrible", "weak"]
 FILLER = ["review", "sentiment", ":", "the", "a", "film", "movie", "plot", "actors", "story", "is", "was", "very"]
 WORDS = [*FILLER, *GOOD, *BAD, "positive", "negative"]
 FAMILIES = ("llama", "mistral", "qwen2", "gpt2", "opt")
+# The training shape of SmolLM2-135M's default bundle: 12-layer emulator, 2+2 adapter (memory-model tests).
+SMOLLM2_EMULATOR = ModelShape(
+    hidden=576,
+    intermediate=1536,
+    heads=9,
+    vocab=49152,
+    layers=12,
+    backprop_layers=12,
+    frozen_parameters=56_632_896,
+    trainable_parameters=14_160_384,
+)
 
 
 def make_tokenizer() -> PreTrainedTokenizerFast:

@@ -3,18 +3,8 @@
 import pytest
 
 from bench.floor import full_model_shape, memory_floor
-from edge_runtime.memory import FLOAT_BYTES, ModelShape, estimate
-
-EMULATOR = ModelShape(
-    hidden=576,
-    intermediate=1536,
-    heads=9,
-    vocab=49152,
-    layers=12,
-    backprop_layers=12,
-    frozen_parameters=56_632_896,
-    trainable_parameters=14_160_384,
-)
+from edge_runtime.memory import FLOAT_BYTES, estimate
+from tests.conftest import SMOLLM2_EMULATOR as EMULATOR
 
 
 def test_weights_and_trainable_state_are_float32_weights_gradient_and_two_moments():

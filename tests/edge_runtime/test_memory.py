@@ -3,17 +3,7 @@
 import pytest
 
 from edge_runtime.memory import CHECKPOINT_COPIES, MIB, BudgetError, ModelShape, choose_micro_batch, estimate
-
-SMOLLM2_EMULATOR = ModelShape(
-    hidden=576,
-    intermediate=1536,
-    heads=9,
-    vocab=49152,
-    layers=12,
-    backprop_layers=12,
-    frozen_parameters=56_632_896,
-    trainable_parameters=14_160_384,
-)
+from tests.conftest import SMOLLM2_EMULATOR
 
 
 def test_optimizer_state_is_twice_the_trainable_weights_and_gradients_equal_them():
