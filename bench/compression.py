@@ -1,7 +1,7 @@
 """Benchmark: the privacy–utility table of every emulator recipe against uniform drop, SmolLM2-135M, on
 movie-review sentiment (accuracy) and Wikipedia (perplexity).
 
-Run from the repository root: `python -m bench.compression [--steps N] [--lm-steps N]` (or `make bench`).
+Run from the repository root: `python -m bench.compression [--steps N] [--lm-steps N]` (or `make bench-studies`).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Benchmark: the five Offsite-Tuning settings for SmolLM2 on the held-out movie-review test split.
 
-Run from the repository root: `python -m bench.five_settings [--steps N]` (or `make bench`).
+Run from the repository root: `python -m bench.five_settings [--steps N]` (or `make bench-studies`).
 """
 
 from __future__ import annotations

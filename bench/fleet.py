@@ -205,7 +205,7 @@ def publish(results: dict[str, Any]) -> None:
             "## Fleet over MQTT: simulated devices on loopback, embedded broker vs Mosquitto",
             "",
             f"Command: `python -m bench.fleet --devices {args.devices} --rounds {args.rounds} --steps {args.steps}` "
-            "(part of `make bench`).",
+            "(part of `make bench-studies`).",
             f"Machine: {results['machine']}.",
             "",
             f"{args.devices} edge daemons (a tiny 6-layer LLaMA bundle, ONNX Runtime, 1 thread each, training in the "

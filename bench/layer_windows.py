@@ -1,7 +1,7 @@
 """Benchmark: adaptive layer tuning (train a window of adapter layers at a time, vote across exits) against training
 the whole adapter at once, SmolLM2-135M: device peak memory and step time (ONNX Runtime), and utility on sentiment.
 
-Run alone from the repository root: `python -m bench.layer_windows` (part of `make bench`).
+Run alone from the repository root: `python -m bench.layer_windows` (part of `make bench-studies`).
 """
 
 from __future__ import annotations
