@@ -138,7 +138,7 @@ def _plot(results: dict, target: float) -> None:
     import matplotlib.pyplot as plt
 
     offsite, full = results["offsite"], results["full"]
-    labels = ["full"] + [r["label"].replace(" · ", "\n") for r in offsite]
+    labels = ["full"] + [r["label"].replace(" · ", "\n").replace(" keep", "\nkeep") for r in offsite]
     x = list(range(len(labels)))
     figure, (speed_axes, memory_axes, curve_axes) = plt.subplots(1, 3, figsize=(17, 4.8))
     for offset, backend in ((-0.2, "ort"), (0.2, "torch")):
