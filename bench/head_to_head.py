@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 from bench.floor import full_model_shape, memory_floor
 from bench.head_to_head_report import report
 from bench.markdown import machine_line, measured_or_saved, write_section
-from bench.runs import batch_tokens, device_train, export_bundle, folder_bytes, profiled_train, repeated
+from bench.runs import batch_tokens, device_train, export_bundle, profiled_train, repeated
 from coordinator.datasets import dataset_path, prepare_datasets
 from edge_runtime.bundle import TORCH_DIRECTORY
 from edge_runtime.memory import ModelShape
@@ -104,7 +104,7 @@ class Curves:
 
     def offsite(self, bundle: Path) -> list[tuple[int, float]]:
         """The plug-in's accuracy every `every` steps, the adapter trained through the bundle's own emulator."""
-        from coordinator.adapter import plug_in
+        from coordinator.adapter import adapter_state, plug_in
         from edge_runtime.low_rank import load_causal_lm
 
         manifest = json.loads((bundle / "manifest.json").read_text())
@@ -113,7 +113,7 @@ class Curves:
         names = manifest["adapter"]["parameters"]  # the training graph's names -> full-model names
         adapter = {full: named[local.removeprefix("causal_lm.")] for local, full in names.items()}
         full_model = self.loaded.model
-        original = {name: t.detach().clone() for name, t in full_model.state_dict().items() if name in adapter}
+        original = adapter_state(full_model, manifest["adapter"]["bottom"], manifest["adapter"]["top"])
         curve = [(0, self.zero_shot)]
 
         def on_step(step: int) -> None:
@@ -141,11 +141,8 @@ def _offsite(root: Path, config: Config, data: Path, steps: int, repeats: int, c
         "recipe": config.recipe,
         "keep": config.keep,
         "shape": manifest["plan"]["shape"],
-        "predicted": {b: manifest["plan"]["per_backend"][b]["predicted"] for b in backends},
         "backends": backends,
         "profile": profiled_train(bundle, data, "adapter", steps, root / "profile.json"),
-        "bundle_bytes": {b: folder_bytes(bundle / b) for b in backends},
-        "adapter_bytes": (bundle / "adapter.safetensors").stat().st_size,
         "curve": curves.offsite(bundle),
     }
     return result | {"tokens": batch_tokens(bundle, data, steps)}, bundle
@@ -166,7 +163,7 @@ def measure(steps: int, repeats: int, curve_steps: int, every: int, limit_test: 
                 print("full fine-tuning: timed runs, learning curve", flush=True)
                 runs = [profiled_train(bundle, data, "full", steps, root / f"full-{r}.json") for r in range(repeats)]
                 full = repeated(runs) | {"profile": runs[0], "curve": curves.full()}
-                full["tokens"] = batch_tokens(bundle, data, steps)
+                full["tokens"] = result["tokens"]  # the same batch stream
             shutil.rmtree(root)
     model = curves.loaded.model
     shape = ModelShape(**offsite[0]["shape"])

@@ -7,14 +7,13 @@ Run alone from the repository root: `python -m bench.layer_windows` (part of `ma
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 from pathlib import Path
 
-from bench.markdown import machine_line, measuring_command, write_section
+from bench.markdown import machine_line, measured_or_saved, write_section
 from bench.runs import device_train, export_bundle, folder_bytes, repeated
 from coordinator.datasets import dataset_path, prepare_datasets
-from edge_runtime.files import atomic_path, write_json_atomic
+from edge_runtime.files import atomic_path
 
 REPO = Path(__file__).resolve().parent.parent
 OUT = REPO / "bench" / "results" / "layer_windows.json"
@@ -60,6 +59,7 @@ def _utility(window: int | None, steps: int, limit_test: int) -> dict:
 
 
 def measure(batch: int, device_steps: int, repeats: int, steps: int, limit_test: int) -> dict:
+    prepare_datasets()
     rows = {}
     with tempfile.TemporaryDirectory() as scratch:
         for window in (None, WINDOW):
@@ -145,7 +145,7 @@ READING = (
 )
 
 
-def publish(results: dict, command: str) -> None:
+def publish(results: dict) -> None:
     """Plot, print and write the BENCHMARKS.md section from measured `results`."""
     _plot(results, OUT.with_suffix(".png"))
     table = report(results)
@@ -154,7 +154,7 @@ def publish(results: dict, command: str) -> None:
         [
             "## Adaptive layer tuning: one window of adapter layers at a time, SmolLM2-135M",
             "",
-            f"Command: `{command}`. Machine: {results['machine']}.",
+            f"Command: `{results['command']}`. Machine: {results['machine']}.",
             "",
             f"Adapter = layers 0, 1, 28, 29; the emulator keeps 4 of the 26 middle layers. `whole adapter` trains "
             f"all four layers every step; `windows of {WINDOW}` trains layers 0-1 through an exit after layer 1 for "
@@ -183,14 +183,13 @@ def main() -> None:
     parser.add_argument("--limit-test", type=int, default=400, help="sentiment test examples")
     parser.add_argument("--report-only", action="store_true", help="rewrite the section from the last results")
     args = parser.parse_args()
-    command = measuring_command("bench.layer_windows")
-    if args.report_only:
-        publish(json.loads(OUT.read_text()), command)
-        return
-    prepare_datasets()
-    results = measure(args.batch_size, args.device_steps, args.repeats, args.steps, args.limit_test)
-    write_json_atomic(OUT, results)
-    publish(results, command)
+    results = measured_or_saved(
+        OUT,
+        "bench.layer_windows",
+        args.report_only,
+        lambda: measure(args.batch_size, args.device_steps, args.repeats, args.steps, args.limit_test),
+    )
+    publish(results)
 
 
 if __name__ == "__main__":
