@@ -113,6 +113,18 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--limit-test", type=int, help="score only the first N test examples")
     evaluate.add_argument("--eval-batch-size", type=int, default=16)
+    evaluate.add_argument(
+        "--validation",
+        type=int,
+        default=0,
+        metavar="N",
+        help="carve N examples from --train (never one in --test) and keep the adapter's and the fine-tune's best "
+        "checkpoint by them; 0: keep the last",
+    )
+    evaluate.add_argument("--check-every", type=int, default=50, help="steps between validation checkpoints")
+    evaluate.add_argument(
+        "--finetune", action="store_true", help="with several --emulator recipes: also fine-tune the full model"
+    )
     _add_prompt_options(evaluate)
     evaluate.add_argument("--out", type=Path, default=Path("results.json"), help="results JSON; a PNG goes beside it")
     evaluate.add_argument("--save-adapter", type=Path, help="also write the trained adapter (safetensors)")
@@ -188,6 +200,7 @@ def _evaluate(args: argparse.Namespace) -> None:
     from coordinator.models import load_model
     from coordinator.report import format_table, write_results
     from coordinator.results import read_result
+    from coordinator.selection import carve_validation
     from coordinator.tasks import DEFAULT_TEMPLATE, make_task
     from coordinator.tradeoff import format_tradeoff, plot_tradeoff, run_tradeoff
     from coordinator.train import TrainConfig
@@ -206,19 +219,23 @@ def _evaluate(args: argparse.Namespace) -> None:
         args.eval_batch_size,
         specs[0],
         args.layer_window,
+        args.check_every,
     )
     train, test = load_examples(args.train), load_examples(args.test)[: args.limit_test]
+    validation: list = []
+    if args.validation:
+        train, validation = carve_validation(train, load_examples(args.test), args.validation)
     loaded = load_model(args.model)
     for spec in specs:
         spec.split_for(experiment.split).check(loaded.model.config.num_hidden_layers)
     label_words = dict(args.label_word) if args.label_word else None
     task = make_task(loaded.tokenizer, train, test, label_words, args.template or DEFAULT_TEMPLATE, args.max_length)
     if len(specs) > 1:
-        results = run_tradeoff(loaded, task, train, test, experiment, specs)
+        results = run_tradeoff(loaded, task, train, test, experiment, specs, validation, args.finetune)
         chart, table = write_results(results, args.out, plot_tradeoff), format_tradeoff(results)
     else:
         device = read_result(args.adapter, loaded) if args.adapter else None
-        results = run_five_settings(loaded, task, train, test, experiment, args.save_adapter, device)
+        results = run_five_settings(loaded, task, train, test, experiment, args.save_adapter, device, validation)
         chart, table = write_results(results, args.out), format_table(results)
     print(table)
     print(f"\nresults: {args.out}\nchart:   {chart}")

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from torch import nn
 from transformers import PreTrainedModel
 
 from coordinator.adapter import (
@@ -25,6 +26,7 @@ from coordinator.errors import ConfigError
 from coordinator.exits import exit_views
 from coordinator.models import LoadedModel, source_sha256
 from coordinator.results import DeviceResult
+from coordinator.selection import BestCheckpoint
 from coordinator.tasks import ClassificationTask, Task
 from coordinator.train import TrainConfig, train
 from edge_runtime import __version__
@@ -61,8 +63,11 @@ class Experiment:
     eval_batch_size: int = 16
     emulator: EmulatorSpec = field(default_factory=EmulatorSpec)
     layer_window: int | None = None  # adaptive layer tuning: train this many adapter layers at a time, then vote
+    check_every: int = 50  # with a validation split: score a checkpoint every this many steps, keep the best
 
     def __post_init__(self) -> None:
+        if self.check_every < 1:
+            raise ConfigError(f"--check-every {self.check_every} must be at least 1 step")
         if self.eval_batch_size < 1:
             raise ConfigError(f"eval_batch_size={self.eval_batch_size} must be at least 1, e.g. 16")
         if self.layer_window is not None and self.layer_window < 1:
@@ -77,6 +82,10 @@ def timed_score(
     return {task.metric: value, "eval_seconds": round(time.perf_counter() - start, 2)}
 
 
+def higher_is_better(task: Task) -> bool:
+    return task.metric != "perplexity"
+
+
 def measure_offsite(
     loaded: LoadedModel,
     task: Task,
@@ -85,9 +94,13 @@ def measure_offsite(
     experiment: Experiment,
     adapter_path: Path | None = None,
     device: DeviceResult | None = None,
+    validation: Sequence[Example] = (),
 ) -> dict[str, object]:
     """Build the experiment's emulator and score it zero-shot, with its adapter trained on it (here, or `device`'s),
-    and with that adapter plugged into the full model; `loaded.model` is left as it was."""
+    and with that adapter plugged into the full model; `loaded.model` is left as it was.
+
+    With `validation` examples, the adapter kept is the checkpoint whose plug-in scores best on them (checked
+    every `experiment.check_every` steps and before the first, so an adapter that never helps is not kept)."""
     full, split, batch = loaded.model, experiment.emulator.split_for(experiment.split), experiment.eval_batch_size
     start = time.perf_counter()
     emulator = make_emulator(full, split, experiment.emulator, loaded.tokenizer)
@@ -97,7 +110,16 @@ def measure_offsite(
     layers = decoder_layers(emulator)
     windows = adapter_windows(len(layers), split.bottom, split.top, experiment.layer_window)
     exits = adapter_exits(len(layers), split.bottom, split.top, experiment.layer_window)
+    full_exits = adapter_exits(len(decoder_layers(full)), split.bottom, split.top, experiment.layer_window)
+    selection = None
     if device is None:
+        if validation:
+            selection = BestCheckpoint(
+                list(adapter.values()),
+                lambda: _plugged_in_score(task, full, emulator, split, validation, batch, full_exits),
+                experiment.check_every,
+                higher_is_better(task),
+            )
         phases = (
             [
                 (view, [p for i in window for p in layers[i].parameters()])
@@ -106,10 +128,10 @@ def measure_offsite(
             if exits
             else []
         )
-        offsite = train(
-            emulator, adapter.values(), task, train_examples, experiment.adapter_training, "offsite", phases
+        config = experiment.adapter_training
+        summary = _train_keeping_best(
+            emulator, adapter.values(), task, train_examples, config, phases, selection, "offsite"
         )
-        summary: dict[str, object] = offsite.summary()
     else:
         _check_same_emulator(device, emulator)
         _check_same_windows(device, windows if exits else None)
@@ -126,7 +148,6 @@ def measure_offsite(
     original = adapter_state(full, split.bottom, split.top)
     plug_in(full, trained)
     try:
-        full_exits = adapter_exits(len(decoder_layers(full)), split.bottom, split.top, experiment.layer_window)
         results["offsite_plugin"] = timed_score(task, full, test_examples, batch, full_exits)
         if exits:  # what voting adds over reading the last layer alone
             results["offsite_plugin"]["final_exit_only"] = task.score(full, test_examples, batch)
@@ -145,6 +166,44 @@ def measure_offsite(
     }
 
 
+def _train_keeping_best(
+    model: PreTrainedModel,
+    parameters: Iterable[nn.Parameter],
+    task: Task,
+    examples: Sequence[Example],
+    config: TrainConfig,
+    phases: Sequence[tuple[nn.Module, list[nn.Parameter]]],
+    selection: BestCheckpoint | None,
+    description: str,
+) -> dict[str, object]:
+    """Train; with a `selection`, end on its best checkpoint and add its validation curve to the summary."""
+    report = train(model, parameters, task, examples, config, description, phases, selection and selection.on_step)
+    summary: dict[str, object] = report.summary()
+    if selection is not None:
+        selection.finish(report.steps)
+        selection.restore()
+        summary["selection"] = selection.summary()
+    return summary
+
+
+def _plugged_in_score(
+    task: Task,
+    full: PreTrainedModel,
+    emulator: PreTrainedModel,
+    split: Split,
+    examples: Sequence[Example],
+    batch: int,
+    exits: Sequence[int],
+) -> float:
+    """The full model's score on `examples` with the emulator's current adapter plugged in; `full` is restored."""
+    original = adapter_state(full, split.bottom, split.top)
+    plug_in(full, adapter_state(emulator, split.bottom, split.top))
+    try:
+        return task.score(full, examples, batch, exits)
+    finally:
+        plug_in(full, original)
+
+
 def run_five_settings(
     loaded: LoadedModel,
     task: Task,
@@ -153,19 +212,20 @@ def run_five_settings(
     experiment: Experiment,
     adapter_path: Path | None = None,
     device: DeviceResult | None = None,
+    validation: Sequence[Example] = (),
 ) -> dict[str, object]:
     """Measure the five settings; `loaded.model` is left as it was. Returns the JSON-ready results.
 
     The adapter trained on the emulator is saved to `adapter_path` (safetensors, full-model names) if given.
-    With `device`, the adapter a device trained is evaluated instead of training one here.
+    With `device`, the adapter a device trained is evaluated instead of training one here. With `validation`
+    examples, both the adapter and the full fine-tune keep their best checkpoint by them.
     """
     full, batch = loaded.model, experiment.eval_batch_size
     results: dict[str, object] = {"full_zero_shot": timed_score(task, full, test_examples, batch)}
-    results |= measure_offsite(loaded, task, train_examples, test_examples, experiment, adapter_path, device)
-    finetuned = copy.deepcopy(full)
-    baseline = train(finetuned, finetuned.parameters(), task, train_examples, experiment.full_training, "full")
-    results["full_finetune"] = timed_score(task, finetuned, test_examples, batch) | {"train": baseline.summary()}
-    del finetuned
+    results |= measure_offsite(
+        loaded, task, train_examples, test_examples, experiment, adapter_path, device, validation
+    )
+    results["full_finetune"] = full_finetune(task, full, train_examples, test_examples, experiment, validation)
     emulator = results["emulator"]
     split = experiment.emulator.split_for(experiment.split)
     results |= {
@@ -187,11 +247,42 @@ def run_five_settings(
             "full_training": asdict(experiment.full_training),
             "eval_batch_size": batch,
             "train_examples": len(train_examples),
+            "validation_examples": len(validation),
             "test_examples": len(test_examples),
             **task_config(task),
         },
     }
     return results
+
+
+def full_finetune(
+    task: Task,
+    full: PreTrainedModel,
+    train_examples: Sequence[Example],
+    test_examples: Sequence[Example],
+    experiment: Experiment,
+    validation: Sequence[Example] = (),
+) -> dict[str, object]:
+    """The baseline: every weight of a copy of `full` trained, scored on the test examples (its best checkpoint
+    by `validation`, if given, checked as often as the adapter's)."""
+    finetuned, batch = copy.deepcopy(full), experiment.eval_batch_size
+    selection = None
+    if validation:
+        parameters = list(finetuned.parameters())
+
+        def scorer() -> float:
+            finetuned.eval()  # scored as it will be used; training resumes in train mode
+            try:
+                return task.score(finetuned, validation, batch)
+            finally:
+                finetuned.train()
+
+        selection = BestCheckpoint(parameters, scorer, experiment.check_every, higher_is_better(task))
+    config = experiment.full_training
+    summary = _train_keeping_best(
+        finetuned, finetuned.parameters(), task, train_examples, config, (), selection, "full"
+    )
+    return timed_score(task, finetuned, test_examples, batch) | {"train": summary}
 
 
 def model_summary(loaded: LoadedModel) -> dict[str, object]:

@@ -7,7 +7,15 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from coordinator.compression import EmulatorSpec
-from coordinator.evaluation import RESULTS_SCHEMA, Experiment, measure_offsite, model_summary, task_config, timed_score
+from coordinator.evaluation import (
+    RESULTS_SCHEMA,
+    Experiment,
+    full_finetune,
+    measure_offsite,
+    model_summary,
+    task_config,
+    timed_score,
+)
 from coordinator.models import LoadedModel
 from coordinator.report import save_figure
 from coordinator.tasks import Task
@@ -22,8 +30,11 @@ def run_tradeoff(
     test_examples: Sequence[Example],
     experiment: Experiment,
     specs: Sequence[EmulatorSpec],
+    validation: Sequence[Example] = (),
+    finetune: bool = False,
 ) -> dict[str, object]:
-    """Full zero-shot once, then for each recipe: its size, emulator zero-shot, offsite on it, plug-in, gap."""
+    """Full zero-shot once (and, with `finetune`, the full fine-tune), then for each recipe: its size, emulator
+    zero-shot, offsite on it, plug-in, gap."""
     metric = task.metric
     results: dict[str, object] = {
         "schema": RESULTS_SCHEMA,
@@ -33,17 +44,26 @@ def run_tradeoff(
         "full_zero_shot": timed_score(task, loaded.model, test_examples, experiment.eval_batch_size),
         "recipes": [],
     }
+    if finetune:
+        print("full fine-tune ...", flush=True)
+        results["full_finetune"] = full_finetune(
+            task, loaded.model, train_examples, test_examples, experiment, validation
+        )
     for spec in specs:
         print(f"emulator {spec.label()} ...", flush=True)
-        measured = measure_offsite(loaded, task, train_examples, test_examples, replace(experiment, emulator=spec))
+        recipe = replace(experiment, emulator=spec)
+        measured = measure_offsite(loaded, task, train_examples, test_examples, recipe, validation=validation)
         plugin, emulator = measured["offsite_plugin"][metric], measured["emulator_zero_shot"][metric]
         results["recipes"].append(measured | {"gap": plugin - emulator})
     results["config"] = {
         "adapter_layers": [experiment.split.bottom, experiment.split.top],
         "adapter_training": asdict(experiment.adapter_training),
+        "full_training": asdict(experiment.full_training) if finetune else None,
+        "check_every": experiment.check_every,
         "layer_window": experiment.layer_window,
         "eval_batch_size": experiment.eval_batch_size,
         "train_examples": len(train_examples),
+        "validation_examples": len(validation),
         "test_examples": len(test_examples),
         **task_config(task),
     }
@@ -72,8 +92,10 @@ def format_tradeoff(results: dict) -> str:
             f"{_shown(metric, row['offsite_emulator'][metric]):>10}{_shown(metric, row['offsite_plugin'][metric]):>10}"
             f"{gap:>+11.1f}{emulator['build_seconds']:>9.0f}"
         )
+    finetuned = results.get("full_finetune")
     lines += [
         "",
+        *([f"full fine-tune: {_shown(metric, finetuned[metric])}"] if finetuned else []),
         f"full model zero-shot: {_shown(metric, results['full_zero_shot'][metric])}; middle size = the kept middle's "
         f"compact size as a share of the full model's middle; gap = plug-in − emulator zero-shot ({unit}).",
     ]
@@ -102,6 +124,8 @@ def plot_tradeoff(results: dict, path: str | Path) -> None:
         axes.scatter([size], [plugin], color=color, s=40, label=row["emulator"]["spec"])
         axes.scatter([size], [emulator], facecolors="none", edgecolors=color, s=40)
     axes.axhline(scale * results["full_zero_shot"][metric], color="k", lw=0.8, ls="--", label="full model zero-shot")
+    if "full_finetune" in results:
+        axes.axhline(scale * results["full_finetune"][metric], color="k", lw=0.8, ls="-", label="full fine-tune")
     axes.set_xlabel("emulator middle size, % of the full middle (compact storage)")
     if metric == "accuracy":
         axes.set_ylabel("accuracy (%)")

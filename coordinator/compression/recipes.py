@@ -10,14 +10,20 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from coordinator.architectures import decoder_layers
 from coordinator.compression.calibration import Calibration, load_calibration
 from coordinator.compression.distill import DistillConfig, distill
+from coordinator.compression.greedy import select_greedy
 from coordinator.compression.importance import select_important
 from coordinator.compression.lowrank import compress_low_rank
 from coordinator.compression.luc import FLOAT_BITS, bake, compress_layerwise
 from coordinator.emulator import Split, build_emulator, emulator_record, set_emulator_record
 from coordinator.errors import ConfigError
+from coordinator.models import cache_root
 
-RECIPES = ("uniform", "importance", "luc", "lowrank")
-SELECTIONS = ("uniform", "importance")
+RECIPES = ("uniform", "importance", "greedy", "luc", "lowrank")
+SELECTIONS = ("uniform", "importance", "greedy")
+SELECTORS = {
+    "importance": select_important,
+    "greedy": lambda model, split, calibration: select_greedy(model, split, calibration, cache_root() / "selection"),
+}
 
 
 class EmulatorRecipe(Protocol):
@@ -36,8 +42,8 @@ class EmulatorRecipe(Protocol):
 def _selected(
     model: PreTrainedModel, split: Split, calibration: Calibration | None, select: str, recipe: str
 ) -> tuple[PreTrainedModel, dict[str, object]]:
-    if select == "importance":
-        middle, details = select_important(model, split, calibration)
+    if select in SELECTORS:
+        middle, details = SELECTORS[select](model, split, calibration)
         return build_emulator(model, split, middle, recipe), details | {"select": select}
     return build_emulator(model, split, recipe=recipe), {"select": select}
 
@@ -62,6 +68,17 @@ class ImportanceDrop:
 
     def build(self, model: PreTrainedModel, split: Split, calibration: Calibration | None) -> tuple:
         return _selected(model, split, calibration, "importance", self.name)
+
+
+@dataclass(frozen=True)
+class GreedyDrop:
+    """Remove middle layers one at a time, each the one whose removal moves the predictions least so far."""
+
+    name: str = "greedy"
+    needs_calibration: bool = True
+
+    def build(self, model: PreTrainedModel, split: Split, calibration: Calibration | None) -> tuple:
+        return _selected(model, split, calibration, "greedy", self.name)
 
 
 @dataclass(frozen=True)
@@ -98,7 +115,7 @@ class EmulatorSpec:
     """A recipe and its settings, written `NAME[:key=value,...]`, e.g. `luc:keep=26,size=0.15,distill=200`.
 
     keep: middle layers kept (default: the command's --keep); size: luc's compact size or lowrank's weight
-    fraction of the kept layers; energy: lowrank's Σσ² fraction; select: uniform|importance (luc, lowrank);
+    fraction of the kept layers; energy: lowrank's Σσ² fraction; select: uniform|importance|greedy (luc, lowrank);
     distill: distillation steps (default: the command's --distill).
 
     >>> EmulatorSpec.parse("luc:size=0.25,keep=12").label()
@@ -170,6 +187,8 @@ class EmulatorSpec:
             return UniformDrop()
         if self.recipe == "importance":
             return ImportanceDrop()
+        if self.recipe == "greedy":
+            return GreedyDrop()
         if self.recipe == "luc":
             return LayerwiseCompression(self.size, self.select)
         return LowRank(self.energy, self.size, self.select)

@@ -20,7 +20,7 @@ def public_text(path):
     return path
 
 
-@pytest.mark.parametrize("recipe", ["importance", "luc:size=0.3", "lowrank:size=0.5", "uniform:distill=3"])
+@pytest.mark.parametrize("recipe", ["importance", "greedy", "luc:size=0.3", "lowrank:size=0.5", "uniform:distill=3"])
 def test_each_recipe_exports_a_bundle_that_both_backends_train_alike(tmp_path, recipe):
     public = public_text(tmp_path / "public.jsonl")
     bundle = make_bundle(tmp_path, "ort,torch", "--keep", "3", "--emulator", recipe, "--calibration", str(public))
@@ -39,12 +39,17 @@ def test_each_recipe_exports_a_bundle_that_both_backends_train_alike(tmp_path, r
     assert curves["ort"][-1] < curves["ort"][0]
 
 
-def test_evaluate_with_several_recipes_prints_the_privacy_utility_table_and_plots_it(tmp_path, capsys):
+def evaluate_command(tmp_path, steps: int) -> list[str]:
+    """`coordinator evaluate` on a tiny model with a 1+1 adapter and 16 test sentences; recipes come after."""
     bundle = make_bundle(tmp_path, "torch")
     write_jsonl(tmp_path / "test.jsonl", sentiment_examples(16, seed=5))
-    out = tmp_path / "tradeoff.json"
     command = ["evaluate", "--model", str(bundle["model"]), "--train", str(bundle["data"])]
-    command += ["--test", str(tmp_path / "test.jsonl"), "--adapter-layers", "1,1", "--steps", "3", "--batch-size", "4"]
+    return [*command, "--test", str(tmp_path / "test.jsonl"), "--adapter-layers", "1,1", "--steps", str(steps)]
+
+
+def test_evaluate_with_several_recipes_prints_the_privacy_utility_table_and_plots_it(tmp_path, capsys):
+    out = tmp_path / "tradeoff.json"
+    command = [*evaluate_command(tmp_path, steps=3), "--batch-size", "4"]
     command += [
         "--emulator",
         "uniform:keep=2",
@@ -68,3 +73,26 @@ def test_evaluate_with_several_recipes_prints_the_privacy_utility_table_and_plot
     table = capsys.readouterr().out
     assert "luc:keep=4,size=0.25" in table and "plug-in" in table and "full model zero-shot" in table
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_comparison_with_validation_and_finetune_chooses_checkpoints_on_data_it_never_tests_on(tmp_path, capsys):
+    out = tmp_path / "utility.json"
+    command = [*evaluate_command(tmp_path, steps=4), "--batch-size", "4"]
+    command += [
+        "--emulator",
+        "uniform:keep=2",
+        "--emulator",
+        "greedy:keep=2",
+        "--validation",
+        "8",
+        "--check-every",
+        "2",
+    ]
+    command += ["--finetune", "--calibration", str(public_text(tmp_path / "public.jsonl")), "--out", str(out)]
+    assert coordinator(command) == 0
+    results = json.loads(out.read_text())
+    assert results["config"]["validation_examples"] == 8
+    for trained in [results["full_finetune"], *(row["offsite_emulator"] for row in results["recipes"])]:
+        assert [step for step, _ in trained["train"]["selection"]["validation_curve"]] == [0, 2, 4]
+    assert results["recipes"][1]["emulator"]["spec"] == "greedy:keep=2"
+    assert "full fine-tune:" in capsys.readouterr().out

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from coordinator.architectures import decoder_layers
-from coordinator.compression import Calibration, EmulatorSpec, make_emulator
+from coordinator.compression import Calibration, EmulatorSpec, greedy, make_emulator
 from coordinator.compression.calibration import linear_modules
 from coordinator.compression.distill import DistillConfig, distill
 from coordinator.compression.importance import removal_importance
@@ -35,7 +35,7 @@ def logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
         return model(input_ids=ids).logits
 
 
-@pytest.mark.parametrize("text", ["uniform", "importance", "luc:size=1.0", "lowrank:energy=1.0"])
+@pytest.mark.parametrize("text", ["uniform", "importance", "greedy", "luc:size=1.0", "lowrank:energy=1.0"])
 def test_null_settings_reproduce_the_full_logits(family, text):
     model, data = tiny(family), calibration()
     emulator = make_emulator(model, SPLIT, EmulatorSpec.parse(text, keep=6), calibration=data)
@@ -118,6 +118,38 @@ def test_importance_ranks_a_broken_layer_first_and_drops_a_layer_that_does_nothi
     assert scores[1] == pytest.approx(0.0, abs=1e-7)
     emulator = make_emulator(model, SPLIT, EmulatorSpec.parse("importance", keep=5), calibration=calibration())
     assert emulator_record(emulator).layer_map == [0, 1, 3, 4, 5, 6, 7]
+
+
+def test_greedy_removes_the_layers_that_do_nothing_first_and_keeps_the_broken_one():
+    model = broken(tiny(), layer=4)
+    with torch.no_grad():  # layers 2 and 5 add nothing to the residual stream
+        for index in (2, 5):
+            decoder_layers(model)[index].mlp.down_proj.weight.zero_()
+            decoder_layers(model)[index].self_attn.o_proj.weight.zero_()
+    emulator = make_emulator(model, SPLIT, EmulatorSpec.parse("greedy", keep=3), calibration=calibration())
+    record = emulator_record(emulator)
+    path = record.details["greedy_path"]
+    assert {step["removed"] for step in path[:2]} == {2, 5}
+    assert path[1]["kl"] == pytest.approx(0.0, abs=1e-7)
+    assert 4 in record.layer_map and len(record.layer_map) == 5
+    assert record.details["select"] == "greedy"
+
+
+def test_greedy_path_is_cached_reused_for_a_larger_keep_and_continued_for_a_smaller(tmp_path, monkeypatch):
+    model, data = tiny(), calibration()
+    passes = []
+    measure = greedy._divergence_without
+    monkeypatch.setattr(greedy, "_divergence_without", lambda *args: passes.append(1) or measure(*args))
+    fresh, _ = greedy.select_greedy(model, Split(1, 1, keep=3), data)
+    assert len(passes) == 6 + 5 + 4
+    passes.clear()
+    four, details = greedy.select_greedy(model, Split(1, 1, keep=4), data, tmp_path)
+    assert len(passes) == 6 + 5 and len(details["greedy_path"]) == 2
+    passes.clear()
+    five, _ = greedy.select_greedy(model, Split(1, 1, keep=5), data, tmp_path)
+    three, _ = greedy.select_greedy(model, Split(1, 1, keep=3), data, tmp_path)
+    assert len(passes) == 4  # keep 5 is a prefix of the saved path; keep 3 measures one more round only
+    assert three == fresh and set(three) < set(four) < set(five)
 
 
 def test_allocation_compresses_the_least_sensitive_layers_first_and_refuses_the_impossible():
