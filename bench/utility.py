@@ -158,7 +158,8 @@ def main() -> None:
         "during it; the test file (all of it) is scored once, at the end. `greedy` removes one middle layer at a "
         "time, the one whose removal moves the next-token predictions on public Wikipedia text least; `uniform` "
         "keeps evenly spaced layers. Build seconds include greedy's removal path, which is cached: the first "
-        "greedy build pays for the others.",
+        "greedy build pays for the others. `offsite on emu` scores the emulator with the adapter kept, so where "
+        "the untrained adapter is kept it equals the emulator's zero-shot.",
         "",
         "```",
         format_tradeoff(results),
