@@ -104,7 +104,7 @@ class Curves:
 
     def offsite(self, bundle: Path) -> list[tuple[int, float]]:
         """The plug-in's accuracy every `every` steps, the adapter trained through the bundle's own emulator."""
-        from coordinator.adapter import adapter_state, plug_in
+        from coordinator.adapter import plugged_in
         from edge_runtime.low_rank import load_causal_lm
 
         manifest = json.loads((bundle / "manifest.json").read_text())
@@ -113,14 +113,13 @@ class Curves:
         names = manifest["adapter"]["parameters"]  # the training graph's names -> full-model names
         adapter = {full: named[local.removeprefix("causal_lm.")] for local, full in names.items()}
         full_model = self.loaded.model
-        original = adapter_state(full_model, manifest["adapter"]["bottom"], manifest["adapter"]["top"])
+        bottom, top = manifest["adapter"]["bottom"], manifest["adapter"]["top"]
         curve = [(0, self.zero_shot)]
 
         def on_step(step: int) -> None:
             if step % self.every == 0:
-                plug_in(full_model, {name: p.detach() for name, p in adapter.items()})
-                curve.append((step, self.score(full_model)))
-                plug_in(full_model, original)
+                with plugged_in(full_model, {name: p.detach() for name, p in adapter.items()}, bottom, top):
+                    curve.append((step, self.score(full_model)))
 
         self._train(emulator, adapter.values(), ADAPTER_LR, on_step)
         return curve

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -55,6 +57,19 @@ def adapter_parameters(model: PreTrainedModel, bottom: int, top: int) -> dict[st
 def adapter_state(model: PreTrainedModel, bottom: int, top: int) -> dict[str, torch.Tensor]:
     """A detached copy of the adapter's weights under full-model names."""
     return {name: p.detach().clone().contiguous() for name, p in adapter_parameters(model, bottom, top).items()}
+
+
+@contextmanager
+def plugged_in(
+    model: PreTrainedModel, weights: dict[str, torch.Tensor], bottom: int, top: int
+) -> Iterator[PreTrainedModel]:
+    """While open, `model` holds adapter `weights` (full-model names); its own adapter layers come back on exit."""
+    original = adapter_state(model, bottom, top)
+    plug_in(model, weights)
+    try:
+        yield model
+    finally:
+        plug_in(model, original)
 
 
 def plug_in(model: PreTrainedModel, weights: dict[str, torch.Tensor]) -> None:

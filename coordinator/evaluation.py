@@ -17,6 +17,7 @@ from coordinator.adapter import (
     adapter_state,
     adapter_windows,
     plug_in,
+    plugged_in,
     save_adapter,
 )
 from coordinator.architectures import decoder_layers
@@ -145,14 +146,10 @@ def measure_offsite(
     trained = adapter_state(emulator, split.bottom, split.top)
     if adapter_path is not None:
         save_adapter(trained, adapter_path, {"model": loaded.name, "bottom": split.bottom, "top": split.top})
-    original = adapter_state(full, split.bottom, split.top)
-    plug_in(full, trained)
-    try:
+    with plugged_in(full, trained, split.bottom, split.top):
         results["offsite_plugin"] = timed_score(task, full, test_examples, batch, full_exits)
         if exits:  # what voting adds over reading the last layer alone
             results["offsite_plugin"]["final_exit_only"] = task.score(full, test_examples, batch)
-    finally:
-        plug_in(full, original)
     record = emulator_record(emulator)
     return results | {
         "emulator": {
@@ -177,7 +174,8 @@ def _train_keeping_best(
     description: str,
 ) -> dict[str, object]:
     """Train; with a `selection`, end on its best checkpoint and add its validation curve to the summary."""
-    report = train(model, parameters, task, examples, config, description, phases, selection and selection.on_step)
+    on_step = selection.on_step if selection else None
+    report = train(model, parameters, task, examples, config, description, phases, on_step)
     summary: dict[str, object] = report.summary()
     if selection is not None:
         selection.finish(report.steps)
@@ -196,12 +194,8 @@ def _plugged_in_score(
     exits: Sequence[int],
 ) -> float:
     """The full model's score on `examples` with the emulator's current adapter plugged in; `full` is restored."""
-    original = adapter_state(full, split.bottom, split.top)
-    plug_in(full, adapter_state(emulator, split.bottom, split.top))
-    try:
+    with plugged_in(full, adapter_state(emulator, split.bottom, split.top), split.bottom, split.top):
         return task.score(full, examples, batch, exits)
-    finally:
-        plug_in(full, original)
 
 
 def run_five_settings(

@@ -8,7 +8,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from coordinator.adapter import adapter_exits, adapter_state, plug_in
+from coordinator.adapter import adapter_exits, plugged_in
 from coordinator.compression import EmulatorSpec
 from coordinator.emulator import Split
 from coordinator.export import export_bundle
@@ -104,16 +104,12 @@ def finish_round(service: FleetService, job: str, round_: int, spec: JobSpec) ->
         aggregate = read_result(out, loaded)
         bottom, top = spec.adapter_layers
         exits = adapter_exits(loaded.model.config.num_hidden_layers, bottom, top, spec.layer_window)
-        original = adapter_state(loaded.model, bottom, top)
-        plug_in(loaded.model, aggregate.weights)
-        try:
+        with plugged_in(loaded.model, aggregate.weights, bottom, top):
             evaluation = {
                 "metric": task.metric,
                 "value": task.score(loaded.model, examples, 16, exits),
                 "examples": len(examples),
             }
-        finally:
-            plug_in(loaded.model, original)
     return {
         "kind": "aggregated",
         "round": round_,

@@ -4,7 +4,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from coordinator.adapter import adapter_parameters, adapter_state, load_adapter, plug_in, save_adapter
+from coordinator.adapter import adapter_parameters, adapter_state, load_adapter, plug_in, plugged_in, save_adapter
 from coordinator.emulator import Split, build_emulator
 from coordinator.errors import ConfigError, DataError
 from tests.conftest import make_model
@@ -90,3 +90,13 @@ def test_mismatched_weights_are_refused_before_any_copy():
     emulator = build_emulator(model, Split(1, 1, keep=2))
     with pytest.raises(ConfigError, match="does not hold"):
         plug_in(emulator, {"model.layers.2.mlp.up_proj.weight": torch.zeros(64, 32)})
+
+
+def test_plugged_in_holds_the_weights_while_open_and_restores_even_after_an_error():
+    model = make_model("llama")
+    before = adapter_state(model, 1, 1)
+    trained = {name: tensor + 1.0 for name, tensor in before.items()}
+    with pytest.raises(RuntimeError, match="scoring failed"), plugged_in(model, trained, 1, 1):
+        assert all(torch.equal(adapter_state(model, 1, 1)[name], trained[name]) for name in trained)
+        raise RuntimeError("scoring failed")
+    assert all(torch.equal(adapter_state(model, 1, 1)[name], before[name]) for name in before)
