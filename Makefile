@@ -34,7 +34,7 @@ mosquitto:
 demo: setup
 	$(BIN)/python examples/fleet/local_fleet.py --model smollm2-135m \
 		--train $(SENTIMENT)/train.jsonl --test $(SENTIMENT)/test.jsonl \
-		--devices 2 --rounds 2 --steps 40 --limit-test 500 --out runs/demo
+		--devices 2 --rounds 2 --steps 80 --limit-test 500 --out runs/demo
 
 test: setup mosquitto
 	$(BIN)/ruff check .

@@ -7,6 +7,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+from coordinator.defaults import DEFAULT_EMULATOR, DEFAULT_KEEP, DEFAULT_LR
 from coordinator.fleet.cli import add_commands as add_fleet_commands
 from coordinator.fleet.cli import fleet, serve
 from device_profiles import ProfileError
@@ -44,8 +45,8 @@ def _add_emulator_options(command: argparse.ArgumentParser, repeatable: bool = F
         "--emulator",
         action="append" if repeatable else "store",
         metavar="RECIPE[:KEY=VALUE,...]",
-        help="emulator recipe: uniform, importance, luc:size=F, lowrank:energy=E|size=F; keys keep, select, distill "
-        "(e.g. luc:keep=26,size=0.15)"
+        help=f"emulator recipe (default {DEFAULT_EMULATOR}): uniform, importance, greedy, luc:size=F, "
+        "lowrank:energy=E|size=F; keys keep, select, distill (e.g. luc:keep=26,size=0.15)"
         + ("; repeat to compare recipes in one privacy-utility table" if repeatable else ""),
     )
     command.add_argument(
@@ -66,7 +67,7 @@ def _add_emulator_options(command: argparse.ArgumentParser, repeatable: bool = F
 def _emulator_specs(args: argparse.Namespace) -> list:
     from coordinator.compression import EmulatorSpec
 
-    texts = args.emulator if isinstance(args.emulator, list) else [args.emulator or "uniform"]
+    texts = args.emulator if isinstance(args.emulator, list) else [args.emulator or DEFAULT_EMULATOR]
     calibration = str(args.calibration) if args.calibration else None
     return [EmulatorSpec.parse(text, args.keep, args.distill, calibration) for text in texts]
 
@@ -102,11 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--train", type=Path, required=True, help="training data (.jsonl, .csv or .txt)")
     evaluate.add_argument("--test", type=Path, required=True, help="held-out data, same format")
     evaluate.add_argument("--adapter-layers", type=_pair, default=(2, 2), metavar="BOTTOM,TOP")
-    evaluate.add_argument("--keep", type=int, default=8, help="middle layers the emulator keeps")
+    evaluate.add_argument("--keep", type=int, default=DEFAULT_KEEP, help="middle layers the emulator keeps")
     _add_emulator_options(evaluate, repeatable=True)
     _add_window_option(evaluate)
     evaluate.add_argument("--steps", type=int, default=100, help="training steps (adapter and full fine-tune)")
-    evaluate.add_argument("--lr", type=float, default=3e-5, help="adapter learning rate")
+    evaluate.add_argument("--lr", type=float, default=DEFAULT_LR, help="adapter learning rate")
     evaluate.add_argument("--full-lr", type=float, default=2e-5, help="full fine-tuning learning rate")
     evaluate.add_argument("--batch-size", type=int, default=8)
     evaluate.add_argument("--max-length", type=int, default=128, help="token cap per example (LM: block size)")
@@ -144,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("--model", default="smollm2-135m", help="named model, HF folder or .gguf file")
         command.add_argument("--profile", required=True, help="profile name (e.g. jetson-orin) or a .yaml path")
         command.add_argument("--adapter-layers", type=_pair, default=(2, 2), metavar="BOTTOM,TOP")
-        command.add_argument("--keep", type=int, default=8, help="middle layers the emulator keeps")
+        command.add_argument("--keep", type=int, default=DEFAULT_KEEP, help="middle layers the emulator keeps")
         _add_emulator_options(command)
         command.add_argument("--task", choices=("classification", "language-model"), default="classification")
         command.add_argument("--batch-size", type=int, default=8)
@@ -154,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--backends", help="comma-separated, e.g. ort,torch (default: the profile's preferred)")
     _add_prompt_options(export)
     export.add_argument("--steps", type=int, default=100, help="default training steps on the device")
-    export.add_argument("--lr", type=float, default=3e-5)
+    export.add_argument("--lr", type=float, default=DEFAULT_LR)
     export.add_argument("--seed", type=int, default=0)
     export.add_argument("--checkpoint-every", type=int, default=10)
     _add_window_option(export)

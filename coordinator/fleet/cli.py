@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from coordinator.defaults import DEFAULT_EMULATOR, DEFAULT_KEEP, DEFAULT_LR
 from coordinator.fleet.registry import JOB_DONE, Registry, default_state_directory
 
 MIB = 2**20
@@ -39,13 +40,15 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     dispatch.add_argument("--steps", type=int, default=50, help="training steps per device per round")
     dispatch.add_argument("--devices", help="comma-separated device ids (default: every online device with it)")
     dispatch.add_argument("--adapter-layers", type=_pair, default=(2, 2), metavar="BOTTOM,TOP")
-    dispatch.add_argument("--keep", type=int, default=8, help="middle layers the emulator keeps")
-    dispatch.add_argument("--emulator", default="uniform", metavar="RECIPE[:KEY=VALUE,...]", help="as for export")
+    dispatch.add_argument("--keep", type=int, default=DEFAULT_KEEP, help="middle layers the emulator keeps")
+    dispatch.add_argument(
+        "--emulator", default=DEFAULT_EMULATOR, metavar="RECIPE[:KEY=VALUE,...]", help="as for export"
+    )
     dispatch.add_argument("--distill", type=int, default=0, metavar="STEPS", help="as for export")
     dispatch.add_argument("--layer-window", type=int, metavar="LAYERS", help="as for export")
     dispatch.add_argument("--batch-size", type=int, default=8)
     dispatch.add_argument("--max-length", type=int, default=128)
-    dispatch.add_argument("--lr", type=float, default=3e-5)
+    dispatch.add_argument("--lr", type=float, default=DEFAULT_LR)
     dispatch.add_argument("--task", choices=("classification", "language-model"), default="classification")
     dispatch.add_argument("--test", type=Path, help="held-out data the aggregate is scored on after each round")
     dispatch.add_argument("--limit-test", type=int, help="score only the first N test examples")

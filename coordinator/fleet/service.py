@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from coordinator.defaults import DEFAULT_EMULATOR, DEFAULT_KEEP, DEFAULT_LR
 from coordinator.errors import ConfigError, DataError
 from coordinator.fleet.registry import JOB_DONE, TASK_DONE, Registry
 from coordinator.tasks import DEFAULT_LABEL_WORDS, DEFAULT_TEMPLATE
@@ -39,10 +40,10 @@ class JobSpec:
     steps: int = 50
     devices: list[str] | None = None
     adapter_layers: tuple[int, int] = (2, 2)
-    keep: int = 8
+    keep: int = DEFAULT_KEEP
     batch_size: int = 8
     max_length: int = 128
-    lr: float = 3e-5
+    lr: float = DEFAULT_LR
     task: str = "classification"
     label_words: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_LABEL_WORDS))
     template: str = DEFAULT_TEMPLATE
@@ -50,7 +51,7 @@ class JobSpec:
     limit_test: int | None = None
     checkpoint_every: int = 10
     seed: int = 0
-    emulator: str = "uniform"  # recipe spec, e.g. "luc:size=0.2" (see `coordinator export --help`)
+    emulator: str = DEFAULT_EMULATOR  # recipe spec, e.g. "luc:size=0.2" (see `coordinator export --help`)
     distill: int = 0
     layer_window: int | None = None  # adaptive layer tuning (see `coordinator export --help`)
 

@@ -30,6 +30,7 @@ import sys
 import time
 from pathlib import Path
 
+from coordinator.defaults import DEFAULT_EMULATOR, DEFAULT_KEEP
 from coordinator.fleet.broker import free_port
 from coordinator.fleet.cli import format_results, format_status
 from coordinator.fleet.registry import JOB_DONE, Registry
@@ -77,7 +78,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--steps", type=int, default=40, help="steps per device per round")
     parser.add_argument("--adapter-layers", default="2,2")
-    parser.add_argument("--keep", type=int, default=8)
+    parser.add_argument("--emulator", default=DEFAULT_EMULATOR, help="emulator recipe, as for `coordinator export`")
+    parser.add_argument("--keep", type=int, default=DEFAULT_KEEP, help="middle layers the emulator keeps")
     parser.add_argument("--limit-test", type=int, default=500)
     parser.add_argument("--full-steps", type=int, default=100, help="steps of the full fine-tuning baseline")
     parser.add_argument("--profile", default="laptop-16gb")
@@ -160,6 +162,8 @@ def main(argv: list[str] | None = None) -> None:
                 args.adapter_layers,
                 "--keep",
                 str(args.keep),
+                "--emulator",
+                args.emulator,
                 "--test",
                 str(args.test),
                 "--limit-test",
@@ -204,6 +208,8 @@ def main(argv: list[str] | None = None) -> None:
             args.adapter_layers,
             "--keep",
             str(args.keep),
+            "--emulator",
+            args.emulator,
             "--steps",
             str(args.full_steps),
             "--limit-test",

@@ -31,16 +31,16 @@ def test_evaluate_prints_the_table_and_writes_results(tiny_folder, tmp_path, cap
     printed = capsys.readouterr().out
     assert "Offsite plug-in" in printed and "Emulator zero-shot" in printed
     results = json.loads((tmp_path / "r.json").read_text())
-    assert results["config"]["emulator_layers"] == [0, 1, 4, 5]
+    assert results["emulator"]["spec"] == "greedy:keep=2"  # the default recipe, at this command's --keep
+    layers = results["config"]["emulator_layers"]
+    assert len(layers) == 4 and layers[0] == 0 and layers[-1] == 5
     assert (tmp_path / "r.png").is_file() and (tmp_path / "a.safetensors").is_file()
 
 
 def test_emulator_command_saves_a_loadable_model(tiny_folder, tmp_path, capsys):
     out = tmp_path / "emulator"
-    assert (
-        main(["emulator", "--model", str(tiny_folder), "--adapter-layers", "1,1", "--keep", "2", "--out", str(out)])
-        == 0
-    )
+    options = ["--adapter-layers", "1,1", "--keep", "2", "--emulator", "uniform", "--out", str(out)]
+    assert main(["emulator", "--model", str(tiny_folder), *options]) == 0
     config = json.loads((out / "config.json").read_text())
     assert config["num_hidden_layers"] == 4 and config["offsite_emulator"]["layer_map"] == [0, 1, 4, 5]
 

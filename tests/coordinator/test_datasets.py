@@ -1,23 +1,23 @@
-"""Parsers of the raw public data: movie-review labels, MediaWiki cleaning, the fixed split."""
+"""Parsers of the raw public data: review-snippet labels, MediaWiki cleaning, the fixed split."""
 
 import bz2
 
 import pytest
 
-from coordinator.datasets import clean_wiki_markup, parse_movie_reviews, parse_wikipedia, split_train_test
+from coordinator.datasets import clean_wiki_markup, parse_review_snippets, parse_wikipedia, split_train_test
 from coordinator.errors import DataError
 from edge_runtime.data import Example
 
 
-def test_movie_reviews_are_labelled_by_sign_and_neutral_dropped():
+def test_review_snippets_are_labelled_by_sign_and_neutral_dropped():
     raw = "1\t2.3\tA gorgeous film.\n2\t-0.5\tMeh.\n3\t-1.6\tTepid and dull.\n\n4\t0.51\tFine.\n"
-    assert parse_movie_reviews(raw) == [
+    assert parse_review_snippets(raw) == [
         Example("A gorgeous film.", "positive"),
         Example("Tepid and dull.", "negative"),
         Example("Fine.", "positive"),
     ]
     with pytest.raises(DataError, match="line 1"):
-        parse_movie_reviews("1\t2.0\n")
+        parse_review_snippets("1\t2.0\n")
 
 
 ARTICLE = """{{Infobox animal|name=Aardvark {{nested|x}}}}

@@ -44,6 +44,16 @@ def test_zero_shot_sentiment_is_above_chance(smollm2, sentiment):
     assert task.score(smollm2.model, test[:200], batch_size=16) > 0.55
 
 
+def test_product_reviews_are_a_second_labelled_domain(smollm2, sentiment):
+    prepare_datasets()
+    train, test = (load_examples(dataset_path("products", split)) for split in ("train", "test"))
+    assert len(train) > 2000 and len(test) > 400
+    assert {example.label for example in test} == {"positive", "negative"}
+    assert not {example.text for example in test} & {example.text for example in train + sentiment[0]}
+    task = make_task(smollm2.tokenizer, train, test)
+    assert task.score(smollm2.model, test[:200], batch_size=16) > 0.6  # the label words fit this domain too
+
+
 def test_short_five_setting_run(smollm2, sentiment, tmp_path):
     train, test = sentiment
     task = make_task(smollm2.tokenizer, train, test)
