@@ -47,7 +47,8 @@ bench: setup
 	$(BIN)/python -m bench.communication
 	$(BIN)/python -m bench.device_training
 
-# The longer accuracy studies (about 100 min on 2 cores): five settings, the fleet, emulator recipes, layer windows.
+# The longer accuracy studies (about five hours on 2 cores): five settings on three tasks, the fleet, emulator recipes,
+# utility, layer windows.
 bench-studies: setup
 	$(BIN)/python -m bench.five_settings
 	$(BIN)/python -m bench.fleet

@@ -64,7 +64,10 @@ def test_ort_and_torch_train_the_same_steps_on_smollm2(bundle, tmp_path):
     for backend in ("ort", "torch"):
         options = TrainOptions(steps=4, backend=backend, progress=False)
         losses[backend] = train_bundle(bundle[0], data, tmp_path / backend, bundle[1], options)["loss_curve"]
-    np.testing.assert_allclose(losses["ort"], losses["torch"], rtol=2e-3)
+    np.testing.assert_allclose(losses["ort"][0], losses["torch"][0], rtol=1e-5)  # the same forward pass
+    # AdamW's first updates are ±lr wherever a gradient is non-zero, so float-level gradient differences between
+    # the backends show up at lr 1e-4 as a fraction of a percent in the next losses; a wrong update would not.
+    np.testing.assert_allclose(losses["ort"], losses["torch"], rtol=1e-2)
 
 
 def test_jetson_plan_uses_the_torch_backend(capsys):
