@@ -10,10 +10,9 @@ import argparse
 import json
 from pathlib import Path
 
-from bench.markdown import machine_line, measuring_command, write_section
+from bench.markdown import coordinator_command, machine_line, measuring_command, write_section
 from coordinator.cli import main as coordinator
 from coordinator.datasets import dataset_path, prepare_datasets
-from coordinator.models import cache_root
 from coordinator.tradeoff import format_tradeoff, plot_tradeoff
 
 REPO = Path(__file__).resolve().parent.parent
@@ -124,13 +123,12 @@ def main() -> None:
             raise SystemExit(f"the {task} comparison failed")
         results = json.loads(Path(argv[-1]).read_text())
         plot_tradeoff(results, RESULTS / f"compression_{task}.png")  # redrawn, so --report-only refreshes it too
-        shown = [arg.replace(f"{REPO}/", "").replace(str(cache_root()), "$OFFSITE_EDGE_CACHE") for arg in argv]
         body += [
             "",
             f"### {task} ({results['metric']}), {steps} adapter steps, {results['config']['test_examples']} test "
             f"{'examples' if task == 'sentiment' else 'paragraphs'}",
             "",
-            f"Runs `coordinator {' '.join(shown)}`.",
+            f"Runs `{coordinator_command(argv)}`.",
             "",
             "```",
             format_tradeoff(results),

@@ -11,11 +11,10 @@ import argparse
 import json
 from pathlib import Path
 
-from bench.markdown import machine_line, write_section
+from bench.markdown import coordinator_command, machine_line, write_section
 from coordinator.cli import main as coordinator
 from coordinator.datasets import dataset_path, prepare_datasets
 from coordinator.defaults import DEFAULT_EMULATOR, DEFAULT_KEEP, DEFAULT_LR
-from coordinator.models import cache_root
 from coordinator.report import format_table
 from edge_runtime.files import write_json_atomic
 
@@ -108,11 +107,6 @@ def _section(task: str, command: dict[str, str]) -> list[str]:
     ]
 
 
-def _shown(argv: list[str]) -> str:
-    shown = [arg.replace(f"{REPO}/", "").replace(str(cache_root()), "$OFFSITE_EDGE_CACHE") for arg in argv]
-    return "coordinator " + " ".join(shown)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--task", action="append", choices=tuple(VALIDATION), help="default: all three")
@@ -128,7 +122,7 @@ def main() -> None:
             if coordinator(argv) != 0:
                 raise SystemExit(f"the five-setting run on {task} failed")
             saved[task] = {"bench": f"python -m bench.five_settings --task {task} --steps {args.steps}"}
-            saved[task]["coordinator"] = _shown(argv)
+            saved[task]["coordinator"] = coordinator_command(argv)
             write_json_atomic(commands, saved)
     body = [
         "## Five settings with the default emulator and adapter: SmolLM2-135M",

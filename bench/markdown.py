@@ -32,6 +32,15 @@ def measuring_command(module: str) -> str:
     return " ".join(["python -m", module, *shown])
 
 
+def coordinator_command(argv: list[str]) -> str:
+    """`coordinator ARGS` as a reader can retype it: repository and cache paths relative, not this machine's."""
+    from coordinator.models import cache_root
+
+    repo = f"{BENCHMARKS.parent}/"
+    shown = [arg.replace(repo, "").replace(str(cache_root()), "$OFFSITE_EDGE_CACHE") for arg in argv]
+    return " ".join(["coordinator", *shown])
+
+
 def measured_or_saved(out: Path, module: str, report_only: bool, measure: Callable[[], dict]) -> dict:
     """With `report_only`, the results saved at `out`; else new ones, saved there with the command that made them."""
     if report_only:

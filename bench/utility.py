@@ -11,10 +11,9 @@ import argparse
 import json
 from pathlib import Path
 
-from bench.markdown import machine_line, measuring_command, write_section
+from bench.markdown import coordinator_command, machine_line, measuring_command, write_section
 from coordinator.cli import main as coordinator
 from coordinator.datasets import dataset_path, prepare_datasets
-from coordinator.models import cache_root
 from coordinator.tradeoff import format_tradeoff, plot_tradeoff
 from edge_runtime.files import write_json_atomic
 
@@ -146,11 +145,10 @@ def main() -> None:
         _add_alignment(results)
         write_json_atomic(OUT, results)
     plot_tradeoff(results, OUT.with_suffix(".png"))
-    shown = [arg.replace(f"{REPO}/", "").replace(str(cache_root()), "$OFFSITE_EDGE_CACHE") for arg in argv]
     body = [
         "## Does offsite tuning pay? Emulator recipes against the full fine-tune, SmolLM2-135M",
         "",
-        f"Command: `{measuring_command('bench.utility')}`, which runs `coordinator {' '.join(shown)}`. "
+        f"Command: `{measuring_command('bench.utility')}`, which runs `{coordinator_command(argv)}`. "
         f"Machine: {machine_line()}.",
         "",
         f"{VALIDATION} reviews carved from the training file (none in the test file) choose every checkpoint: the "
