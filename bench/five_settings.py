@@ -44,7 +44,7 @@ def _argv(task: str, steps: int) -> list[str]:
 
 
 def bar_lines(results: dict) -> list[str]:
-    """The issue's bar for this task, each condition with its margin and whether it holds."""
+    """The bar offsite tuning must clear on this task: each condition, its margin, and whether it holds."""
     metric = results["metric"]
     value = {key: results[key][metric] for key in ("full_zero_shot", "emulator_zero_shot", "full_finetune")}
     value |= {key: results[key][metric] for key in ("offsite_emulator", "offsite_plugin")}

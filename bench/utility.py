@@ -38,7 +38,7 @@ def _argv(steps: int, lr: float) -> list[str]:
 
 
 def _verdicts(results: dict) -> list[str]:
-    """For each recipe, the issue's three conditions in points: plug-in vs fine-tune, vs offsite, emulator vs full."""
+    """For each recipe, the bar's three conditions in points: plug-in vs fine-tune, vs offsite, emulator vs full."""
     full, finetuned = results["full_zero_shot"]["accuracy"], results["full_finetune"]["accuracy"]
     lines = [
         "| recipe | gradient cosine, bottom / top | plug-in − fine-tune | plug-in − offsite on emulator | "
