@@ -46,7 +46,7 @@ def _add_emulator_options(command: argparse.ArgumentParser, repeatable: bool = F
         action="append" if repeatable else "store",
         metavar="RECIPE[:KEY=VALUE,...]",
         help=f"emulator recipe (default {DEFAULT_EMULATOR}): uniform, importance, greedy, luc:size=F, "
-        "lowrank:energy=E|size=F; keys keep, select, distill (e.g. luc:keep=26,size=0.15)"
+        "lowrank:energy=E|size=F; keys keep, select, distill, harmonize (e.g. greedy:keep=16,harmonize=64)"
         + ("; repeat to compare recipes in one privacy-utility table" if repeatable else ""),
     )
     command.add_argument(
@@ -60,7 +60,8 @@ def _add_emulator_options(command: argparse.ArgumentParser, repeatable: bool = F
         "--calibration",
         type=Path,
         metavar="FILE",
-        help="public text the recipes measure and distill on (.jsonl, .csv, .txt); default: prepared Wikipedia",
+        help="public text the recipes measure, distill and harmonize on (.jsonl, .csv, .txt); default: prepared "
+        "Wikipedia",
     )
 
 

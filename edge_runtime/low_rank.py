@@ -1,4 +1,4 @@
-"""Rank-r linear layers of a low-rank emulator, and loading any emulator folder (dense or low-rank) as torch.
+"""Rank-r linear layers of a low-rank emulator, and loading any emulator folder (dense, low-rank, harmonized).
 
 Imported by the PyTorch backend and the coordinator; it needs torch and transformers.
 """
@@ -14,6 +14,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from edge_runtime.errors import DataError
+from edge_runtime.harmonizers import HARMONIZER_RECORD, attach_harmonizers
 
 # Config attribute of a low-rank emulator: {module path: rank} of every factorized linear layer.
 LOW_RANK_RECORD = "offsite_low_rank"
@@ -51,13 +52,16 @@ def factorize_structure(model: nn.Module, ranks: dict[str, int]) -> None:
 
 
 def load_causal_lm(folder: Path, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
-    """A transformers model folder as a causal LM; a low-rank emulator gets its factorized layers back first."""
+    """A transformers model folder as a causal LM; a low-rank or harmonized emulator gets its extra structure
+    (factorized layers, harmonizers) back before its weights load."""
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    ranks = config.get(LOW_RANK_RECORD)
-    if not ranks:
+    ranks, harmonizers = config.get(LOW_RANK_RECORD), config.get(HARMONIZER_RECORD)
+    if not ranks and not harmonizers:
         return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), dtype=dtype)
-    factorize_structure(model, ranks)
+    factorize_structure(model, ranks or {})
+    if harmonizers:
+        attach_harmonizers(model, harmonizers["layers"], harmonizers["final_norm"], harmonizers["ranks"])
     state = {}
     for shard in sorted(folder.glob("*.safetensors")):
         state.update(load_file(str(shard)))
@@ -65,7 +69,7 @@ def load_causal_lm(folder: Path, dtype: torch.dtype = torch.float32) -> PreTrain
     tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
     if unexpected or set(missing) - tied:
         raise DataError(
-            f"{folder} does not match its low-rank config (missing {missing[:3]}, extra {unexpected[:3]}); "
+            f"{folder} does not match its config's structure (missing {missing[:3]}, extra {unexpected[:3]}); "
             "export the emulator again"
         )
     model.tie_weights()

@@ -11,6 +11,7 @@ from coordinator.architectures import decoder_layers
 from coordinator.compression.calibration import Calibration, load_calibration
 from coordinator.compression.distill import DistillConfig, distill
 from coordinator.compression.greedy import select_greedy
+from coordinator.compression.harmonize import HarmonizeConfig, fit_harmonizers
 from coordinator.compression.importance import select_important
 from coordinator.compression.lowrank import compress_low_rank
 from coordinator.compression.luc import FLOAT_BITS, bake, compress_layerwise
@@ -116,7 +117,8 @@ class EmulatorSpec:
 
     keep: middle layers kept (default: the command's --keep); size: luc's compact size or lowrank's weight
     fraction of the kept layers; energy: lowrank's Σσ² fraction; select: uniform|importance|greedy (luc, lowrank);
-    distill: distillation steps (default: the command's --distill).
+    distill: distillation steps (default: the command's --distill); harmonize: rank of the harmonizer fitted in
+    place of each run of removed layers (any recipe; 0 = none).
 
     >>> EmulatorSpec.parse("luc:size=0.25,keep=12").label()
     'luc:keep=12,size=0.25'
@@ -128,6 +130,7 @@ class EmulatorSpec:
     energy: float | None = None
     select: str = "uniform"
     distill: int = 0
+    harmonize: int = 0
     calibration: str | None = None  # public text (.jsonl, .csv, .txt) to measure and distill on; default Wikipedia
 
     def __post_init__(self) -> None:
@@ -137,13 +140,17 @@ class EmulatorSpec:
             raise ConfigError(f"select={self.select!r} is unknown; choose one of {', '.join(SELECTIONS)}")
         compressing = self.recipe in ("luc", "lowrank")
         if not compressing and (self.size, self.energy, self.select) != (None, None, "uniform"):
-            raise ConfigError(f"{self.recipe} takes keep= and distill= only; size, energy, select are for luc/lowrank")
+            raise ConfigError(
+                f"{self.recipe} takes keep=, distill= and harmonize= only; size, energy, select are for luc/lowrank"
+            )
         if self.recipe == "luc" and (self.size is None or self.energy is not None):
             raise ConfigError("luc needs size=F, the compact size as a fraction of float32 (e.g. luc:size=0.25)")
         if self.recipe == "lowrank" and (self.size is None) == (self.energy is None):
             raise ConfigError("lowrank needs exactly one of energy=E or size=F (e.g. lowrank:energy=0.9)")
         if self.distill < 0:
             raise ConfigError(f"distill={self.distill} must be 0 (none) or a number of steps")
+        if self.harmonize < 0:
+            raise ConfigError(f"harmonize={self.harmonize} must be 0 (none) or a rank, e.g. harmonize=64")
 
     @classmethod
     def parse(
@@ -153,7 +160,7 @@ class EmulatorSpec:
         name, _, rest = text.partition(":")
         values: dict[str, object] = {"recipe": name.strip(), "keep": keep, "distill": distill}
         values["calibration"] = calibration
-        kinds = {"keep": int, "size": float, "energy": float, "select": str, "distill": int}
+        kinds = {"keep": int, "size": float, "energy": float, "select": str, "distill": int, "harmonize": int}
         for item in filter(None, rest.split(",")):
             key, sep, value = (part.strip() for part in item.partition("="))
             if not sep or key not in kinds:
@@ -170,7 +177,8 @@ class EmulatorSpec:
         chosen |= {key: getattr(self, key) for key in ("size", "energy") if getattr(self, key) is not None}
         if self.recipe in ("luc", "lowrank"):
             chosen["select"] = self.select
-        return chosen | ({"distill": self.distill} if self.distill else {})
+        chosen |= {"distill": self.distill} if self.distill else {}
+        return chosen | ({"harmonize": self.harmonize} if self.harmonize else {})
 
     def label(self) -> str:
         """The spec written back as text (select only where it is not uniform)."""
@@ -201,16 +209,17 @@ def make_emulator(
     tokenizer: PreTrainedTokenizerBase | None = None,
     calibration: Calibration | None = None,
 ) -> PreTrainedModel:
-    """Build the emulator `spec` describes (its keep overrides `split`'s), distill it if asked, and record the
-    recipe, its settings, what it measured and the emulator's size in its config. `model` is not changed.
+    """Build the emulator `spec` describes (its keep overrides `split`'s), distill it and fit harmonizers if asked,
+    and record the recipe, its settings, what it measured and the emulator's size in its config. `model` is not
+    changed.
 
-    Recipes that measure or distill use `calibration`, by default the prepared public Wikipedia text.
+    Recipes that measure, distill or harmonize use `calibration`, by default the prepared public Wikipedia text.
     """
     split = spec.split_for(split)
     split.check(model.config.num_hidden_layers)
     spec = replace(spec, keep=split.keep)
     recipe = spec.recipe_object()
-    if calibration is None and (recipe.needs_calibration or spec.distill):
+    if calibration is None and (recipe.needs_calibration or spec.distill or spec.harmonize):
         if tokenizer is None:
             raise ConfigError(f"emulator recipe {spec.label()} needs calibration text or a tokenizer to make it")
         calibration = load_calibration(tokenizer, spec.calibration)
@@ -218,6 +227,8 @@ def make_emulator(
     if spec.distill:
         details["distill"] = distill(emulator, model, split, calibration, DistillConfig(spec.distill))
     bake(emulator)
+    if spec.harmonize:
+        details["harmonize"] = fit_harmonizers(emulator, model, calibration, HarmonizeConfig(spec.harmonize))
     if calibration is not None:
         details["calibration"] = calibration.describe()
     details["footprint"] = footprint(emulator, model, split, details)
@@ -234,9 +245,11 @@ def _middle_parameters(model: PreTrainedModel, split: Split) -> int:
 def footprint(
     emulator: PreTrainedModel, model: PreTrainedModel, split: Split, details: dict[str, object]
 ) -> dict[str, object]:
-    """The emulator's size: its middle's compact size against the full model's middle, and its device weights."""
-    middle = _middle_parameters(emulator, split)
-    bits = details.get("compact_bits", middle * FLOAT_BITS)
+    """The emulator's size: its middle's compact size (harmonizers included) against the full model's middle,
+    and its device weights."""
+    harmonizers = details.get("harmonize", {}).get("parameters", 0)
+    middle = _middle_parameters(emulator, split) + harmonizers
+    bits = details.get("compact_bits", (middle - harmonizers) * FLOAT_BITS) + harmonizers * FLOAT_BITS
     full_bits = _middle_parameters(model, split) * FLOAT_BITS
     return {
         "middle_parameters": middle,

@@ -20,7 +20,9 @@ def public_text(path):
     return path
 
 
-@pytest.mark.parametrize("recipe", ["importance", "greedy", "luc:size=0.3", "lowrank:size=0.5", "uniform:distill=3"])
+@pytest.mark.parametrize(
+    "recipe", ["importance", "greedy", "luc:size=0.3", "lowrank:size=0.5", "uniform:distill=3", "uniform:harmonize=4"]
+)
 def test_each_recipe_exports_a_bundle_that_both_backends_train_alike(tmp_path, recipe):
     public = public_text(tmp_path / "public.jsonl")
     bundle = make_bundle(tmp_path, "ort,torch", "--keep", "3", "--emulator", recipe, "--calibration", str(public))

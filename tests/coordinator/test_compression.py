@@ -35,7 +35,9 @@ def logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
         return model(input_ids=ids).logits
 
 
-@pytest.mark.parametrize("text", ["uniform", "importance", "greedy", "luc:size=1.0", "lowrank:energy=1.0"])
+@pytest.mark.parametrize(
+    "text", ["uniform", "importance", "greedy", "luc:size=1.0", "lowrank:energy=1.0", "uniform:harmonize=4"]
+)
 def test_null_settings_reproduce_the_full_logits(family, text):
     model, data = tiny(family), calibration()
     emulator = make_emulator(model, SPLIT, EmulatorSpec.parse(text, keep=6), calibration=data)
@@ -205,6 +207,7 @@ def test_distilling_a_compressed_emulator_trains_only_its_middle_and_keeps_it_co
         ("luc:size=0.3,bits=4", "'bits=4' in emulator spec"),
         ("luc:size=half", "size='half' in emulator spec"),
         ("luc:size=0.3,select=random", "select='random' is unknown"),
+        ("greedy:harmonize=-2", "harmonize=-2 must be 0"),
     ],
 )
 def test_bad_specs_name_the_bad_value(text, message):
