@@ -68,22 +68,36 @@ class _Captured(Exception):
 
 
 @torch.no_grad()
-def hidden_inputs(model: PreTrainedModel, module: nn.Module, blocks: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
-    """[N, T, hidden]: the hidden state entering `module` (before any other pre-hook) for each block of ids."""
-    captured: list[torch.Tensor] = []
+def hidden_inputs(
+    model: PreTrainedModel, modules: list[nn.Module], blocks: torch.Tensor, batch_size: int = 8
+) -> list[torch.Tensor]:
+    """[N, T, hidden] per module: the hidden state entering it (before any other pre-hook) for each block of
+    ids. One forward pass per batch serves every module; it stops once the last of them has its input."""
+    captured: list[list[torch.Tensor]] = [[] for _ in modules]
+    waiting: set[int] = set()
 
-    def capture(_module: nn.Module, args: tuple, kwargs: dict) -> None:
-        captured.append((args[0] if args else kwargs["hidden_states"]).detach().float())
-        raise _Captured
+    def capturer(index: int):
+        def capture(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+            captured[index].append((args[0] if args else kwargs["hidden_states"]).detach().float())
+            waiting.discard(index)
+            if not waiting:
+                raise _Captured
 
-    handle = module.register_forward_pre_hook(capture, with_kwargs=True, prepend=True)
+        return capture
+
+    handles = [
+        module.register_forward_pre_hook(capturer(index), with_kwargs=True, prepend=True)
+        for index, module in enumerate(modules)
+    ]
     try:
         for ids in blocks.split(batch_size):
+            waiting.update(range(len(modules)))
             with suppress(_Captured):
                 model(input_ids=ids, use_cache=False)
     finally:
-        handle.remove()
-    return torch.cat(captured)
+        for handle in handles:
+            handle.remove()
+    return [torch.cat(parts) for parts in captured]
 
 
 def _fit(harmonizer: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, config: HarmonizeConfig) -> list[float]:
@@ -136,17 +150,17 @@ def fit_harmonizers(
     started = time.perf_counter()
     layout = spec_for(model.config.model_type)
     harmonizers = attach_harmonizers(emulator, layout.layers, layout.final_norm, {str(p): config.rank for p in gaps})
-    fit, held = blocks[:fit_count], blocks[-held_count:]
+    blocks = torch.cat([blocks[:fit_count], blocks[-held_count:]])
+    tokens = fit_count * blocks.shape[1]  # rows before this are fitted on, the rest held out
+    teachers = [gap_module(model, layout.layers, layout.final_norm, removed[-1] + 1) for removed in gaps.values()]
+    wanted = [states.flatten(0, 1) for states in hidden_inputs(model, teachers, blocks)] if gaps else []
     report = []
-    for position, removed in tqdm(gaps.items(), desc="harmonize", unit="gap", leave=False):
-        teacher = gap_module(model, layout.layers, layout.final_norm, removed[-1] + 1)
+    progress = tqdm(zip(gaps.items(), wanted, strict=True), total=len(gaps), desc="harmonize", leave=False)
+    for (position, removed), target in progress:
         student = gap_module(emulator, layout.layers, layout.final_norm, position)
-        flat = [
-            hidden_inputs(source, module, blocks).flatten(0, 1)
-            for blocks in (fit, held)
-            for source, module in ((emulator, student), (model, teacher))
-        ]
-        inputs, targets, held_inputs, held_targets = flat
+        arriving = hidden_inputs(emulator, [student], blocks)[0].flatten(0, 1)
+        inputs, targets = arriving[:tokens], target[:tokens]
+        held_inputs, held_targets = arriving[tokens:], target[tokens:]
         harmonizer = harmonizers[str(position)]
         before = _error(harmonizer, held_inputs, held_targets)
         curve = _fit(harmonizer, inputs, targets, config)
