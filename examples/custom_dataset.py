@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> None:
     results = run_five_settings(loaded, task, train, test, experiment, adapter, validation=validation)
     write_results(results, args.out / "results.json")
     print(format_table(results))
-    print(f"adapter (full-model names, plugs into the full model): {args.out / 'adapter.safetensors'}")
+    print(f"adapter (full-model names, plugs into the full model): {adapter}")
 
 
 if __name__ == "__main__":

@@ -100,6 +100,17 @@ def hidden_inputs(
     return [torch.cat(parts) for parts in captured]
 
 
+def _error(harmonizer: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Normalized MSE of the harmonizer's outputs on token rows against the full model's: the loss it is fitted on."""
+    dtype = next(harmonizer.parameters()).dtype
+    return normalized_mse(harmonizer(inputs.to(dtype)).float(), targets)
+
+
+@torch.no_grad()
+def _held_out_error(harmonizer: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> float:
+    return float(_error(harmonizer, inputs, targets))
+
+
 def _fit(harmonizer: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, config: HarmonizeConfig) -> list[float]:
     """Train one harmonizer on token rows of (inputs, targets), [N, hidden] each; returns the loss curve."""
     parameters = list(harmonizer.parameters())
@@ -108,11 +119,10 @@ def _fit(harmonizer: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, con
     optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: learning_rate_factor(step, config.steps, 0.1))
     generator = torch.Generator().manual_seed(config.seed)
-    dtype = parameters[0].dtype
     curve = []
     for _ in range(config.steps):
         rows = torch.randint(0, len(inputs), (min(config.tokens_per_step, len(inputs)),), generator=generator)
-        loss = normalized_mse(harmonizer(inputs[rows].to(dtype)).float(), targets[rows])
+        loss = _error(harmonizer, inputs[rows], targets[rows])
         loss.backward()
         optimizer.step()
         schedule.step()
@@ -121,12 +131,6 @@ def _fit(harmonizer: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, con
     for parameter in parameters:
         parameter.requires_grad_(False)
     return curve
-
-
-@torch.no_grad()
-def _error(harmonizer: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> float:
-    dtype = next(harmonizer.parameters()).dtype
-    return float(normalized_mse(harmonizer(inputs.to(dtype)).float(), targets))
 
 
 def fit_harmonizers(
@@ -139,18 +143,18 @@ def fit_harmonizers(
     if record is None:
         raise ConfigError("harmonize needs an emulator built by a recipe (it has no layer map)")
     gaps = find_gaps(record.layer_map, record.source_num_layers)
-    blocks = calibration.blocks
-    held_count = min(config.held_out_blocks, len(blocks) // 4)
-    fit_count = min(config.fit_blocks, len(blocks) - held_count)
+    available = calibration.blocks
+    held_count = min(config.held_out_blocks, len(available) // 4)
+    fit_count = min(config.fit_blocks, len(available) - held_count)
     if held_count < 1:
         raise DataError(
-            f"calibration text {calibration.source!r} gives {len(blocks)} blocks; harmonizers need at least 4 "
+            f"calibration text {calibration.source!r} gives {len(available)} blocks; harmonizers need at least 4 "
             f"(three quarters to fit, a quarter held out), {config.fit_blocks + config.held_out_blocks} by default"
         )
     started = time.perf_counter()
     layout = spec_for(model.config.model_type)
     harmonizers = attach_harmonizers(emulator, layout.layers, layout.final_norm, {str(p): config.rank for p in gaps})
-    blocks = torch.cat([blocks[:fit_count], blocks[-held_count:]])
+    blocks = torch.cat([available[:fit_count], available[-held_count:]])
     tokens = fit_count * blocks.shape[1]  # rows before this are fitted on, the rest held out
     teachers = [gap_module(model, layout.layers, layout.final_norm, removed[-1] + 1) for removed in gaps.values()]
     wanted = [states.flatten(0, 1) for states in hidden_inputs(model, teachers, blocks)] if gaps else []
@@ -162,14 +166,14 @@ def fit_harmonizers(
         inputs, targets = arriving[:tokens], target[:tokens]
         held_inputs, held_targets = arriving[tokens:], target[tokens:]
         harmonizer = harmonizers[str(position)]
-        before = _error(harmonizer, held_inputs, held_targets)
+        before = _held_out_error(harmonizer, held_inputs, held_targets)
         curve = _fit(harmonizer, inputs, targets, config)
         report.append(
             {
                 "position": position,
                 "replaces": removed,
                 "held_out_nmse_before": round(before, 6),
-                "held_out_nmse_after": round(_error(harmonizer, held_inputs, held_targets), 6),
+                "held_out_nmse_after": round(_held_out_error(harmonizer, held_inputs, held_targets), 6),
                 "first_loss": round(sum(curve[:10]) / len(curve[:10]), 6),
                 "final_loss": round(sum(curve[-10:]) / len(curve[-10:]), 6),
             }
