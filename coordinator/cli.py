@@ -45,8 +45,9 @@ def _add_emulator_options(command: argparse.ArgumentParser, repeatable: bool = F
         "--emulator",
         action="append" if repeatable else "store",
         metavar="RECIPE[:KEY=VALUE,...]",
-        help=f"emulator recipe (default {DEFAULT_EMULATOR}): uniform, importance, greedy, luc:size=F, "
-        "lowrank:energy=E|size=F; keys keep, select, distill, harmonize (e.g. greedy:keep=16,harmonize=64)"
+        help=f"emulator recipe (default {DEFAULT_EMULATOR}): uniform, importance, greedy, share, luc:size=F, "
+        "lowrank:energy=E|size=F; keys keep, select, distill, harmonize, mode (share|drop, for share) "
+        "(e.g. greedy:keep=16,harmonize=64)"
         + ("; repeat to compare recipes in one privacy-utility table" if repeatable else ""),
     )
     command.add_argument(

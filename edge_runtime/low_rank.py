@@ -1,4 +1,5 @@
-"""Rank-r linear layers of a low-rank emulator, and loading any emulator folder (dense, low-rank, harmonized).
+"""Rank-r linear layers of a low-rank emulator, and loading any emulator folder (dense, low-rank, harmonized,
+shared).
 
 Imported by the PyTorch backend and the coordinator; it needs torch and transformers.
 """
@@ -15,6 +16,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from edge_runtime.errors import DataError
 from edge_runtime.harmonizers import HARMONIZER_RECORD, attach_harmonizers
+from edge_runtime.shared_layers import SHARED_RECORD, share_layers, tied_names
 
 # Config attribute of a low-rank emulator: {module path: rank} of every factorized linear layer.
 LOW_RANK_RECORD = "offsite_low_rank"
@@ -52,14 +54,16 @@ def factorize_structure(model: nn.Module, ranks: dict[str, int]) -> None:
 
 
 def load_causal_lm(folder: Path, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
-    """A transformers model folder as a causal LM; a low-rank or harmonized emulator gets its extra structure
-    (factorized layers, harmonizers) back before its weights load."""
+    """A transformers model folder as a causal LM; a low-rank, harmonized or shared emulator gets its extra
+    structure (factorized layers, harmonizers, tied layers) back before its weights load."""
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    ranks, harmonizers = config.get(LOW_RANK_RECORD), config.get(HARMONIZER_RECORD)
-    if not ranks and not harmonizers:
+    ranks, harmonizers, shared = (config.get(key) for key in (LOW_RANK_RECORD, HARMONIZER_RECORD, SHARED_RECORD))
+    if not ranks and not harmonizers and not shared:
         return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), dtype=dtype)
     factorize_structure(model, ranks or {})
+    if shared:
+        share_layers(model, shared["layers"], shared["ties"])
     if harmonizers:
         attach_harmonizers(model, harmonizers["layers"], harmonizers["final_norm"], harmonizers["ranks"])
     state = {}
@@ -67,6 +71,7 @@ def load_causal_lm(folder: Path, dtype: torch.dtype = torch.float32) -> PreTrain
         state.update(load_file(str(shard)))
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
+    tied |= tied_names(shared, missing) if shared else set()
     if unexpected or set(missing) - tied:
         raise DataError(
             f"{folder} does not match its config's structure (missing {missing[:3]}, extra {unexpected[:3]}); "

@@ -120,6 +120,29 @@ def _export_forward(graph: TrainingGraph, sample: tuple[torch.Tensor, torch.Tens
     return model
 
 
+def _alias_repeated_frozen(model: onnx.ModelProto, frozen: set[str]) -> None:
+    """Give each further use of a frozen initializer its own Identity alias, in place.
+
+    A shared layer (the `share` recipe) uses each of its weights once per position. ONNX Runtime's gradient
+    builder names a weight's gradient after the weight at every use on the loss path, frozen or not, and refuses
+    the graph with "Duplicate definition of name (W_grad)"; an alias per use keeps one stored copy of W.
+    """
+    uses: dict[str, int] = {}
+    aliases = []
+    for node in model.graph.node:
+        for slot, name in enumerate(node.input):
+            if name in frozen:
+                uses[name] = uses.get(name, 0) + 1
+                if uses[name] > 1:
+                    alias = f"{name}/use{uses[name]}"
+                    aliases.append(onnx.helper.make_node("Identity", [name], [alias], name=f"{alias}/Identity"))
+                    node.input[slot] = alias
+    if aliases:
+        nodes = [*aliases, *model.graph.node]  # initializers exist from the start, so the aliases can go first
+        del model.graph.node[:]
+        model.graph.node.extend(nodes)
+
+
 @contextmanager
 def _native_log_captured() -> Iterator[None]:
     """Hold back the INFO lines ONNX Runtime's C++ gradient builder writes to stderr; replay them on failure."""
@@ -197,11 +220,13 @@ def export_training_artifacts(
         diff, scale = _check_forward(forward_path, graph, sample)
         if diff > LOGITS_TOLERANCE * max(1.0, scale):
             raise ExportError(f"ONNX logits differ from PyTorch by {diff:.3g} (largest |logit| {scale:.3g})")
+        frozen = [name for name in names if name not in set(wanted)]
+        _alias_repeated_frozen(forward, set(frozen))
         with _native_log_captured():
             artifacts.generate_artifacts(
                 forward,
                 requires_grad=wanted,
-                frozen_params=[name for name in names if name not in set(wanted)],
+                frozen_params=frozen,
                 loss=ScaledCrossEntropy(),
                 optimizer=onnxblock.optim.AdamW(
                     eps=optimizer.eps,

@@ -15,11 +15,12 @@ from coordinator.compression.harmonize import HarmonizeConfig, fit_harmonizers
 from coordinator.compression.importance import select_important
 from coordinator.compression.lowrank import compress_low_rank
 from coordinator.compression.luc import FLOAT_BITS, bake, compress_layerwise
+from coordinator.compression.share import MODES, build_shared
 from coordinator.emulator import Split, build_emulator, emulator_record, set_emulator_record
 from coordinator.errors import ConfigError
 from coordinator.models import cache_root
 
-RECIPES = ("uniform", "importance", "greedy", "luc", "lowrank")
+RECIPES = ("uniform", "importance", "greedy", "share", "luc", "lowrank")
 SELECTIONS = ("uniform", "importance", "greedy")
 SELECTORS = {
     "importance": select_important,
@@ -83,6 +84,19 @@ class GreedyDrop:
 
 
 @dataclass(frozen=True)
+class SharedLayers:
+    """Cluster adjacent middle layers by output similarity; each cluster's medoid runs in all its positions
+    (mode share, CRaSh) or once (mode drop)."""
+
+    mode: str
+    name: str = "share"
+    needs_calibration: bool = True
+
+    def build(self, model: PreTrainedModel, split: Split, calibration: Calibration | None) -> tuple:
+        return build_shared(model, split, calibration, self.mode)
+
+
+@dataclass(frozen=True)
 class LayerwiseCompression:
     """Select layers, then prune and fake-quantize each by its sensitivity to a compact-size target (Edge-LLM)."""
 
@@ -118,7 +132,8 @@ class EmulatorSpec:
     keep: middle layers kept (default: the command's --keep); size: luc's compact size or lowrank's weight
     fraction of the kept layers; energy: lowrank's Σσ² fraction; select: uniform|importance|greedy (luc, lowrank);
     distill: distillation steps (default: the command's --distill); harmonize: rank of the harmonizer fitted in
-    place of each run of removed layers (any recipe; 0 = none).
+    place of each run of removed layers (any recipe that removes layers; 0 = none); mode: share's share (the
+    kept layer of each cluster runs in all its positions, the default) or drop (it runs once).
 
     >>> EmulatorSpec.parse("luc:size=0.25,keep=12").label()
     'luc:keep=12,size=0.25'
@@ -131,6 +146,7 @@ class EmulatorSpec:
     select: str = "uniform"
     distill: int = 0
     harmonize: int = 0
+    mode: str | None = None
     calibration: str | None = None  # public text (.jsonl, .csv, .txt) to measure and distill on; default Wikipedia
 
     def __post_init__(self) -> None:
@@ -141,7 +157,8 @@ class EmulatorSpec:
         compressing = self.recipe in ("luc", "lowrank")
         if not compressing and (self.size, self.energy, self.select) != (None, None, "uniform"):
             raise ConfigError(
-                f"{self.recipe} takes keep=, distill= and harmonize= only; size, energy, select are for luc/lowrank"
+                f"{self.recipe} takes keep=, distill=, harmonize= (and share mode=) only; size, energy, select are for "
+                "luc/lowrank"
             )
         if self.recipe == "luc" and (self.size is None or self.energy is not None):
             raise ConfigError("luc needs size=F, the compact size as a fraction of float32 (e.g. luc:size=0.25)")
@@ -149,6 +166,13 @@ class EmulatorSpec:
             raise ConfigError("lowrank needs exactly one of energy=E or size=F (e.g. lowrank:energy=0.9)")
         if self.distill < 0:
             raise ConfigError(f"distill={self.distill} must be 0 (none) or a number of steps")
+        if self.mode is not None and (self.recipe != "share" or self.mode not in MODES):
+            raise ConfigError(f"mode={self.mode!r} is for the share recipe only, one of {', '.join(MODES)}")
+        if self.recipe == "share" and self.mode != "drop" and self.harmonize:
+            raise ConfigError(
+                "share runs a layer in every removed position, so there is no gap to harmonize; "
+                "use share:mode=drop,harmonize=RANK"
+            )
         if self.harmonize < 0:
             raise ConfigError(f"harmonize={self.harmonize} must be 0 (none) or a rank, e.g. harmonize=64")
 
@@ -161,6 +185,7 @@ class EmulatorSpec:
         values: dict[str, object] = {"recipe": name.strip(), "keep": keep, "distill": distill}
         values["calibration"] = calibration
         kinds = {"keep": int, "size": float, "energy": float, "select": str, "distill": int, "harmonize": int}
+        kinds["mode"] = str
         for item in filter(None, rest.split(",")):
             key, sep, value = (part.strip() for part in item.partition("="))
             if not sep or key not in kinds:
@@ -177,13 +202,15 @@ class EmulatorSpec:
         chosen |= {key: getattr(self, key) for key in ("size", "energy") if getattr(self, key) is not None}
         if self.recipe in ("luc", "lowrank"):
             chosen["select"] = self.select
+        if self.recipe == "share":
+            chosen["mode"] = self.mode or "share"
         chosen |= {"distill": self.distill} if self.distill else {}
         return chosen | ({"harmonize": self.harmonize} if self.harmonize else {})
 
     def label(self) -> str:
         """The spec written back as text (select only where it is not uniform)."""
         shown = {k: v for k, v in self.options().items() if k != "recipe" and v is not None}
-        shown = {k: v for k, v in shown.items() if (k, v) != ("select", "uniform")}
+        shown = {k: v for k, v in shown.items() if (k, v) not in (("select", "uniform"), ("mode", "share"))}
         return self.recipe + (":" + ",".join(f"{k}={v}" for k, v in shown.items()) if shown else "")
 
     def split_for(self, split: Split) -> Split:
@@ -197,6 +224,8 @@ class EmulatorSpec:
             return ImportanceDrop()
         if self.recipe == "greedy":
             return GreedyDrop()
+        if self.recipe == "share":
+            return SharedLayers(self.mode or "share")
         if self.recipe == "luc":
             return LayerwiseCompression(self.size, self.select)
         return LowRank(self.energy, self.size, self.select)
@@ -239,7 +268,8 @@ def make_emulator(
 
 def _middle_parameters(model: PreTrainedModel, split: Split) -> int:
     layers = decoder_layers(model)
-    return sum(p.numel() for i in range(split.bottom, len(layers) - split.top) for p in layers[i].parameters())
+    held = {id(p): p.numel() for i in range(split.bottom, len(layers) - split.top) for p in layers[i].parameters()}
+    return sum(held.values())  # a shared layer's weights count once
 
 
 def footprint(

@@ -21,14 +21,16 @@ def public_text(path):
 
 
 @pytest.mark.parametrize(
-    "recipe", ["importance", "greedy", "luc:size=0.3", "lowrank:size=0.5", "uniform:distill=3", "uniform:harmonize=4"]
+    "recipe",
+    ["importance", "greedy", "share", "luc:size=0.3", "lowrank:size=0.5", "uniform:distill=3", "uniform:harmonize=4"],
 )
 def test_each_recipe_exports_a_bundle_that_both_backends_train_alike(tmp_path, recipe):
     public = public_text(tmp_path / "public.jsonl")
     bundle = make_bundle(tmp_path, "ort,torch", "--keep", "3", "--emulator", recipe, "--calibration", str(public))
     manifest = json.loads((bundle["bundle"] / "manifest.json").read_text())
     emulator = manifest["emulator"]
-    assert emulator["recipe"] == recipe.split(":")[0] and len(emulator["layer_map"]) == 5
+    assert emulator["recipe"] == recipe.split(":")[0] and len(set(emulator["layer_map"])) == 5
+    assert len(emulator["layer_map"]) == (6 if recipe == "share" else 5)  # share runs a kept layer in every position
     assert emulator["details"]["calibration"]["source"] == "public.jsonl"
     assert manifest["export_check"]["logits_max_abs_diff"] <= 1e-4 * max(1, manifest["export_check"]["logits_max_abs"])
     curves = {}

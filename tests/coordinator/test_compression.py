@@ -35,9 +35,10 @@ def logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
         return model(input_ids=ids).logits
 
 
-@pytest.mark.parametrize(
-    "text", ["uniform", "importance", "greedy", "luc:size=1.0", "lowrank:energy=1.0", "uniform:harmonize=4"]
-)
+NULL_SPECS = ("uniform", "importance", "greedy", "share", "share:mode=drop", "luc:size=1.0", "lowrank:energy=1.0")
+
+
+@pytest.mark.parametrize("text", [*NULL_SPECS, "uniform:harmonize=4"])
 def test_null_settings_reproduce_the_full_logits(family, text):
     model, data = tiny(family), calibration()
     emulator = make_emulator(model, SPLIT, EmulatorSpec.parse(text, keep=6), calibration=data)
@@ -208,6 +209,9 @@ def test_distilling_a_compressed_emulator_trains_only_its_middle_and_keeps_it_co
         ("luc:size=half", "size='half' in emulator spec"),
         ("luc:size=0.3,select=random", "select='random' is unknown"),
         ("greedy:harmonize=-2", "harmonize=-2 must be 0"),
+        ("greedy:mode=share", "mode='share' is for the share recipe only"),
+        ("share:mode=copy", "mode='copy' is for the share recipe only, one of share, drop"),
+        ("share:harmonize=8", "no gap to harmonize; use share:mode=drop,harmonize=RANK"),
     ],
 )
 def test_bad_specs_name_the_bad_value(text, message):
