@@ -53,6 +53,7 @@ bench-studies: setup
 	$(BIN)/python -m bench.five_settings
 	$(BIN)/python -m bench.fleet
 	$(BIN)/python -m bench.compression
+	$(BIN)/python -m bench.fidelity
 	$(BIN)/python -m bench.utility
 	$(BIN)/python -m bench.layer_windows
 
