@@ -85,8 +85,8 @@ class GreedyDrop:
 
 @dataclass(frozen=True)
 class SharedLayers:
-    """Cluster adjacent middle layers by output similarity; each cluster's medoid runs in all its positions
-    (mode share, CRaSh) or once (mode drop)."""
+    """Cluster adjacent middle layers by how alike their updates are; each cluster's medoid runs in all its
+    positions (mode share, CRaSh) or once (mode drop)."""
 
     mode: str
     name: str = "share"
@@ -184,8 +184,15 @@ class EmulatorSpec:
         name, _, rest = text.partition(":")
         values: dict[str, object] = {"recipe": name.strip(), "keep": keep, "distill": distill}
         values["calibration"] = calibration
-        kinds = {"keep": int, "size": float, "energy": float, "select": str, "distill": int, "harmonize": int}
-        kinds["mode"] = str
+        kinds = {
+            "keep": int,
+            "size": float,
+            "energy": float,
+            "select": str,
+            "distill": int,
+            "harmonize": int,
+            "mode": str,
+        }
         for item in filter(None, rest.split(",")):
             key, sep, value = (part.strip() for part in item.partition("="))
             if not sep or key not in kinds:
