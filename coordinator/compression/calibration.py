@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -74,6 +75,16 @@ def load_calibration(tokenizer: PreTrainedTokenizerBase, path: str | None = None
 def log_probs(model: PreTrainedModel, batches: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """Next-token log-probabilities of every calibration position (float32, one tensor per batch)."""
     return [F.log_softmax(model(input_ids=ids, use_cache=False).logits.float(), dim=-1) for ids in batches]
+
+
+def prediction_fingerprint(batches: Sequence[torch.Tensor], reference: Sequence[torch.Tensor], *parts: object) -> str:
+    """Names what a cached result belongs to by the calibration tokens, what the model predicts on them (rounded,
+    so thread-count jitter does not matter: a different model or text misses) and `parts` (the settings)."""
+    digest = hashlib.sha256(repr(parts).encode())
+    for ids, want in zip(batches, reference, strict=True):
+        digest.update(ids.numpy().tobytes())
+        digest.update(torch.round(want[..., :64] * 100).to(torch.int32).numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 @torch.inference_mode()

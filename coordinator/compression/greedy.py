@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from contextlib import ExitStack
 from pathlib import Path
@@ -12,7 +11,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from coordinator.architectures import decoder_layers
-from coordinator.compression.calibration import Calibration, divergence, log_probs
+from coordinator.compression.calibration import Calibration, divergence, log_probs, prediction_fingerprint
 from coordinator.compression.importance import layer_skipped
 from coordinator.emulator import Split
 from edge_runtime.files import write_json_atomic
@@ -26,16 +25,6 @@ def _divergence_without(
         for index in removed:
             stack.enter_context(layer_skipped(layers[index]))
         return divergence(model, batches, reference)
-
-
-def _fingerprint(split: Split, batches: list[torch.Tensor], reference: list[torch.Tensor]) -> str:
-    """Names the (model, calibration, split) a removal path belongs to by what the model predicts on the
-    calibration tokens (rounded, so thread-count jitter does not matter): a different model or text misses."""
-    digest = hashlib.sha256(f"{split.bottom},{split.top}".encode())
-    for ids, want in zip(batches, reference, strict=True):
-        digest.update(ids.numpy().tobytes())
-        digest.update(torch.round(want[..., :64] * 100).to(torch.int32).numpy().tobytes())
-    return digest.hexdigest()[:16]
 
 
 def _load_path(file: Path | None) -> list[dict[str, object]]:
@@ -64,7 +53,8 @@ def select_greedy(
     middle = list(range(split.bottom, len(layers) - split.top))
     batches = calibration.measure_batches()
     reference = log_probs(model, batches)
-    file = None if cache is None else cache / f"greedy-{_fingerprint(split, batches, reference)}.json"
+    name = f"greedy-{prediction_fingerprint(batches, reference, split.bottom, split.top)}.json"
+    file = None if cache is None else cache / name
     known = _load_path(file)
     rounds = len(middle) - split.keep
     path = known[:rounds]

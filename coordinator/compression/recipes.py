@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from contextlib import suppress
 from dataclasses import dataclass, replace
 from typing import Protocol
 
+from safetensors import SafetensorError
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from coordinator.architectures import decoder_layers
-from coordinator.compression.calibration import Calibration, load_calibration
+from coordinator.compression.calibration import Calibration, load_calibration, log_probs, prediction_fingerprint
 from coordinator.compression.distill import DistillConfig, distill
 from coordinator.compression.greedy import select_greedy
 from coordinator.compression.harmonize import HarmonizeConfig, fit_harmonizers
@@ -17,9 +19,13 @@ from coordinator.compression.lowrank import compress_low_rank
 from coordinator.compression.luc import FLOAT_BITS, bake, compress_layerwise
 from coordinator.compression.share import MODES, build_shared
 from coordinator.emulator import Split, build_emulator, emulator_record, set_emulator_record
-from coordinator.errors import ConfigError
+from coordinator.errors import ConfigError, DataError
 from coordinator.models import cache_root
+from edge_runtime.files import atomic_directory
+from edge_runtime.low_rank import load_causal_lm
 
+# Bump when distillation or harmonizer fitting changes what they produce, so cached trained emulators miss.
+TRAINED_FORMAT = 2
 RECIPES = ("uniform", "importance", "greedy", "share", "luc", "lowrank")
 SELECTIONS = ("uniform", "importance", "greedy")
 SELECTORS = {
@@ -250,6 +256,8 @@ def make_emulator(
     changed.
 
     Recipes that measure, distill or harmonize use `calibration`, by default the prepared public Wikipedia text.
+    An emulator that was trained (distilled or harmonized) is kept under the cache, named by the model's
+    predictions on the calibration text and the spec, so building it again loads it instead of training again.
     """
     split = spec.split_for(split)
     split.check(model.config.num_hidden_layers)
@@ -259,11 +267,31 @@ def make_emulator(
         if tokenizer is None:
             raise ConfigError(f"emulator recipe {spec.label()} needs calibration text or a tokenizer to make it")
         calibration = load_calibration(tokenizer, spec.calibration)
-    emulator, details = recipe.build(model, split, calibration)
+    if not (spec.distill or spec.harmonize):
+        return _build(model, split, spec, calibration)
+    assert calibration is not None
+    batches = calibration.measure_batches()
+    settings = (split.bottom, split.top, spec.options(), calibration.describe(), TRAINED_FORMAT)
+    folder = cache_root() / "emulators" / prediction_fingerprint(batches, log_probs(model, batches), *settings)
+    if (folder / "config.json").is_file():
+        with suppress(OSError, ValueError, SafetensorError, DataError):  # a damaged entry is built again, not trusted
+            return load_causal_lm(folder)
+    emulator = _build(model, split, spec, calibration)
+    with atomic_directory(folder) as staging:
+        emulator.save_pretrained(staging)
+    return emulator
+
+
+def _build(
+    model: PreTrainedModel, split: Split, spec: EmulatorSpec, calibration: Calibration | None
+) -> PreTrainedModel:
+    emulator, details = spec.recipe_object().build(model, split, calibration)
     if spec.distill:
+        assert calibration is not None
         details["distill"] = distill(emulator, model, split, calibration, DistillConfig(spec.distill))
     bake(emulator)
     if spec.harmonize:
+        assert calibration is not None
         details["harmonize"] = fit_harmonizers(emulator, model, calibration, HarmonizeConfig(spec.harmonize))
     if calibration is not None:
         details["calibration"] = calibration.describe()

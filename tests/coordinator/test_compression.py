@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from coordinator.architectures import decoder_layers
-from coordinator.compression import Calibration, EmulatorSpec, greedy, make_emulator
-from coordinator.compression.calibration import linear_modules
-from coordinator.compression.distill import DistillConfig, distill
+from coordinator.compression import Calibration, EmulatorSpec, greedy, make_emulator, recipes
+from coordinator.compression.calibration import divergence, linear_modules, log_probs
+from coordinator.compression.distill import CURVE_POINTS, DistillConfig, distill
 from coordinator.compression.importance import removal_importance
 from coordinator.compression.luc import BIT_WIDTHS, SPARSITIES, LayerCost, allocate, measure_costs
 from coordinator.emulator import Split, build_emulator, emulator_record
@@ -178,8 +178,43 @@ def test_allocation_compresses_the_least_sensitive_layers_first_and_refuses_the_
 def test_distillation_pulls_the_emulator_middle_toward_the_full_middle():
     model, data, split = tiny(), calibration(blocks=64), Split(1, 1, keep=2)
     emulator = build_emulator(model, split)
-    report = distill(emulator, model, split, data, DistillConfig(steps=100, lr=3e-3, lm_weight=0.0))
+    report = distill(emulator, model, split, data, DistillConfig(steps=100, lr=3e-3, kl_weight=0.0))
     assert report["final_nmse"] < 0.7 * report["first_nmse"]
+
+
+def test_distillation_moves_the_emulator_predictions_toward_the_full_model_on_text_it_did_not_train_on():
+    model, data, split = tiny(), calibration(blocks=64), Split(1, 1, keep=2)
+    held_out = calibration(blocks=80).blocks[64:].split(4)  # the same word stream, blocks past the training ones
+    reference = log_probs(model, held_out)
+    emulator = build_emulator(model, split)
+    before = divergence(emulator, held_out, reference)
+    report = distill(emulator, model, split, data, DistillConfig(steps=100, lr=3e-3, hidden_weight=0.0))
+    assert divergence(emulator, held_out, reference) < 0.7 * before
+    assert report["final_kl"] < report["first_kl"]
+    steps = [point[0] for point in report["curve"]]
+    assert steps == sorted(steps) and steps[-1] == 100 and len(steps) <= CURVE_POINTS + 1
+
+
+def test_a_trained_emulator_is_cached_and_a_damaged_cache_entry_is_built_again(monkeypatch, tmp_path):
+    private_cache = tmp_path / "cache"
+    monkeypatch.setenv("OFFSITE_EDGE_CACHE", str(private_cache))
+    model, data = tiny(), calibration(blocks=32)
+    spec = EmulatorSpec.parse("uniform:keep=3,distill=5,harmonize=4")
+    first = make_emulator(model, SPLIT, spec, calibration=data)
+    (entry,) = (private_cache / "emulators").iterdir()
+    monkeypatch.setattr(recipes, "distill", lambda *args: pytest.fail("a cached emulator was distilled again"))
+    again = make_emulator(model, SPLIT, spec, calibration=data)
+    ids = data.blocks[:2]
+    assert torch.equal(logits(again, ids), logits(first, ids))
+    assert emulator_record(again).details == emulator_record(first).details
+    monkeypatch.setattr(recipes, "distill", distill)  # undo() would lift the cache too
+    (entry / "model.safetensors").write_bytes(b"not a safetensors file")
+    rebuilt = make_emulator(model, SPLIT, spec, calibration=data)
+    assert torch.allclose(logits(rebuilt, ids), logits(first, ids), atol=1e-5)
+    other = make_emulator(model, SPLIT, EmulatorSpec.parse("uniform:keep=3,distill=6,harmonize=4"), calibration=data)
+    assert len(list((private_cache / "emulators").iterdir())) == 2 and not torch.equal(
+        logits(other, ids), logits(first, ids)
+    )
 
 
 def test_distilling_a_compressed_emulator_trains_only_its_middle_and_keeps_it_compressed():
