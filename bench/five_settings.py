@@ -11,6 +11,7 @@ import argparse
 import json
 from pathlib import Path
 
+from bench.bar import accuracy_bar, bar_table, perplexity_bar
 from bench.markdown import coordinator_command, machine_line, write_section
 from coordinator.cli import main as coordinator
 from coordinator.datasets import dataset_path, prepare_datasets
@@ -43,30 +44,16 @@ def _argv(task: str, steps: int) -> list[str]:
     ]  # fmt: skip
 
 
+BAR_SETTINGS = ("full_zero_shot", "emulator_zero_shot", "full_finetune", "offsite_emulator", "offsite_plugin")
+
+
 def bar_lines(results: dict) -> list[str]:
     """The bar offsite tuning must clear on this task: each condition, its margin, and whether it holds."""
     metric = results["metric"]
-    value = {key: results[key][metric] for key in ("full_zero_shot", "emulator_zero_shot", "full_finetune")}
-    value |= {key: results[key][metric] for key in ("offsite_emulator", "offsite_plugin")}
-    plugin, full = value["offsite_plugin"], value["full_zero_shot"]
+    value = {key: results[key][metric] for key in BAR_SETTINGS}
     if metric == "accuracy":
-        checks = [
-            ("plug-in ≥ full fine-tune − 2 points", 100 * (plugin - value["full_finetune"]), -2),
-            ("plug-in ≥ offsite on emulator + 3 points", 100 * (plugin - value["offsite_emulator"]), 3),
-            ("plug-in ≥ full zero-shot (the adapter helps)", 100 * (plugin - full), 0),
-            ("emulator zero-shot ≤ full zero-shot − 3 points", 100 * (full - value["emulator_zero_shot"]), 3),
-        ]  # fmt: skip
-        unit = "points"
-    else:
-        checks = [
-            ("plug-in perplexity below full zero-shot's", 100 * (1 - plugin / full), 0),
-            ("plug-in perplexity within 5 % of the full fine-tune's", 100 * (1 - plugin / value["full_finetune"]), -5),
-        ]  # fmt: skip
-        unit = "%"
-    lines = ["| condition | margin | holds |", "| --- | ---: | :---: |"]
-    for name, margin, needed in checks:
-        lines.append(f"| {name} | {margin:+.1f} {unit} (needs {needed:+d}) | {'yes' if margin >= needed else 'no'} |")
-    return lines
+        return bar_table(accuracy_bar(**value))
+    return bar_table(perplexity_bar(value["full_zero_shot"], value["full_finetune"], value["offsite_plugin"]))
 
 
 def _selection_line(results: dict) -> str:
@@ -121,6 +108,7 @@ def main() -> None:
         if not args.report_only:
             if coordinator(argv) != 0:
                 raise SystemExit(f"the five-setting run on {task} failed")
+            saved = json.loads(commands.read_text()) if commands.is_file() else {}  # another task may have run
             saved[task] = {"bench": f"python -m bench.five_settings --task {task} --steps {args.steps}"}
             saved[task]["coordinator"] = coordinator_command(argv)
             write_json_atomic(commands, saved)

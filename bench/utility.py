@@ -11,6 +11,7 @@ import argparse
 import json
 from pathlib import Path
 
+from bench.bar import accuracy_bar
 from bench.markdown import coordinator_command, machine_line, measuring_command, write_section
 from coordinator.cli import main as coordinator
 from coordinator.datasets import dataset_path, prepare_datasets
@@ -22,7 +23,6 @@ OUT = REPO / "bench" / "results" / "utility_sentiment.json"
 # The 2+2 split leaves 26 middle layers: keep 13 is one half of the middle, keep 9 about one third, keep 22 mild.
 RECIPES = ("greedy:keep=9", "uniform:keep=9", "greedy:keep=13", "uniform:keep=13", "greedy:keep=22")
 VALIDATION = 600  # reviews carved from the training file; checkpoints are chosen on them, never on the test file
-BAR = 0.02  # the plug-in must come within 2 points of the full fine-tune
 
 
 def _argv(steps: int, lr: float) -> list[str]:
@@ -38,7 +38,7 @@ def _argv(steps: int, lr: float) -> list[str]:
 
 
 def _verdicts(results: dict) -> list[str]:
-    """For each recipe, the bar's three conditions in points: plug-in vs fine-tune, vs offsite, emulator vs full."""
+    """For each recipe, the bar's conditions in points: plug-in vs fine-tune, vs offsite, emulator vs full."""
     full, finetuned = results["full_zero_shot"]["accuracy"], results["full_finetune"]["accuracy"]
     lines = [
         "| recipe | gradient cosine, bottom / top | plug-in − fine-tune | plug-in − offsite on emulator | "
@@ -48,13 +48,12 @@ def _verdicts(results: dict) -> list[str]:
     for row in results["recipes"]:
         plugin, offsite = row["offsite_plugin"]["accuracy"], row["offsite_emulator"]["accuracy"]
         emulator = row["emulator_zero_shot"]["accuracy"]
-        meets = plugin >= finetuned - BAR and plugin >= offsite + 0.03 and emulator <= full - 0.03
+        bar = accuracy_bar(full, emulator, finetuned, offsite, plugin)
         step = row["offsite_emulator"]["train"]["selection"]["best_step"]
         cosine = " / ".join(f"{row['alignment'][group]:.2f}" for group in ("bottom", "top"))
         lines.append(
-            f"| `{row['emulator']['spec']}` | {cosine} | {100 * (plugin - finetuned):+.1f} | "
-            f"{100 * (plugin - offsite):+.1f} | "
-            f"{100 * (emulator - full):+.1f} | {step} | {'yes' if meets else 'no'} |"
+            f"| `{row['emulator']['spec']}` | {cosine} | {bar[0].margin:+.1f} | {bar[1].margin:+.1f} | "
+            f"{-bar[3].margin:+.1f} | {step} | {'yes' if all(c.holds for c in bar) else 'no'} |"
         )
     return lines
 
