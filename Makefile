@@ -47,9 +47,10 @@ bench: setup
 	$(BIN)/python -m bench.communication
 	$(BIN)/python -m bench.device_training
 
-# The longer accuracy studies (about five hours on 2 cores): five settings on three tasks, the fleet, emulator recipes,
-# utility, layer windows.
+# The longer accuracy studies (about six hours on 2 cores): the recipe chosen on validation, five settings on three
+# tasks, the fleet, emulator recipes, utility, layer windows.
 bench-studies: setup
+	$(BIN)/python -m bench.recipe_choice
 	$(BIN)/python -m bench.five_settings
 	$(BIN)/python -m bench.fleet
 	$(BIN)/python -m bench.compression

@@ -43,13 +43,14 @@ def main(argv: list[str] | None = None) -> None:
     task = make_task(loaded.tokenizer, train, test, label_words, args.template)
 
     # Adapter: bottom 2 and top 2 layers; the emulator removes the ~15 % of the middle layers whose removal moves
-    # the model's predictions least (the defaults keep 22 of SmolLM2's 26).
+    # the model's predictions least (the defaults keep 22 of SmolLM2's 26) and fits a small harmonizer in place of
+    # each removed run.
     keep = max(2, round(0.85 * (loaded.model.config.num_hidden_layers - 4)))
     experiment = Experiment(
         split=Split(bottom=2, top=2, keep=keep),
         adapter_training=TrainConfig(steps=args.steps, lr=DEFAULT_LR, batch_size=8),
         full_training=TrainConfig(steps=args.steps, lr=2e-5, batch_size=8),
-        emulator=EmulatorSpec(DEFAULT_EMULATOR, keep=keep),
+        emulator=EmulatorSpec.parse(DEFAULT_EMULATOR, keep=keep),
     )
     adapter = args.out / "adapter.safetensors"
     results = run_five_settings(loaded, task, train, test, experiment, adapter, validation=validation)

@@ -43,8 +43,9 @@ def test_the_bundle_verifies_and_its_export_matches_pytorch(bundle):
     manifest = verify_bundle(*bundle)
     check = manifest["export_check"]
     assert check["logits_max_abs_diff"] <= check["logits_tolerance"] * check["logits_max_abs"]
-    # The default recipe: greedy removes SmolLM2's four middle layers whose removal moves predictions least.
-    assert manifest["emulator"]["options"] == {"recipe": "greedy", "keep": 22}
+    # The default recipe: greedy removes SmolLM2's four middle layers whose removal moves predictions least, and a
+    # rank-64 harmonizer runs in place of each removed run (layer 14; layers 16-18).
+    assert manifest["emulator"]["options"] == {"recipe": "greedy", "keep": 22, "harmonize": 64}
     assert manifest["emulator"]["layer_map"] == [*range(14), 15, *range(19, 30)]
     assert manifest["plan"]["micro_batch"] == 8  # a 10 GB laptop budget holds the whole batch
 
