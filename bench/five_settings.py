@@ -117,10 +117,10 @@ def main() -> None:
         "",
         f"Machine: {machine_line()}. Each task's own command is under its heading; `make bench-studies` runs all.",
         "",
-        "The defaults (`coordinator/defaults.py`): a 2+2 adapter trained through the `greedy` emulator that keeps "
-        f"{DEFAULT_KEEP} of the 26 middle layers, adapter lr {DEFAULT_LR}; the full fine-tune runs as many steps at lr "
-        "2e-5. Each task's validation split is carved from its training file (never a test text); the whole test "
-        "file is scored once, at the end.",
+        f"The defaults (`coordinator/defaults.py`): a 2+2 adapter trained through the `{DEFAULT_EMULATOR}` emulator "
+        f"that keeps {DEFAULT_KEEP} of the 26 middle layers, adapter lr {DEFAULT_LR}; the full fine-tune runs as many "
+        "steps at lr 2e-5. Each task's validation split is carved from its training file (never a test text); the "
+        "whole test file is scored once, at the end. Each task names the emulator it was measured with.",
         "",
     ]
     for task in VALIDATION:

@@ -96,8 +96,16 @@ def measure(spec_text: str, steps: int, lr: float, every: int) -> dict:
     }
 
 
-def _finetune_best() -> tuple[float, str]:
+def _finetune_best(steps: int) -> tuple[float, str]:
+    """The full fine-tune's best validation accuracy, from a run on the same split with as many steps."""
     results = json.loads(FINETUNE.read_text())
+    config = results["config"]
+    if (config["validation_examples"], config["full_training"]["steps"]) != (VALIDATION, steps):
+        raise SystemExit(
+            f"{FINETUNE.name} holds a {config['full_training']['steps']}-step fine-tune chosen on "
+            f"{config['validation_examples']} validation examples, not {steps} steps on {VALIDATION}; run "
+            f"`python -m bench.five_settings --task sentiment --steps {steps}` first"
+        )
     selection = results["full_finetune"]["train"]["selection"]
     return selection["best_value"], f"step {selection['best_step']} of `bench.five_settings --task sentiment`"
 
@@ -135,7 +143,10 @@ def _plot(rows: list[dict], finetune: float) -> Path:
 
 
 def report(rows: list[dict]) -> None:
-    finetune, source = _finetune_best()
+    steps = {row["steps"] for row in rows}
+    if len(steps) != 1:
+        raise SystemExit(f"the saved recipes trained for different step counts {sorted(steps)}; compare like with like")
+    finetune, source = _finetune_best(steps.pop())
     lines = [
         "## Choosing the emulator recipe on validation: SmolLM2-135M, movie reviews",
         "",
