@@ -31,7 +31,8 @@ def test_evaluate_prints_the_table_and_writes_results(tiny_folder, tmp_path, cap
     printed = capsys.readouterr().out
     assert "Offsite plug-in" in printed and "Emulator zero-shot" in printed
     results = json.loads((tmp_path / "r.json").read_text())
-    assert results["emulator"]["spec"] == "greedy:keep=2"  # the default recipe, at this command's --keep
+    # The default recipe (greedy with rank-64 harmonizers), at this command's --keep.
+    assert results["emulator"]["spec"] == "greedy:keep=2,harmonize=64"
     layers = results["config"]["emulator_layers"]
     assert len(layers) == 4 and layers[0] == 0 and layers[-1] == 5
     assert (tmp_path / "r.png").is_file() and (tmp_path / "a.safetensors").is_file()
