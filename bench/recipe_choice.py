@@ -16,8 +16,6 @@ import re
 import time
 from pathlib import Path
 
-import torch
-
 from bench.bar import Condition, accuracy_bar
 from bench.markdown import machine_line, measured_or_saved, save_figure, write_section
 from coordinator.adapter import adapter_parameters, adapter_state, plugged_in
@@ -187,7 +185,6 @@ def main() -> None:
     parser.add_argument("--check-every", type=int, default=50)
     parser.add_argument("--report-only", action="store_true", help="rewrite the section from the saved results")
     args = parser.parse_args()
-    torch.manual_seed(0)
     if not args.report_only:
         prepare_datasets()
         for spec in args.recipe or CANDIDATES:
