@@ -24,7 +24,7 @@ from coordinator.datasets import dataset_path, prepare_datasets
 from coordinator.defaults import DEFAULT_LR
 from coordinator.emulator import Split, emulator_record
 from coordinator.models import load_model
-from coordinator.selection import carve_validation
+from coordinator.selection import BestCheckpoint, carve_validation
 from coordinator.tasks import make_task
 from coordinator.train import TrainConfig, train
 from edge_runtime.data import load_examples
@@ -58,38 +58,33 @@ def measure(spec_text: str, steps: int, lr: float, every: int) -> dict:
     build_seconds = time.perf_counter() - start
     split = spec.split_for(split)
     adapter = adapter_parameters(emulator, split.bottom, split.top)
-    curve: list[tuple[int, float]] = []
-    best: dict[str, object] = {}
 
-    def check(step: int) -> None:
-        if step % every and step != steps:
-            return
-        state = adapter_state(emulator, split.bottom, split.top)
-        with plugged_in(full, state, split.bottom, split.top):
-            curve.append((step, task.score(full, validation, 16)))
-        if not best or curve[-1][1] > best["plugin"]:
-            best.update(step=step, plugin=curve[-1][1], state={k: v.clone() for k, v in state.items()})
+    def plugin_score() -> float:
+        with plugged_in(full, adapter_state(emulator, split.bottom, split.top), split.bottom, split.top):
+            return task.score(full, validation, 16)
 
     emulator_zero_shot = task.score(emulator, validation, 16)
-    check(0)
-    report = train(emulator, adapter.values(), task, rest, TrainConfig(steps, lr), "offsite", on_step=check)
+    selection = BestCheckpoint(list(adapter.values()), plugin_score, every)  # scores step 0 too
+    report = train(emulator, adapter.values(), task, rest, TrainConfig(steps, lr), "offsite", on_step=selection.on_step)
+    selection.finish(report.steps)
     offsite_last = task.score(emulator, validation, 16)  # the last adapter is still in place
-    with plugged_in(emulator, best["state"], split.bottom, split.top):
-        offsite_at_best = task.score(emulator, validation, 16)
+    selection.restore()
+    offsite_at_best = task.score(emulator, validation, 16)
+    record = emulator_record(emulator)
     return {
         "spec": spec.label(),
-        "layer_map": emulator_record(emulator).layer_map,
-        "middle_fraction": emulator_record(emulator).details["footprint"]["middle_fraction"],
+        "layer_map": record.layer_map,
+        "middle_fraction": record.details["footprint"]["middle_fraction"],
         "build_seconds": round(build_seconds, 1),
         "train_seconds": round(report.seconds, 1),
         "steps": steps,
         "lr": lr,
         "validation_examples": len(validation),
-        "full_zero_shot": curve[0][1],
+        "full_zero_shot": selection.curve[0][1],
         "emulator_zero_shot": emulator_zero_shot,
-        "plugin_curve": curve,
-        "best_step": best["step"],
-        "plugin": best["plugin"],
+        "plugin_curve": selection.curve,
+        "best_step": selection.best_step,
+        "plugin": selection.best_value,
         "offsite_emulator": offsite_at_best,
         "offsite_emulator_last": offsite_last,
     }
