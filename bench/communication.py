@@ -10,7 +10,6 @@ section from the saved results.
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from bench.markdown import machine_line, measured_or_saved, save_figure, write_s
 from bench.runs import device_train, export_bundle
 from coordinator.datasets import dataset_path, prepare_datasets
 from coordinator.models import prepare_named_model
+from edge_runtime.manifest import Manifest
 from edge_runtime.transfer import pack_directory
 
 REPO = Path(__file__).resolve().parent.parent
@@ -44,11 +44,11 @@ def measure() -> dict:
             bundle = export_bundle(root, name, ["--adapter-layers", f"{bottom},{top}", "--keep", "8"], backends="ort")
             result = root / f"result-{name}"
             device_train(bundle, dataset_path("sentiment", "train"), "ort", 1, result)
-            manifest = json.loads((bundle / "manifest.json").read_text())
+            manifest = Manifest.from_json((bundle / "manifest.json").read_bytes())
             kinds.append(
                 {
                     "adapter": f"whole layers {bottom}+{top}",
-                    "trainable_parameters": manifest["plan"]["shape"]["trainable_parameters"],
+                    "trainable_parameters": manifest.plan.shape.trainable_parameters,
                     "bundle_bytes": _packed(bundle, root / f"{name}.tar"),
                     "up_bytes": _packed(result, root / f"{name}-result.tar"),
                     "down_bytes": (result / "adapter.safetensors").stat().st_size,  # the aggregate's one file

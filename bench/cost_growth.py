@@ -21,7 +21,7 @@ from coordinator.datasets import dataset_path, prepare_datasets
 from edge_runtime.bundle import TOKENIZER_FILE
 from edge_runtime.data import load_examples
 from edge_runtime.files import atomic_path
-from edge_runtime.memory import ModelShape
+from edge_runtime.manifest import Manifest
 
 REPO = Path(__file__).resolve().parent.parent
 OUT = REPO / "bench" / "results" / "cost_growth.json"
@@ -50,13 +50,13 @@ def _rows_of(tokens: int, tokenizer: Tokenizer, out: Path, rows: int = 64) -> Pa
 
 def _point(bundle: Path, data: Path, steps: int, out: Path, full: bool) -> dict:
     """One offsite (ORT) run, and a full fine-tuning run on the same rows if `full`."""
-    manifest = json.loads((bundle / "manifest.json").read_text())
-    shape = ModelShape(**manifest["plan"]["shape"])
+    manifest = Manifest.from_json((bundle / "manifest.json").read_bytes())
+    shape = manifest.plan.shape
     tokens = batch_tokens(bundle, data, steps)
     metrics = device_train(bundle, data, "ort", steps, out / "ort", budget_gb=20)
     point = {
         "sequence": tokens["widest"],
-        "keep": len(manifest["emulator"]["layer_map"]) - 4,
+        "keep": len(manifest.emulator.layer_map) - 4,
         "ort": {key: metrics[key] for key in ("step_seconds_median", "peak_memory_bytes", "predicted_peak_bytes")},
         "micro_batch": metrics["micro_batch"],
         "floor": memory_floor(shape, BATCH, tokens["widest"])["total"],
@@ -64,7 +64,7 @@ def _point(bundle: Path, data: Path, steps: int, out: Path, full: bool) -> dict:
     if full:
         run = profiled_train(bundle, data, "full", steps, out / "full.json")
         point["full"] = {key: run[key] for key in ("step_seconds_median", "peak_memory_bytes")}
-        full_shape = full_model_shape(shape, run["trainable_parameters"], manifest["model"]["num_layers"])
+        full_shape = full_model_shape(shape, run["trainable_parameters"], manifest.model.num_layers)
         point["full"]["floor"] = memory_floor(full_shape, BATCH, tokens["widest"])["total"]
     return point
 

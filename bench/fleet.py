@@ -22,8 +22,11 @@ from typing import Any
 from bench.markdown import machine_line, write_section
 from coordinator.datasets import write_jsonl
 from coordinator.fleet.broker import EmbeddedBroker, free_port
+from coordinator.fleet.jobs import JobSpec
 from coordinator.fleet.registry import Registry
-from coordinator.fleet.service import FleetService, JobSpec
+from coordinator.fleet.service import FleetService
+from coordinator.request import BundleRequest
+from coordinator.train import TrainConfig
 from device_profiles import load_profile
 from edge_runtime.daemon import DaemonConfig, EdgeDaemon
 from edge_runtime.files import atomic_path, write_json_atomic
@@ -102,9 +105,10 @@ def run_fleet(url: str, files: dict[str, Any], root: Path, rounds: int, steps: i
     registry = service.registry
     while len([d for d in registry.devices() if d["profile"]]) < len(daemons):
         time.sleep(0.1)
-    spec = JobSpec(str(files["model"]), "reviews", rounds, steps, None, (1, 1), 2, 8, 32, 1e-3)
+    training = TrainConfig(steps, 1e-3, batch_size=8, max_length=32)
+    request = BundleRequest(str(files["model"]), adapter_layers=(1, 1), keep=2, training=training)
     started = time.time()
-    job = registry.add_job(spec.__dict__ | {"adapter_layers": [1, 1]})
+    job = registry.add_job(JobSpec("reviews", request, rounds).to_dict())
     while registry.job(job)["state"] not in ("done", "failed"):
         time.sleep(0.05)
     finished = time.time()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable
@@ -24,6 +23,7 @@ from bench.markdown import machine_line, measured_or_saved, write_section
 from bench.runs import batch_tokens, device_train, export_bundle, profiled_train, repeated
 from coordinator.datasets import dataset_path, prepare_datasets
 from edge_runtime.bundle import TORCH_DIRECTORY
+from edge_runtime.manifest import Manifest
 from edge_runtime.memory import ModelShape
 
 if TYPE_CHECKING:
@@ -107,13 +107,13 @@ class Curves:
         from coordinator.adapter import plugged_in
         from edge_runtime.low_rank import load_causal_lm
 
-        manifest = json.loads((bundle / "manifest.json").read_text())
+        manifest = Manifest.from_json((bundle / "manifest.json").read_bytes())
         emulator = load_causal_lm(bundle / TORCH_DIRECTORY)
         named = dict(emulator.named_parameters())
-        names = manifest["adapter"]["parameters"]  # the training graph's names -> full-model names
+        names = manifest.adapter.parameters  # the training graph's names -> full-model names
         adapter = {full: named[local.removeprefix("causal_lm.")] for local, full in names.items()}
         full_model = self.loaded.model
-        bottom, top = manifest["adapter"]["bottom"], manifest["adapter"]["top"]
+        bottom, top = manifest.adapter.bottom, manifest.adapter.top
         curve = [(0, self.zero_shot)]
 
         def on_step(step: int) -> None:
@@ -129,7 +129,7 @@ def _offsite(root: Path, config: Config, data: Path, steps: int, repeats: int, c
     """Export the configuration's bundle; time it on both backends, profile it, and trace its plug-in's curve."""
     print(f"{config.label}: export, device runs, learning curve", flush=True)
     bundle = export_bundle(root, "bundle", config.export_options())
-    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest = Manifest.from_json((bundle / "manifest.json").read_bytes())
     backends = {
         backend: repeated([device_train(bundle, data, backend, steps, root / f"{backend}-{r}") for r in range(repeats)])
         for backend in ("ort", "torch")
@@ -139,7 +139,7 @@ def _offsite(root: Path, config: Config, data: Path, steps: int, repeats: int, c
         "adapter": list(config.adapter),
         "recipe": config.recipe,
         "keep": config.keep,
-        "shape": manifest["plan"]["shape"],
+        "shape": manifest.plan.shape.to_dict(),
         "backends": backends,
         "profile": profiled_train(bundle, data, "adapter", steps, root / "profile.json"),
         "curve": curves.offsite(bundle),

@@ -10,7 +10,6 @@ optimizer (clipping and AdamW over every trainable weight).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import time
@@ -22,24 +21,25 @@ from edge_runtime.bundle import TOKENIZER_FILE, TORCH_DIRECTORY
 from edge_runtime.data import load_examples
 from edge_runtime.files import write_json_atomic
 from edge_runtime.low_rank import load_causal_lm
+from edge_runtime.manifest import Manifest
 from edge_runtime.monitor import PeakMemory, peak_rss_bytes
 from edge_runtime.schedule import learning_rate_factor
 from edge_runtime.text import TaskEncoder, training_batches
 from edge_runtime.torch_graph import TrainingGraph, graph_loss
 
 
-def _model(bundle: Path, manifest: dict, what: str) -> tuple[torch.nn.Module, list[torch.nn.Parameter]]:
+def _model(bundle: Path, manifest: Manifest, what: str) -> tuple[torch.nn.Module, list[torch.nn.Parameter]]:
     """The training graph and its trainable parameters: every weight of the full model, or the bundle's adapter."""
-    architecture = manifest["architecture"]
+    architecture = manifest.architecture
     if what == "full":
         from coordinator.models import load_model
 
-        causal_lm = load_model(manifest["model"]["name"]).model
+        causal_lm = load_model(manifest.model.name).model
     else:
         causal_lm = load_causal_lm(bundle / TORCH_DIRECTORY)
     causal_lm.eval()  # no dropout, as both device backends train
-    graph = TrainingGraph(causal_lm, architecture["backbone"], architecture["head"], manifest["task"]["kind"])
-    names = set(manifest["adapter"]["parameters"]) if what == "adapter" else None
+    graph = TrainingGraph(causal_lm, architecture.backbone, architecture.head, manifest.task.kind)
+    names = set(manifest.adapter.parameters) if what == "adapter" else None
     trainable = []
     for name, parameter in graph.named_parameters():
         parameter.requires_grad_(names is None or name in names)
@@ -50,17 +50,17 @@ def _model(bundle: Path, manifest: dict, what: str) -> tuple[torch.nn.Module, li
 
 def profile(bundle: Path, what: str, data: Path, steps: int) -> dict:
     """Train `steps` steps; per-phase median seconds, whole-process peak memory, trainable parameter count."""
-    manifest = json.loads((bundle / "manifest.json").read_text())
-    training, optimizer_settings = manifest["training"], manifest["training"]["optimizer"]
+    manifest = Manifest.from_json((bundle / "manifest.json").read_bytes())
+    training, optimizer_settings = manifest.training, manifest.training.optimizer
     torch.set_num_threads(os.cpu_count() or 1)
     phases: dict[str, list[float]] = {"forward": [], "backward": [], "optimizer": []}
     with PeakMemory() as monitor:
         graph, trainable = _model(bundle, manifest, what)
         optimizer = torch.optim.AdamW(
-            trainable, lr=0.0, eps=optimizer_settings["eps"], weight_decay=optimizer_settings["weight_decay"]
+            trainable, lr=0.0, eps=optimizer_settings.eps, weight_decay=optimizer_settings.weight_decay
         )
-        encoder = TaskEncoder(bundle / TOKENIZER_FILE, manifest["task"])
-        batches = training_batches(encoder, encoder.rows(load_examples(data)), training["batch_size"], training["seed"])
+        encoder = TaskEncoder(bundle / TOKENIZER_FILE, manifest.task)
+        batches = training_batches(encoder, encoder.rows(load_examples(data)), training.batch_size, training.seed)
         for step in range(steps):
             batch = next(batches)
             start = time.perf_counter()
@@ -69,9 +69,9 @@ def profile(bundle: Path, what: str, data: Path, steps: int) -> dict:
             forward = time.perf_counter()
             loss.backward()
             backward = time.perf_counter()
-            torch.nn.utils.clip_grad_norm_(trainable, optimizer_settings["max_grad_norm"])
+            torch.nn.utils.clip_grad_norm_(trainable, optimizer_settings.max_grad_norm)
             for group in optimizer.param_groups:
-                group["lr"] = training["lr"] * learning_rate_factor(step, steps, training["warmup_ratio"])
+                group["lr"] = training.lr * learning_rate_factor(step, steps, training.warmup_ratio)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             done = time.perf_counter()

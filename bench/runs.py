@@ -15,6 +15,7 @@ from pathlib import Path
 
 from edge_runtime.bundle import TOKENIZER_FILE
 from edge_runtime.data import load_examples
+from edge_runtime.manifest import Manifest
 from edge_runtime.text import TaskEncoder, training_batches
 
 REPO = Path(__file__).resolve().parent.parent
@@ -82,9 +83,9 @@ def repeated(runs: Sequence[dict], keys: Sequence[str] = ("step_seconds_median",
 def batch_tokens(bundle: Path, data: Path, steps: int) -> dict[str, float]:
     """Real (unpadded) tokens and padded width of the first `steps` batches the device trains on (same stream for
     every bundle exported with the same batch size, seed and length cap)."""
-    manifest = json.loads((bundle / "manifest.json").read_text())
-    encoder, training = TaskEncoder(bundle / TOKENIZER_FILE, manifest["task"]), manifest["training"]
-    batches = training_batches(encoder, encoder.rows(load_examples(data)), training["batch_size"], training["seed"])
+    manifest = Manifest.from_json((bundle / "manifest.json").read_bytes())
+    encoder, training = TaskEncoder(bundle / TOKENIZER_FILE, manifest.task), manifest.training
+    batches = training_batches(encoder, encoder.rows(load_examples(data)), training.batch_size, training.seed)
     taken = [next(batches) for _ in range(steps)]
     return {
         "tokens_per_step": statistics.mean(int(batch.attention_mask.sum()) for batch in taken),

@@ -9,16 +9,13 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 from transformers import PreTrainedModel
 
 from coordinator.architectures import spec_for
 from coordinator.emulator import layer_map, split_layer_name
 from coordinator.errors import ConfigError, DataError
-from edge_runtime import __version__
-from edge_runtime.bundle import ADAPTER_FORMAT, ADAPTER_SCHEMA
-from edge_runtime.files import atomic_path
+from edge_runtime.bundle import ADAPTER_FORMAT, write_adapter_file
 from edge_runtime.windows import split_windows
 
 
@@ -99,10 +96,7 @@ def plug_in(model: PreTrainedModel, weights: dict[str, torch.Tensor]) -> None:
 
 def save_adapter(weights: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, object]) -> None:
     """Write adapter weights as safetensors (atomically), with `metadata` stored as JSON strings."""
-    header = {"format": ADAPTER_FORMAT, "schema": str(ADAPTER_SCHEMA), "tool_version": __version__}
-    header |= {key: json.dumps(value) for key, value in metadata.items()}
-    with atomic_path(path) as temporary:
-        save_file(weights, str(temporary), metadata=header)
+    write_adapter_file(Path(path), {name: t.detach().cpu().numpy() for name, t in weights.items()}, metadata)
 
 
 def load_adapter(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, object]]:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 from transformers import PreTrainedModel
 
 from coordinator.architectures import spec_for
 from coordinator.errors import ConfigError
+from edge_runtime.manifest import EmulatorRecord
 
 EMULATOR_RECORD = "offsite_emulator"  # config attribute; saved with config.json, so save/load keeps it
 
@@ -82,20 +83,6 @@ def uniform_drop(num_middle: int, keep: int) -> list[int]:
     if not 2 <= keep <= num_middle:
         raise ConfigError(f"keep={keep} must be in 2..{num_middle} for {num_middle} middle layers")
     return [round(i * (num_middle - 1) / (keep - 1)) for i in range(keep)]
-
-
-@dataclass(frozen=True)
-class EmulatorRecord:
-    """What an emulator remembers of its source: which full-model layer each of its layers came from, the
-    recipe and settings that built it, and what the recipe measured and chose (`details`)."""
-
-    recipe: str
-    source_num_layers: int
-    layer_map: list[int]
-    bottom: int
-    top: int
-    options: dict = field(default_factory=dict)
-    details: dict = field(default_factory=dict)
 
 
 def build_emulator(

@@ -137,9 +137,9 @@ def measure_offsite(
         _check_same_emulator(device, emulator)
         _check_same_windows(device, windows if exits else None)
         plug_in(emulator, device.weights)
-        summary = {key: device.metrics[key] for key in DEVICE_SUMMARY} | {
+        summary = {key: getattr(device.metrics, key) for key in DEVICE_SUMMARY} | {
             "on_device": True,
-            "seconds": device.metrics["wall_seconds"],
+            "seconds": device.metrics.wall_seconds,
             "trainable_parameters": sum(p.numel() for p in adapter.values()),
         }
     results["offsite_emulator"] = timed_score(task, emulator, test_examples, batch, exits) | {"train": summary}
@@ -285,19 +285,19 @@ def model_summary(loaded: LoadedModel) -> dict[str, object]:
 
 
 def _check_same_emulator(device: DeviceResult, emulator: PreTrainedModel) -> None:
-    trained_on = device.metrics["emulator"]
+    trained_on = device.metrics.emulator
     built = emulator_record(emulator)
-    if trained_on["layer_map"] != built.layer_map or trained_on.get("options", built.options) != built.options:
+    if trained_on.layer_map != built.layer_map or trained_on.options != built.options:
         raise ConfigError(
-            f"the device trained through emulator {trained_on.get('options', {})} with layers "
-            f"{trained_on['layer_map']}, but this run builds {built.options} with layers {built.layer_map}; "
+            f"the device trained through emulator {trained_on.options} with layers "
+            f"{trained_on.layer_map}, but this run builds {built.options} with layers {built.layer_map}; "
             "pass the --adapter-layers, --keep, --emulator and --distill the bundle was exported with"
         )
 
 
 def _check_same_windows(device: DeviceResult, windows: list[list[int]] | None) -> None:
-    trained = device.metrics.get("layer_windows")
-    trained_layers = [window["layers"] for window in trained] if trained else None
+    trained = device.metrics.layer_windows
+    trained_layers = [window.layers for window in trained] if trained else None
     if trained_layers != windows:
         raise ConfigError(
             f"the device trained layer windows {trained_layers}, but this run votes over {windows}; "

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from coordinator.adapter import load_adapter
 from coordinator.errors import DataError
 from coordinator.models import LoadedModel, source_sha256
-from edge_runtime.trainer import ADAPTER, METRICS, RESULT_FORMAT
+from edge_runtime.manifest import ResultMetrics, read_metrics
+from edge_runtime.trainer import ADAPTER, METRICS
 
 
 @dataclass(frozen=True)
@@ -20,7 +19,7 @@ class DeviceResult:
     """A device's trained adapter (full-model names) and its metrics.json."""
 
     weights: dict[str, torch.Tensor]
-    metrics: dict[str, Any]
+    metrics: ResultMetrics
 
 
 def read_result(directory: Path, loaded: LoadedModel) -> DeviceResult:
@@ -31,14 +30,12 @@ def read_result(directory: Path, loaded: LoadedModel) -> DeviceResult:
             f"{directory} has no {METRICS}: it is not a finished result (training still running or cut off; run "
             "`edge-runtime train` again with the same --out to resume)"
         )
-    metrics = json.loads(metrics_path.read_text(encoding="utf-8"))
-    if metrics.get("format") != RESULT_FORMAT:
-        raise DataError(f"{metrics_path} is not an offsite-edge result (format {metrics.get('format')!r})")
+    metrics = read_metrics(metrics_path.read_bytes(), str(metrics_path))
     expected = source_sha256(loaded)
-    if metrics["model"]["sha256"] != expected:
+    if metrics.model.sha256 != expected:
         raise DataError(
-            f"the adapter in {directory} was trained for {metrics['model']['name']} (sha256 "
-            f"{metrics['model']['sha256'][:12]}…), not {loaded.name} ({expected[:12]}…); pass --model for that model"
+            f"the adapter in {directory} was trained for {metrics.model.name} (sha256 "
+            f"{metrics.model.sha256[:12]}…), not {loaded.name} ({expected[:12]}…); pass --model for that model"
         )
     weights, _ = load_adapter(directory / ADAPTER)
     return DeviceResult(weights, metrics)

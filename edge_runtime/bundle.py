@@ -6,13 +6,18 @@ import base64
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
 
+import numpy as np
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from safetensors.numpy import save_file
 
+from edge_runtime import __version__
 from edge_runtime.errors import OffsiteError
+from edge_runtime.files import atomic_path
+from edge_runtime.manifest import FileDigest, Manifest
+from edge_runtime.records import RecordError
 
 BUNDLE_FORMAT = "offsite-edge/bundle"
 BUNDLE_SCHEMA = 1
@@ -27,17 +32,26 @@ ADAPTER_FORMAT = "offsite-edge/layer-adapter"
 ADAPTER_SCHEMA = 1
 
 
+def write_adapter_file(path: Path, tensors: dict[str, np.ndarray], metadata: dict[str, object]) -> None:
+    """Write adapter weights (full-model names) as safetensors, atomically, with `metadata` stored as JSON strings."""
+    header = {"format": ADAPTER_FORMAT, "schema": str(ADAPTER_SCHEMA), "tool_version": __version__}
+    header |= {key: json.dumps(value) for key, value in metadata.items()}
+    arrays = {name: np.ascontiguousarray(array) for name, array in tensors.items()}
+    with atomic_path(path) as temporary:
+        save_file(arrays, str(temporary), metadata=header)
+
+
 class BundleError(OffsiteError):
     """A bundle is incomplete, altered, or not signed by the trusted coordinator key."""
 
 
-def file_digest(path: Path) -> dict[str, Any]:
+def file_digest(path: Path) -> FileDigest:
     """sha256 (hex) and size in bytes of one file, read in 1 MiB blocks."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         while block := handle.read(1 << 20):
             digest.update(block)
-    return {"sha256": digest.hexdigest(), "size": path.stat().st_size}
+    return FileDigest(digest.hexdigest(), path.stat().st_size)
 
 
 def key_fingerprint(key: Ed25519PublicKey) -> str:
@@ -84,32 +98,37 @@ def _check_signature(directory: Path, key: Ed25519PublicKey) -> bytes:
     return manifest
 
 
-def verify_bundle(directory: str | Path, trusted_key: str | Path) -> dict[str, Any]:
-    """Check the signature, the schema and every file's size and sha256; return the manifest.
+def verify_bundle(directory: str | Path, trusted_key: str | Path) -> Manifest:
+    """Check the signature, the schema, every record's fields and every file's size and sha256; return the manifest.
 
     Nothing from the bundle is parsed before its manifest's signature verifies.
     """
     directory = Path(directory)
     if not directory.is_dir():
         raise BundleError(f"bundle {str(directory)!r} is not a directory; pass the folder `coordinator export` wrote")
-    manifest = json.loads(_check_signature(directory, load_public_key(trusted_key)))
-    if manifest.get("format") != BUNDLE_FORMAT or manifest.get("schema") != BUNDLE_SCHEMA:
+    text = _check_signature(directory, load_public_key(trusted_key))
+    header = json.loads(text)
+    found = (header.get("format"), header.get("schema")) if isinstance(header, dict) else (None, None)
+    if found != (BUNDLE_FORMAT, BUNDLE_SCHEMA):
         raise BundleError(
-            f"{directory} is a {manifest.get('format')!r} schema {manifest.get('schema')!r} bundle; this runtime "
+            f"{directory} is a {found[0]!r} schema {found[1]!r} bundle; this runtime "
             f"reads {BUNDLE_FORMAT!r} schema {BUNDLE_SCHEMA}: upgrade the runtime or export again"
         )
-    listed: dict[str, dict[str, Any]] = manifest["files"]
-    extra = sorted(set(bundle_files(directory)) - set(listed))
+    try:
+        manifest = Manifest.from_json(text)
+    except RecordError as error:
+        raise BundleError(f"{directory}/{MANIFEST} is signed but malformed: {error}") from None
+    extra = sorted(set(bundle_files(directory)) - set(manifest.files))
     if extra:
         raise BundleError(f"{directory} holds files the manifest does not list: {extra}; remove them")
-    for name, expected in listed.items():
+    for name, expected in manifest.files.items():
         path = directory / name
         if not path.is_file():
             raise BundleError(f"{directory} is missing {name}; the bundle is incomplete (export or copy it again)")
         actual = file_digest(path)
         if actual != expected:
             raise BundleError(
-                f"{directory}/{name} does not match the manifest (size {actual['size']} vs {expected['size']}, "
-                f"sha256 {actual['sha256'][:12]}… vs {expected['sha256'][:12]}…): it was altered or damaged"
+                f"{directory}/{name} does not match the manifest (size {actual.size} vs {expected.size}, "
+                f"sha256 {actual.sha256[:12]}… vs {expected.sha256[:12]}…): it was altered or damaged"
             )
     return manifest

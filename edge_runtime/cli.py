@@ -90,11 +90,10 @@ def _verify(args: argparse.Namespace) -> None:
     from edge_runtime.bundle import verify_bundle
 
     manifest = verify_bundle(args.bundle, args.trust)
-    size = sum(entry["size"] for entry in manifest["files"].values())
     print(
-        f"bundle {args.bundle} verified: {len(manifest['files'])} files, {size / 1e6:,.1f} MB, signed by "
-        f"{manifest['signer']}; model {manifest['model']['name']}, profile {manifest['profile']['name']}, "
-        f"backends {', '.join(manifest['backends'])}"
+        f"bundle {args.bundle} verified: {len(manifest.files)} files, {manifest.size / 1e6:,.1f} MB, signed by "
+        f"{manifest.signer}; model {manifest.model.name}, profile {manifest.profile.name}, adapter "
+        f"{manifest.adapter.kind} ({manifest.adapter.count:,} parameters), backends {', '.join(manifest.backends)}"
     )
 
 

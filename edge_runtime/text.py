@@ -6,13 +6,13 @@ import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from tokenizers import Tokenizer
 
 from edge_runtime.data import Example
 from edge_runtime.errors import DataError
+from edge_runtime.manifest import CLASSIFICATION, TaskRecord
 
 IGNORE_INDEX = -100
 
@@ -55,34 +55,34 @@ def _pad(rows: Sequence[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray
 class TaskEncoder:
     """Encodes examples for the bundle's task (the manifest's `task` record) with the bundle's tokenizer."""
 
-    def __init__(self, tokenizer_file: Path, task: dict[str, Any]) -> None:
+    def __init__(self, tokenizer_file: Path, task: TaskRecord) -> None:
         self.tokenizer = Tokenizer.from_file(str(tokenizer_file))
         self.task = task
-        self.kind: str = task["kind"]
-        self.max_length: int = task["max_length"]
-        self.pad_id: int = task["pad_token_id"]
+        self.kind = task.kind
+        self.max_length = task.max_length
+        self.pad_id = task.pad_token_id
 
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 
     def rows(self, examples: Sequence[Example]) -> list[tuple[list[int], int]]:
         """(token ids, target) per example (classification) or per packed block (language model)."""
-        if self.kind == "classification":
-            label_ids: dict[str, int] = self.task["label_token_ids"]
+        if self.kind == CLASSIFICATION:
+            label_ids = self.task.label_token_ids or {}
             unknown = sorted({str(e.label) for e in examples if e.label not in label_ids})
             if unknown:
                 raise DataError(f"labels {unknown} are not among the bundle's labels {sorted(label_ids)}")
-            template: str = self.task["template"]
+            template = self.task.template or "{text}"
             return [(self._ids(template.format(text=e.text))[-self.max_length :], label_ids[e.label]) for e in examples]
         stream: list[int] = []
         for example in examples:
-            stream += [*self._ids(example.text), self.task["eos_token_id"]]
+            stream += [*self._ids(example.text), self.task.eos_token_id]
         blocks = [stream[i : i + self.max_length] for i in range(0, len(stream), self.max_length)]
         return [(block, 0) for block in blocks if len(block) > 1]
 
     def collate(self, rows: Sequence[tuple[list[int], int]]) -> Batch:
         ids, mask = _pad([row for row, _ in rows], self.pad_id)
-        if self.kind == "classification":
+        if self.kind == CLASSIFICATION:
             return Batch(ids, mask, np.array([target for _, target in rows], dtype=np.int64))
         labels = np.where(mask[:, 1:] == 1, ids[:, 1:], IGNORE_INDEX).reshape(-1)
         return Batch(ids, mask, labels.astype(np.int64))

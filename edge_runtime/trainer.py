@@ -15,24 +15,23 @@ from typing import Any
 
 import numpy as np
 import psutil
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file
 from tqdm.auto import tqdm
 
 from edge_runtime import __version__
 from edge_runtime.backends import open_backend
-from edge_runtime.bundle import ADAPTER_FORMAT, ADAPTER_SCHEMA, MANIFEST, TOKENIZER_FILE, verify_bundle
+from edge_runtime.bundle import MANIFEST, TOKENIZER_FILE, verify_bundle, write_adapter_file
 from edge_runtime.data import load_examples
 from edge_runtime.errors import ConfigError, DataError
-from edge_runtime.files import atomic_directory, atomic_path, write_json_atomic
-from edge_runtime.memory import MIB, MemoryEstimate, ModelShape, choose_micro_batch
+from edge_runtime.files import atomic_directory, write_json_atomic
+from edge_runtime.manifest import RESULT_FORMAT, RESULT_SCHEMA, Manifest, ResultMetrics, TrainedWindow
+from edge_runtime.memory import MIB, MemoryEstimate, choose_micro_batch
 from edge_runtime.monitor import PeakMemory, peak_rss_bytes
 from edge_runtime.schedule import learning_rate_factor
 from edge_runtime.text import TaskEncoder, training_batches
 from edge_runtime.transfer import sha256_file
 from edge_runtime.windows import bundle_windows, window_at
 
-RESULT_FORMAT = "offsite-edge/result"
-RESULT_SCHEMA = 1
 ADAPTER = "adapter.safetensors"
 METRICS = "metrics.json"
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -86,26 +85,17 @@ def _save_checkpoint(out: Path, backend: Any, progress: dict[str, Any]) -> None:
             shutil.rmtree(older, ignore_errors=True)
 
 
-def _save_adapter(path: Path, weights: dict[str, np.ndarray], manifest: dict[str, Any]) -> None:
-    names: dict[str, str] = manifest["adapter"]["parameters"]
-    tensors = {names[name]: np.ascontiguousarray(array) for name, array in weights.items()}
-    header = {
-        "format": ADAPTER_FORMAT,
-        "schema": str(ADAPTER_SCHEMA),
-        "tool_version": __version__,
-        "model": json.dumps(manifest["model"]["name"]),
-        "bottom": json.dumps(manifest["adapter"]["bottom"]),
-        "top": json.dumps(manifest["adapter"]["top"]),
-    }
-    with atomic_path(path) as temporary:
-        save_file(tensors, str(temporary), metadata=header)
+def _save_adapter(path: Path, weights: dict[str, np.ndarray], manifest: Manifest) -> None:
+    names = manifest.adapter.parameters
+    origin = {"model": manifest.model.name, "bottom": manifest.adapter.bottom, "top": manifest.adapter.top}
+    write_adapter_file(path, {names[name]: array for name, array in weights.items()}, origin)
 
 
 @dataclass(frozen=True)
 class TrainingPlan:
     """A verified bundle and the device's data, planned to fit this device's memory (or refused before training)."""
 
-    manifest: dict[str, Any]
+    manifest: Manifest
     encoder: TaskEncoder
     rows: list[tuple[list[int], int]]
     backend: str
@@ -120,23 +110,23 @@ class TrainingPlan:
 def plan_training(bundle: Path, data: Path, trusted_key: Path, options: TrainOptions) -> TrainingPlan:
     """Verify `bundle`, encode `data`, choose the micro-batch; raise BudgetError if even micro-batch 1 won't fit."""
     manifest = verify_bundle(bundle, trusted_key)
-    training: dict[str, Any] = manifest["training"]
-    steps = options.steps if options.steps is not None else training["steps"]
-    every = options.checkpoint_every if options.checkpoint_every is not None else training["checkpoint_every"]
+    training = manifest.training
+    steps = options.steps if options.steps is not None else training.steps
+    every = options.checkpoint_every if options.checkpoint_every is not None else training.checkpoint_every
     if steps < 1 or every < 1:
         raise ConfigError(f"--steps {steps} and --checkpoint-every {every} must be at least 1")
-    backend = options.backend or manifest["backends"][0]
-    encoder = TaskEncoder(bundle / TOKENIZER_FILE, manifest["task"])
+    backend = options.backend or manifest.backends[0]
+    encoder = TaskEncoder(bundle / TOKENIZER_FILE, manifest.task)
     rows = encoder.rows(load_examples(data))
     if not rows:
         raise DataError(f"{data} holds no example long enough to train on; give it at least one")
-    budget = device_budget(manifest["profile"]["budget_bytes"], options.budget_bytes)
+    budget = device_budget(manifest.profile.budget_bytes, options.budget_bytes)
     sequence = max(len(ids) for ids, _ in rows)  # the longest row decides the peak; rows are already capped
     micro_batch, predicted = choose_micro_batch(
-        ModelShape(**manifest["plan"]["shape"]),
-        training["batch_size"],
+        manifest.plan.shape,
+        training.batch_size,
         sequence,
-        manifest["task"]["kind"],
+        manifest.task.kind,
         backend,
         budget,
         PLAN_MARGIN,
@@ -144,10 +134,10 @@ def plan_training(bundle: Path, data: Path, trusted_key: Path, options: TrainOpt
     return TrainingPlan(manifest, encoder, rows, backend, steps, every, budget, sequence, micro_batch, predicted)
 
 
-def _starting_weights(path: Path, manifest: dict[str, Any]) -> dict[str, np.ndarray]:
+def _starting_weights(path: Path, manifest: Manifest) -> dict[str, np.ndarray]:
     """A starting adapter (full-model names, e.g. last round's aggregate) under the bundle's parameter names."""
     tensors = load_file(str(path))
-    names: dict[str, str] = manifest["adapter"]["parameters"]
+    names = manifest.adapter.parameters
     missing = sorted(set(names.values()) - set(tensors))
     if missing or len(tensors) != len(names):
         raise DataError(
@@ -173,8 +163,8 @@ def train_bundle(
     """
     started = time.perf_counter()
     plan = plan_training(bundle, data, trusted_key, options)
-    manifest, training, backend_name, steps = plan.manifest, plan.manifest["training"], plan.backend, plan.steps
-    budget, micro_batch, batch_size = plan.budget, plan.micro_batch, training["batch_size"]
+    manifest, training, backend_name, steps = plan.manifest, plan.manifest.training, plan.backend, plan.steps
+    budget, micro_batch, batch_size = plan.budget, plan.micro_batch, training.batch_size
     start = _starting_weights(start_adapter, manifest) if start_adapter is not None else None
     windows = bundle_windows(manifest)
 
@@ -201,7 +191,7 @@ def train_bundle(
         backend = open_backend(backend_name, bundle, manifest, threads, found[0] if found else None)
         if start is not None and found is None:
             backend.load(start)
-        batches = training_batches(plan.encoder, plan.rows, batch_size, training["seed"])
+        batches = training_batches(plan.encoder, plan.rows, batch_size, training.seed)
         for _ in range(progress["step"]):
             next(batches)
         resumed_from = progress["step"]
@@ -212,7 +202,7 @@ def train_bundle(
                 batch = next(batches)
                 monitor.new_window()
                 tick = time.perf_counter()
-                lr = training["lr"] * learning_rate_factor(step, steps, training["warmup_ratio"])
+                lr = training.lr * learning_rate_factor(step, steps, training.warmup_ratio)
                 backend.select_window(window_at(step, steps, len(windows)))
                 loss = backend.step(batch.split(micro_batch), lr)
                 progress["step_seconds"].append(round(time.perf_counter() - tick, 4))
@@ -230,38 +220,37 @@ def train_bundle(
                     on_step({"step": step + 1, "steps": steps, "loss": loss, "peak_memory_bytes": monitor.peak})
         weights = backend.adapter()
     _save_adapter(out / ADAPTER, weights, manifest)
-    metrics = {
-        "format": RESULT_FORMAT,
-        "schema": RESULT_SCHEMA,
-        "tool_version": __version__,
-        "bundle": identity,
-        "model": manifest["model"],
-        "emulator": manifest["emulator"],
-        "backend": backend_name,
-        "threads": threads,
-        "steps": progress["step"],
-        "samples": progress["samples"],
-        "examples": len(plan.rows),
-        "start_adapter": sha256_file(start_adapter) if start_adapter is not None else None,
-        "resumed_from_step": resumed_from,
-        "loss_curve": [round(value, 6) for value in progress["losses"]],
-        "first_loss": progress["losses"][0],
-        "final_loss": progress["losses"][-1],
-        "step_seconds_median": statistics.median(progress["step_seconds"]),
-        "wall_seconds": round(time.perf_counter() - started, 2),
-        "batch_size": batch_size,
-        "sequence": plan.sequence,
-        "micro_batch": micro_batch,
-        "micro_batch_changes": progress["micro_batch_changes"],
-        "budget_bytes": budget,
-        "predicted_peak_bytes": plan.predicted.total,
-        "peak_memory_bytes": max(monitor.peak, peak_rss_bytes()),
-        "peak_memory_sampled_bytes": monitor.peak,
-        "layer_windows": (
-            [{"layers": w["layers"], "exit": w["exit"]} for w in windows] if "windows" in manifest["adapter"] else None
+    metrics = ResultMetrics(
+        format=RESULT_FORMAT,
+        schema=RESULT_SCHEMA,
+        tool_version=__version__,
+        bundle=identity,
+        model=manifest.model,
+        emulator=manifest.emulator,
+        backend=backend_name,
+        threads=threads,
+        steps=progress["step"],
+        samples=progress["samples"],
+        examples=len(plan.rows),
+        start_adapter=sha256_file(start_adapter) if start_adapter is not None else None,
+        resumed_from_step=resumed_from,
+        loss_curve=[round(value, 6) for value in progress["losses"]],
+        first_loss=progress["losses"][0],
+        final_loss=progress["losses"][-1],
+        step_seconds_median=statistics.median(progress["step_seconds"]),
+        wall_seconds=round(time.perf_counter() - started, 2),
+        batch_size=batch_size,
+        sequence=plan.sequence,
+        micro_batch=micro_batch,
+        micro_batch_changes=progress["micro_batch_changes"],
+        budget_bytes=budget,
+        predicted_peak_bytes=plan.predicted.total,
+        peak_memory_bytes=max(monitor.peak, peak_rss_bytes()),
+        peak_memory_sampled_bytes=monitor.peak,
+        layer_windows=(
+            [TrainedWindow(w.layers, w.exit) for w in manifest.adapter.windows] if manifest.adapter.windows else None
         ),
-        "privacy": None,
-    }
+    ).to_dict()
     write_json_atomic(out / METRICS, metrics)
     for checkpoint in out.glob(f"{CHECKPOINT_PREFIX}*"):
         shutil.rmtree(checkpoint, ignore_errors=True)

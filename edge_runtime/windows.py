@@ -7,10 +7,9 @@ train in equal phases, bottom first, so the last phase tunes the top layers agai
 
 from __future__ import annotations
 
-from typing import Any
-
 from edge_runtime.bundle import ORT_DIRECTORY
 from edge_runtime.errors import ConfigError
+from edge_runtime.manifest import Manifest, WindowRecord
 
 
 def split_windows(bottom: list[int], top: list[int], size: int) -> list[list[int]]:
@@ -37,12 +36,9 @@ def window_at(step: int, steps: int, count: int) -> int:
     return min(count - 1, step * count // steps)
 
 
-def bundle_windows(manifest: dict[str, Any]) -> list[dict[str, Any]]:
+def bundle_windows(manifest: Manifest) -> list[WindowRecord]:
     """The bundle's windows: each with its `layers`, `exit` layer, trainable `parameters` and `ort` directory.
 
     Bundles without windows train every adapter parameter through the final exit, as one window.
     """
-    adapter = manifest["adapter"]
-    if "windows" in adapter:
-        return adapter["windows"]
-    return [{"layers": None, "exit": None, "parameters": sorted(adapter["parameters"]), "ort": ORT_DIRECTORY}]
+    return manifest.adapter.training_windows(ORT_DIRECTORY)

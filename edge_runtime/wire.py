@@ -6,8 +6,6 @@ import hashlib
 import json
 import re
 import struct
-import types
-import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -15,6 +13,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from edge_runtime.errors import OffsiteError
+from edge_runtime.records import RecordError, from_dict
 
 WIRE_SCHEMA = 1
 CHUNK_BYTES = 256 * 1024
@@ -184,27 +183,6 @@ class Done(Record):
 RECORDS: dict[str, type[Record]] = {cls.kind: cls for cls in (Status, Profile, Offer, Job, Event, Request, Done)}
 
 
-def _matches(value: Any, annotation: Any) -> bool:
-    origin = typing.get_origin(annotation)
-    if origin in (types.UnionType, typing.Union):
-        return any(_matches(value, option) for option in typing.get_args(annotation))
-    if annotation is type(None):
-        return value is None
-    if annotation is float:
-        return isinstance(value, int | float) and not isinstance(value, bool)
-    if annotation is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if origin is list:
-        (item,) = typing.get_args(annotation)
-        return isinstance(value, list) and all(_matches(v, item) for v in value)
-    if origin is dict:
-        _, item = typing.get_args(annotation)
-        return isinstance(value, dict) and all(isinstance(k, str) and _matches(v, item) for k, v in value.items())
-    if annotation is Any:
-        return True
-    return isinstance(value, annotation)
-
-
 def decode(payload: bytes) -> Record:
     """Parse and validate one JSON record; raise WireError naming what is wrong."""
     if len(payload) > MAX_MESSAGE_BYTES:
@@ -220,16 +198,10 @@ def decode(payload: bytes) -> Record:
     cls = RECORDS.get(data.get("kind"))  # type: ignore[arg-type]
     if cls is None:
         raise WireError(f"unknown record kind {data.get('kind')!r}; known: {', '.join(RECORDS)}")
-    hints = typing.get_type_hints(cls)
-    values = {}
-    for spec in dataclasses.fields(cls):
-        if spec.name in data:
-            if not _matches(data[spec.name], hints[spec.name]):
-                raise WireError(f"{cls.kind}.{spec.name} = {data[spec.name]!r} is not {hints[spec.name]}")
-            values[spec.name] = data[spec.name]
-        elif spec.default is dataclasses.MISSING and spec.default_factory is dataclasses.MISSING:
-            raise WireError(f"{cls.kind} record lacks its {spec.name!r} field")
-    return cls(**values)
+    try:
+        return from_dict(cls, data, cls.kind)
+    except RecordError as error:
+        raise WireError(str(error)) from None
 
 
 @dataclass(frozen=True)

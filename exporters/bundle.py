@@ -5,8 +5,8 @@ from __future__ import annotations
 import base64
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -22,6 +22,7 @@ from edge_runtime.bundle import (
 )
 from edge_runtime.errors import ConfigError
 from edge_runtime.files import write_text_atomic
+from edge_runtime.manifest import Manifest
 
 PRIVATE_KEY = "coordinator.key"
 PUBLIC_KEY = "coordinator.pub"
@@ -61,16 +62,16 @@ def load_private_key(path: Path) -> Ed25519PrivateKey:
     return key
 
 
-def seal_bundle(directory: Path, manifest: dict[str, Any], key: Ed25519PrivateKey) -> dict[str, Any]:
-    """Add format, signer and every file's sha256 and size to `manifest`, write it and its signature."""
-    sealed = {
-        "format": BUNDLE_FORMAT,
-        "schema": BUNDLE_SCHEMA,
-        **manifest,
-        "signer": key_fingerprint(key.public_key()),
-        "files": {name: file_digest(directory / name) for name in bundle_files(directory)},
-    }
-    text = json.dumps(sealed, indent=2, sort_keys=True) + "\n"
+def seal_bundle(directory: Path, manifest: Manifest, key: Ed25519PrivateKey) -> Manifest:
+    """Stamp `manifest` with the format, signer and every file's sha256 and size; write it and its signature."""
+    sealed = replace(
+        manifest,
+        format=BUNDLE_FORMAT,
+        schema=BUNDLE_SCHEMA,
+        signer=key_fingerprint(key.public_key()),
+        files={name: file_digest(directory / name) for name in bundle_files(directory)},
+    )
+    text = json.dumps(sealed.to_dict(), indent=2, sort_keys=True) + "\n"
     (directory / MANIFEST).write_text(text, encoding="utf-8")
     signature = key.sign(text.encode("utf-8"))
     (directory / SIGNATURE).write_text(base64.b64encode(signature).decode("ascii") + "\n", encoding="ascii")

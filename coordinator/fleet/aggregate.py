@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from coordinator.adapter import save_adapter
 from coordinator.errors import DataError
 from coordinator.results import DeviceResult
+from edge_runtime import __version__
 from edge_runtime.files import atomic_directory, write_json_atomic
-from edge_runtime.trainer import ADAPTER, METRICS, RESULT_FORMAT, RESULT_SCHEMA
+from edge_runtime.manifest import RESULT_FORMAT, RESULT_SCHEMA, AggregateRecord, ResultMetrics
+from edge_runtime.trainer import ADAPTER, METRICS
 
 
 def federated_average(results: list[DeviceResult]) -> dict[str, torch.Tensor]:
@@ -22,34 +23,36 @@ def federated_average(results: list[DeviceResult]) -> dict[str, torch.Tensor]:
     for result in results[1:]:
         if set(result.weights) != names:
             raise DataError("device adapters name different tensors: they were trained from different bundles")
-    total = sum(result.metrics["examples"] for result in results)
+    total = sum(result.metrics.examples for result in results)
     return {
-        name: sum(result.weights[name].double() * (result.metrics["examples"] / total) for result in results).float()
+        name: sum(result.weights[name].double() * (result.metrics.examples / total) for result in results).float()
         for name in sorted(names)
     }
 
 
-def write_aggregate(results: list[DeviceResult], out: Path, round_: int) -> dict[str, Any]:
+def write_aggregate(results: list[DeviceResult], out: Path, round_: int) -> ResultMetrics:
     """Write the average as a result folder (adapter.safetensors + metrics.json) that `plug`/`evaluate` read."""
     weights = federated_average(results)
-    first = results[0].metrics
-    metrics = {
-        "format": RESULT_FORMAT,
-        "schema": RESULT_SCHEMA,
-        "aggregate": {"method": "fedavg", "round": round_, "devices": len(results)},
-        "model": first["model"],
-        "emulator": first["emulator"],
-        "backend": ",".join(sorted({r.metrics["backend"] for r in results})),
-        "steps": sum(r.metrics["steps"] for r in results),
-        "samples": sum(r.metrics["samples"] for r in results),
-        "examples": sum(r.metrics["examples"] for r in results),
-        "first_loss": sum(r.metrics["first_loss"] for r in results) / len(results),
-        "final_loss": sum(r.metrics["final_loss"] for r in results) / len(results),
-        "loss_curve": results[0].metrics["loss_curve"],
-        "wall_seconds": max(r.metrics["wall_seconds"] for r in results),
-        "peak_memory_bytes": max(r.metrics["peak_memory_bytes"] for r in results),
-    }
+    runs = [result.metrics for result in results]
+    metrics = ResultMetrics(
+        format=RESULT_FORMAT,
+        schema=RESULT_SCHEMA,
+        tool_version=__version__,
+        aggregate=AggregateRecord("fedavg", round_, len(results)),
+        model=runs[0].model,
+        emulator=runs[0].emulator,
+        backend=",".join(sorted({run.backend for run in runs})),
+        steps=sum(run.steps for run in runs),
+        samples=sum(run.samples for run in runs),
+        examples=sum(run.examples for run in runs),
+        first_loss=sum(run.first_loss for run in runs) / len(runs),
+        final_loss=sum(run.final_loss for run in runs) / len(runs),
+        loss_curve=runs[0].loss_curve,
+        wall_seconds=max(run.wall_seconds for run in runs),
+        peak_memory_bytes=max(run.peak_memory_bytes for run in runs),
+        layer_windows=runs[0].layer_windows,
+    )
     with atomic_directory(out) as staging:
-        save_adapter(weights, staging / ADAPTER, {"model": first["model"]["name"], "aggregate_round": round_})
-        write_json_atomic(staging / METRICS, metrics)
+        save_adapter(weights, staging / ADAPTER, {"model": runs[0].model.name, "aggregate_round": round_})
+        write_json_atomic(staging / METRICS, metrics.to_dict())
     return metrics

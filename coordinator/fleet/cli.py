@@ -11,16 +11,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from coordinator.defaults import DEFAULT_EMULATOR, DEFAULT_KEEP, DEFAULT_LR
 from coordinator.fleet.registry import JOB_DONE, Registry, default_state_directory
+from coordinator.options import add_request_options, request_from_args
 
 MIB = 2**20
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
     """Register `serve` and `fleet` on the `coordinator` parser."""
-    from coordinator.cli import _pair  # the same BOTTOM,TOP parser as export and evaluate
-
     serve = commands.add_parser("serve", help="run the fleet service (an embedded MQTT broker unless --broker)")
     serve.add_argument("--broker", help="mqtt://[USER[:PASSWORD]@]HOST:PORT of a running broker")
     serve.add_argument("--listen", type=int, default=1883, help="port of the embedded broker (loopback only)")
@@ -34,22 +32,10 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     actions = fleet.add_subparsers(dest="fleet_command", required=True)
     devices = actions.add_parser("devices", help="devices that announced themselves, with profile and datasets")
     dispatch = actions.add_parser("dispatch", help="queue a federated job for `coordinator serve` to run")
-    dispatch.add_argument("--model", default="smollm2-135m", help="named model, HF folder or .gguf file")
+    add_request_options(dispatch, steps=50, steps_help="training steps per device per round")
     dispatch.add_argument("--dataset", required=True, help="the dataset name devices configured (--dataset NAME=…)")
     dispatch.add_argument("--rounds", type=int, default=2)
-    dispatch.add_argument("--steps", type=int, default=50, help="training steps per device per round")
     dispatch.add_argument("--devices", help="comma-separated device ids (default: every online device with it)")
-    dispatch.add_argument("--adapter-layers", type=_pair, default=(2, 2), metavar="BOTTOM,TOP")
-    dispatch.add_argument("--keep", type=int, default=DEFAULT_KEEP, help="middle layers the emulator keeps")
-    dispatch.add_argument(
-        "--emulator", default=DEFAULT_EMULATOR, metavar="RECIPE[:KEY=VALUE,...]", help="as for export"
-    )
-    dispatch.add_argument("--distill", type=int, default=0, metavar="STEPS", help="as for export")
-    dispatch.add_argument("--layer-window", type=int, metavar="LAYERS", help="as for export")
-    dispatch.add_argument("--batch-size", type=int, default=8)
-    dispatch.add_argument("--max-length", type=int, default=128)
-    dispatch.add_argument("--lr", type=float, default=DEFAULT_LR)
-    dispatch.add_argument("--task", choices=("classification", "language-model"), default="classification")
     dispatch.add_argument("--test", type=Path, help="held-out data the aggregate is scored on after each round")
     dispatch.add_argument("--limit-test", type=int, help="score only the first N test examples")
     dispatch.add_argument("--wait", action="store_true", help="wait until the job is done, then print its results")
@@ -161,8 +147,7 @@ def format_results(registry: Registry, job: str) -> str:
 
 
 def fleet(args: argparse.Namespace) -> None:
-    from coordinator.compression import EmulatorSpec
-    from coordinator.fleet.service import JobSpec
+    from coordinator.fleet.jobs import JobSpec
 
     registry = Registry(args.state or default_state_directory())
     if args.fleet_command == "devices":
@@ -171,24 +156,14 @@ def fleet(args: argparse.Namespace) -> None:
     job = getattr(args, "job", None)
     if args.fleet_command == "dispatch":
         spec = JobSpec(
-            args.model,
             args.dataset,
+            request_from_args(args),
             args.rounds,
-            args.steps,
             args.devices.split(",") if args.devices else None,
-            args.adapter_layers,
-            args.keep,
-            args.batch_size,
-            args.max_length,
-            args.lr,
-            args.task,
             test=str(args.test.resolve()) if args.test else None,
             limit_test=args.limit_test,
-            emulator=EmulatorSpec.parse(args.emulator, args.keep, args.distill).label(),
-            distill=args.distill,
-            layer_window=args.layer_window,
         )
-        job = registry.add_job(spec.__dict__ | {"adapter_layers": list(spec.adapter_layers)})
+        job = registry.add_job(spec.to_dict())
         print(f"queued {job}: {args.rounds} rounds of {args.steps} steps on {args.dataset}", flush=True)
     if getattr(args, "wait", False):
         while registry.job(job)["state"] not in JOB_DONE:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from coordinator.errors import ConfigError
+from edge_runtime.manifest import ResultMetrics
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS devices (
@@ -165,14 +166,14 @@ class Registry:
         )
 
     def task_result(
-        self, job: str, round_: int, device: str, result: Path, metrics: dict, sent: int, received: int
+        self, job: str, round_: int, device: str, result: Path, metrics: ResultMetrics, sent: int, received: int
     ) -> None:
         self._exec(
             "UPDATE tasks SET state = 'received', result = ?, metrics = ?, examples = ?, bytes_sent = ?, "
             "bytes_received = ?, finished = ? WHERE job = ? AND round = ? AND device = ?",
             str(result),
-            json.dumps(metrics),
-            metrics["examples"],
+            json.dumps(metrics.to_dict()),
+            metrics.examples,
             sent,
             received,
             time.time(),

@@ -3,72 +3,30 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import queue
 import secrets
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from coordinator.defaults import DEFAULT_EMULATOR, DEFAULT_KEEP, DEFAULT_LR
 from coordinator.errors import ConfigError, DataError
+from coordinator.fleet.jobs import JobSpec
 from coordinator.fleet.registry import JOB_DONE, TASK_DONE, Registry
-from coordinator.tasks import DEFAULT_LABEL_WORDS, DEFAULT_TEMPLATE
+from coordinator.fleet.work import Workshop, finish_round, prepare_job
 from device_profiles import ProfileError
 from edge_runtime.errors import OffsiteError
+from edge_runtime.manifest import read_metrics
 from edge_runtime.mqtt import BrokerAddress, Connection
-from edge_runtime.trainer import METRICS, RESULT_FORMAT
+from edge_runtime.trainer import METRICS
 from edge_runtime.transfer import Download, Outbox, offer_for, unpack_archive
 from edge_runtime.wire import Chunk, Done, Event, Job, Offer, Profile, Request, Status, Topics, WireError, decode
 
 log = logging.getLogger(__name__)
 RESEND_SECONDS = 15.0  # a job not yet answered is sent again (freshly signed) this often
 TICK_SECONDS = 0.5
-
-
-@dataclass(frozen=True)
-class JobSpec:
-    """One federated job: which model and dataset, how many rounds of how many steps, on which devices."""
-
-    model: str
-    dataset: str
-    rounds: int = 2
-    steps: int = 50
-    devices: list[str] | None = None
-    adapter_layers: tuple[int, int] = (2, 2)
-    keep: int = DEFAULT_KEEP
-    batch_size: int = 8
-    max_length: int = 128
-    lr: float = DEFAULT_LR
-    task: str = "classification"
-    label_words: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_LABEL_WORDS))
-    template: str = DEFAULT_TEMPLATE
-    test: str | None = None
-    limit_test: int | None = None
-    checkpoint_every: int = 10
-    seed: int = 0
-    emulator: str = DEFAULT_EMULATOR  # recipe spec, e.g. "luc:size=0.2" (see `coordinator export --help`)
-    distill: int = 0
-    layer_window: int | None = None  # adaptive layer tuning (see `coordinator export --help`)
-
-    def __post_init__(self) -> None:
-        for name in ("rounds", "steps", "batch_size", "checkpoint_every"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name}={getattr(self, name)} must be at least 1")
-        if self.layer_window is not None and self.layer_window < 1:
-            raise ConfigError(f"--layer-window {self.layer_window} must be at least 1 layer")
-        if self.task not in ("classification", "language-model"):
-            raise ConfigError(f"task {self.task!r} is not classification or language-model")
-        if self.test is not None and not Path(self.test).is_file():
-            raise ConfigError(f"--test {self.test} is not a file; give the held-out data the aggregate is scored on")
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> JobSpec:
-        return cls(**(data | {"adapter_layers": tuple(data["adapter_layers"])}))
 
 
 def wire_job_id(job: str, round_: int) -> str:
@@ -90,6 +48,7 @@ class FleetService:
 
         self.registry = registry
         self.key = load_private_key(key_path)
+        self.workshop = Workshop(registry, self.key, work)
         self.work = work
         self.topics = topics
         self.inbox: queue.Queue[tuple[str, bytes]] = queue.Queue()
@@ -102,7 +61,6 @@ class FleetService:
         self.traffic: dict[str, list[int]] = {}
         self.baseline: dict[tuple[str, int, str], list[int]] = {}
         self.rejections: list[str] = []
-        self.models: dict[str, Any] = {}
         channels = ("status", "profile", "events", "acks")
         subscriptions = [topics.all_devices(channel) for channel in channels] + [topics.all_devices("results/+")]
         self.connection = Connection(address, f"coordinator-{secrets.token_hex(3)}", subscriptions, self._queue)
@@ -215,14 +173,17 @@ class FleetService:
 
     def _store_result(self, device: str, job: str, round_: int, archive: Path) -> None:
         folder = unpack_archive(archive, self.work / "jobs" / job / f"round-{round_}" / device)
-        metrics = json.loads((folder / METRICS).read_text(encoding="utf-8"))
+        metrics_file = folder / METRICS
+        if not metrics_file.is_file():
+            raise DataError(f"{device}'s result for {job} round {round_} has no {METRICS}")
+        metrics = read_metrics(metrics_file.read_bytes(), f"{device}'s {METRICS}")
         expected = self.registry.job(job)["detail"].get("model_sha256")
-        if metrics.get("format") != RESULT_FORMAT or metrics["model"]["sha256"] != expected:
+        if metrics.model.sha256 != expected:
             raise DataError(f"{device}'s result for {job} round {round_} is not for this job's model")
         sent, received = self.traffic.get(device, [0, 0])
         start_sent, start_received = self.baseline.get((job, round_, device), [0, 0])
         self.registry.task_result(job, round_, device, folder, metrics, sent - start_sent, received - start_received)
-        log.info("%s result of %s round %d stored (%d examples)", device, job, round_, metrics["examples"])
+        log.info("%s result of %s round %d stored (%d examples)", device, job, round_, metrics.examples)
 
     # -- jobs -----------------------------------------------------------------------------------------------
 
@@ -302,8 +263,6 @@ class FleetService:
             self.registry.set_job(job, "done", round_, aggregate=outcome["aggregate"])
 
     def _tick(self) -> None:
-        from coordinator.fleet import work
-
         for job in self.registry.jobs("pending"):
             spec = JobSpec.from_dict(job["spec"])
             try:
@@ -312,7 +271,7 @@ class FleetService:
                 self.registry.set_job(job["id"], "failed", reason=str(error))
                 continue
             self.registry.set_job(job["id"], "preparing", devices=sorted(targets))
-            self.pending[job["id"]] = self.worker.submit(work.prepare_job, self, job["id"], spec, targets)
+            self.pending[job["id"]] = self.worker.submit(prepare_job, self.workshop, job["id"], spec, targets)
         for job_id, future in list(self.pending.items()):
             if future.done():
                 self.pending.pop(job_id)
@@ -330,7 +289,7 @@ class FleetService:
                     continue
                 self.registry.set_job(job["id"], "aggregating")
                 spec = JobSpec.from_dict(job["spec"])
-                self.pending[job["id"]] = self.worker.submit(work.finish_round, self, job["id"], round_, spec)
+                self.pending[job["id"]] = self.worker.submit(finish_round, self.workshop, job["id"], round_, spec)
         for transfer, download in list(self.downloads.items()):
             try:
                 download.tick()

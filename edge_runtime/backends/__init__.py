@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 
 from edge_runtime.errors import ConfigError
+from edge_runtime.manifest import Manifest
 from edge_runtime.text import Batch
 
 BACKENDS = ("ort", "torch")
@@ -51,14 +52,14 @@ def installed_backends() -> list[str]:
     return [name for name, module in BACKEND_MODULES.items() if importlib.util.find_spec(module) is not None]
 
 
-def open_backend(name: str, bundle: Path, manifest: dict[str, Any], threads: int, resume: Path | None) -> Backend:
+def open_backend(name: str, bundle: Path, manifest: Manifest, threads: int, resume: Path | None) -> Backend:
     """Load backend `name` for `bundle`, from the bundle's initial state or from the checkpoint `resume`."""
     if name not in BACKENDS:
         raise ConfigError(f"backend {name!r} is not one of {', '.join(BACKENDS)}")
-    if name not in manifest["backends"]:
+    if name not in manifest.backends:
         raise ConfigError(
-            f"this bundle was exported for {manifest['backends']} only; export it with --backends {name} "
-            f"or train with --backend {manifest['backends'][0]}"
+            f"this bundle was exported for {manifest.backends} only; export it with --backends {name} "
+            f"or train with --backend {manifest.backends[0]}"
         )
     try:
         if name == "ort":

@@ -5,7 +5,6 @@ from __future__ import annotations
 import sys
 import types
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import onnxruntime
@@ -13,6 +12,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from edge_runtime.bundle import ADAPTER_FILE
+from edge_runtime.manifest import Manifest
 from edge_runtime.text import Batch
 from edge_runtime.windows import bundle_windows
 
@@ -48,7 +48,7 @@ class OrtBackend:
 
     name = "ort"
 
-    def __init__(self, bundle: Path, manifest: dict[str, Any], threads: int, resume: Path | None) -> None:
+    def __init__(self, bundle: Path, manifest: Manifest, threads: int, resume: Path | None) -> None:
         self.bundle = bundle
         self.windows = bundle_windows(manifest)
         self.options = onnxruntime.SessionOptions()
@@ -58,12 +58,12 @@ class OrtBackend:
         # Batches vary in length; the arena keeps every size it ever served and grew the process by 25 % over 24
         # steps (bench/device_training.py). Without it memory stays where the planner predicts, ~5-10 % slower.
         self.options.enable_cpu_mem_arena = False
-        self.adapter_names = set(manifest["adapter"]["parameters"])
+        self.adapter_names = set(manifest.adapter.parameters)
         self.held: dict[str, np.ndarray] = {}  # adapter weights outside the open window's graphs
         if resume is None:
             self._open(0, None)
             with safe_open(str(bundle / ADAPTER_FILE), framework="numpy") as initial:
-                for name, full_name in manifest["adapter"]["parameters"].items():
+                for name, full_name in manifest.adapter.parameters.items():
                     if name not in self.holds:
                         self.held[name] = initial.get_tensor(full_name)
         else:
@@ -74,7 +74,7 @@ class OrtBackend:
 
     def _open(self, window: int, checkpoint: Path | None) -> None:
         """Load window `window`'s graphs from `checkpoint` (or the bundle's), then move in the held weights they use."""
-        graphs = self.bundle / self.windows[window]["ort"]
+        graphs = self.bundle / self.windows[window].ort
         self.module = self.optimizer = self.state = None  # free the last window's sessions before the next loads
         self.state = CheckpointState.load_checkpoint(str(checkpoint or graphs / "checkpoint"))
         self.module = Module(

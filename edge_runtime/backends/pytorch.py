@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -11,6 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from edge_runtime.bundle import TORCH_DIRECTORY
 from edge_runtime.low_rank import load_causal_lm
+from edge_runtime.manifest import Manifest
 from edge_runtime.text import Batch
 from edge_runtime.torch_graph import TrainingGraph, graph_loss, truncated
 from edge_runtime.windows import bundle_windows
@@ -23,21 +23,21 @@ class TorchBackend:
 
     name = "torch"
 
-    def __init__(self, bundle: Path, manifest: dict[str, Any], threads: int, resume: Path | None) -> None:
+    def __init__(self, bundle: Path, manifest: Manifest, threads: int, resume: Path | None) -> None:
         torch.set_num_threads(threads)
         model = load_causal_lm(bundle / TORCH_DIRECTORY)
         model.eval()  # no dropout: both backends train the same deterministic graph
-        self.model, self.architecture, self.kind = model, manifest["architecture"], manifest["task"]["kind"]
+        self.model, self.architecture, self.kind = model, manifest.architecture, manifest.task.kind
         self.windows = bundle_windows(manifest)
-        names = set(manifest["adapter"]["parameters"])
-        self.whole = TrainingGraph(model, self.architecture["backbone"], self.architecture["head"], self.kind)
+        names = set(manifest.adapter.parameters)
+        self.whole = TrainingGraph(model, self.architecture.backbone, self.architecture.head, self.kind)
         self.trainable = {name: p for name, p in self.whole.named_parameters() if name in names}
         self.window: int | None = None
         self.select_window(0)
-        optimizer = manifest["training"]["optimizer"]
-        self.max_grad_norm = optimizer["max_grad_norm"]
+        optimizer = manifest.training.optimizer
+        self.max_grad_norm = optimizer.max_grad_norm
         self.optimizer = torch.optim.AdamW(
-            self.trainable.values(), lr=0.0, eps=optimizer["eps"], weight_decay=optimizer["weight_decay"]
+            self.trainable.values(), lr=0.0, eps=optimizer.eps, weight_decay=optimizer.weight_decay
         )
         if resume is not None:
             self._restore(resume / CHECKPOINT)
@@ -46,14 +46,14 @@ class TorchBackend:
         """Forward through the window's exit; only its layers get gradients (AdamW skips the others, gradient-less)."""
         if window == self.window:
             return
-        chosen, layers = self.windows[window], self.architecture["layers"]
-        depth = len(self.model.get_submodule(layers)) if chosen["exit"] is None else chosen["exit"] + 1
+        chosen, layers = self.windows[window], self.architecture.layers
+        depth = len(self.model.get_submodule(layers)) if chosen.exit is None else chosen.exit + 1
         view = truncated(self.model, layers, depth)
-        self.graph = TrainingGraph(view, self.architecture["backbone"], self.architecture["head"], self.kind)
-        names = set(chosen["parameters"])
+        self.graph = TrainingGraph(view, self.architecture.backbone, self.architecture.head, self.kind)
+        names = set(chosen.parameters)
         for name, parameter in self.whole.named_parameters():  # the view holds the same parameters, same names
             parameter.requires_grad_(name in names)
-        self.window_parameters = [self.trainable[name] for name in chosen["parameters"]]
+        self.window_parameters = [self.trainable[name] for name in chosen.parameters]
         self.window = window
 
     def step(self, micro_batches: list[Batch], learning_rate: float) -> float:

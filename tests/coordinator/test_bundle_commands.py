@@ -8,6 +8,7 @@ import yaml
 from coordinator.cli import main as coordinator
 from coordinator.models import load_model
 from device_profiles import PROFILE_DIRECTORY
+from edge_runtime.manifest import Manifest
 from edge_runtime.trainer import TrainOptions, train_bundle
 from tests.conftest import make_bundle, sentiment_examples
 
@@ -189,6 +190,6 @@ def test_the_short_jetson_name_exports_a_torch_bundle(tiny_bundle, tmp_path):
         str(out),
     ]
     assert coordinator(command) == 0
-    manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["backends"] == ["torch"] and manifest["profile"]["name"] == "jetson-orin-nano-8gb"
+    manifest = Manifest.from_json((out / "manifest.json").read_bytes())
+    assert manifest.backends == ["torch"] and manifest.profile.name == "jetson-orin-nano-8gb"
     assert not (out / "ort").exists() and (out / "torch" / "model.safetensors").is_file()

@@ -10,6 +10,8 @@ import pytest
 from coordinator.cli import main as coordinator
 from coordinator.datasets import write_jsonl
 from edge_runtime.data import Example
+from edge_runtime.manifest import Manifest
+from edge_runtime.records import to_dict
 from edge_runtime.trainer import TrainOptions, train_bundle
 from tests.conftest import WORDS, make_bundle, sentiment_examples
 
@@ -27,17 +29,17 @@ def public_text(path):
 def test_each_recipe_exports_a_bundle_that_both_backends_train_alike(tmp_path, recipe):
     public = public_text(tmp_path / "public.jsonl")
     bundle = make_bundle(tmp_path, "ort,torch", "--keep", "3", "--emulator", recipe, "--calibration", str(public))
-    manifest = json.loads((bundle["bundle"] / "manifest.json").read_text())
-    emulator = manifest["emulator"]
-    assert emulator["recipe"] == recipe.split(":")[0] and len(set(emulator["layer_map"])) == 5
-    assert len(emulator["layer_map"]) == (6 if recipe == "share" else 5)  # share runs a kept layer in every position
-    assert emulator["details"]["calibration"]["source"] == "public.jsonl"
-    assert manifest["export_check"]["logits_max_abs_diff"] <= 1e-4 * max(1, manifest["export_check"]["logits_max_abs"])
+    manifest = Manifest.from_json((bundle["bundle"] / "manifest.json").read_bytes())
+    emulator, check = manifest.emulator, manifest.export_check
+    assert emulator.recipe == recipe.split(":")[0] and len(set(emulator.layer_map)) == 5
+    assert len(emulator.layer_map) == (6 if recipe == "share" else 5)  # share runs a kept layer in every position
+    assert emulator.details["calibration"]["source"] == "public.jsonl"
+    assert check is not None and check["logits_max_abs_diff"] <= 1e-4 * max(1, check["logits_max_abs"])
     curves = {}
     for backend in ("ort", "torch"):
         options = TrainOptions(steps=8, backend=backend, progress=False, threads=1)
         metrics = train_bundle(bundle["bundle"], bundle["data"], tmp_path / backend, bundle["trust"], options)
-        assert metrics["emulator"] == emulator
+        assert metrics["emulator"] == to_dict(emulator)
         curves[backend] = metrics["loss_curve"]
     np.testing.assert_allclose(curves["ort"], curves["torch"], rtol=1e-3)
     assert curves["ort"][-1] < curves["ort"][0]

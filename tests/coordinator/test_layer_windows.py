@@ -66,10 +66,10 @@ def test_voting_answers_with_the_surest_exit(tokenizer):
 def test_each_backend_trains_one_window_at_a_time_through_its_exit(tmp_path):
     paths = make_bundle(tmp_path, "ort,torch", *WINDOWED)
     manifest = verify_bundle(paths["bundle"], paths["trust"])
-    windows = manifest["adapter"]["windows"]
-    assert [(w["layers"], w["exit"], w["exit_source"]) for w in windows] == [([0, 1], 1, 1), ([4, 5], 5, 5)]
+    windows = manifest.adapter.windows
+    assert [(w.layers, w.exit, w.exit_source) for w in windows] == [([0, 1], 1, 1), ([4, 5], 5, 5)]
     assert (paths["bundle"] / "ort" / "window-0" / "training_model.onnx").is_file()
-    encoder = TaskEncoder(paths["bundle"] / "tokenizer" / "tokenizer.json", manifest["task"])
+    encoder = TaskEncoder(paths["bundle"] / "tokenizer" / "tokenizer.json", manifest.task)
     batches = training_batches(encoder, encoder.rows(load_examples(paths["data"])), 8, seed=0)
     steps = [next(batches) for _ in range(4)]
     losses = {}
@@ -82,7 +82,7 @@ def test_each_backend_trains_one_window_at_a_time_through_its_exit(tmp_path):
             losses[name].append(backend.step([batch], LEARNING_RATE))
             after = backend.adapter()
             changed = {key for key in after if not np.array_equal(after[key], before[key])}
-            assert changed == set(windows[window]["parameters"]), (name, step)
+            assert changed == set(windows[window].parameters), (name, step)
             before = after
     np.testing.assert_allclose(losses["ort"], losses["torch"], rtol=1e-4)
 

@@ -27,9 +27,9 @@ def test_a_fresh_bundle_verifies_and_lists_every_file(tiny_bundle, capsys):
         "torch/model.safetensors",
         "tokenizer/tokenizer.json",
         "adapter.safetensors",
-    } <= set(manifest["files"])
-    assert manifest["plan"]["profile"] == "laptop-16gb" and manifest["backends"] == ["ort", "torch"]
-    assert set(manifest["adapter"]["parameters"].values()) >= {
+    } <= set(manifest.files)
+    assert manifest.plan.profile == "laptop-16gb" and manifest.backends == ["ort", "torch"]
+    assert set(manifest.adapter.parameters.values()) >= {
         "model.layers.0.mlp.up_proj.weight",
         "model.layers.5.mlp.up_proj.weight",
     }

@@ -10,7 +10,8 @@ import pytest
 from safetensors.numpy import load_file
 
 from edge_runtime.cli import main as edge
-from edge_runtime.memory import BudgetError, ModelShape, estimate
+from edge_runtime.manifest import Manifest
+from edge_runtime.memory import BudgetError, estimate
 from edge_runtime.trainer import PLAN_MARGIN, TrainOptions, train_bundle
 from tests.conftest import assert_same_adapter, make_bundle
 
@@ -43,8 +44,7 @@ def test_the_result_holds_the_adapter_under_full_model_names_and_the_metrics(tin
 
 @pytest.mark.parametrize("backend", ["ort", "torch"])
 def test_micro_batches_accumulate_to_the_whole_batch(tiny_bundle, tmp_path, backend):
-    manifest = json.loads((tiny_bundle["bundle"] / "manifest.json").read_text())
-    shape = ModelShape(**manifest["plan"]["shape"])
+    shape = Manifest.from_json((tiny_bundle["bundle"] / "manifest.json").read_bytes()).plan.shape
     whole = _train(tiny_bundle, tmp_path / "whole", steps=5, backend=backend)
     budget = int(estimate(shape, 2, whole["sequence"], "classification", backend).total * (1 + PLAN_MARGIN)) + 1
     split = _train(tiny_bundle, tmp_path / "split", steps=5, backend=backend, budget_bytes=budget)

@@ -16,8 +16,11 @@ import pytest
 
 from coordinator.datasets import write_jsonl
 from coordinator.fleet.broker import EmbeddedBroker, free_port
+from coordinator.fleet.jobs import JobSpec
 from coordinator.fleet.registry import Registry
-from coordinator.fleet.service import FleetService, JobSpec
+from coordinator.fleet.service import FleetService
+from coordinator.request import BundleRequest
+from coordinator.train import TrainConfig
 from device_profiles import load_profile
 from edge_runtime.daemon import DaemonConfig, EdgeDaemon
 from edge_runtime.mqtt import BrokerAddress
@@ -167,20 +170,11 @@ def fleet_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def tiny_spec(files: dict[str, Path], **change: object) -> dict[str, object]:
-    spec = JobSpec(
-        str(files["model"]),
-        "reviews",
-        rounds=2,
-        steps=10,
-        adapter_layers=(1, 1),
-        keep=2,
-        batch_size=8,
-        max_length=32,
-        lr=1e-3,
-        checkpoint_every=5,
-        test=str(files["test"]),
-    )
-    return spec.__dict__ | {"adapter_layers": [1, 1]} | change
+    """A registry job spec for the tiny fleet; `change` sets JobSpec fields, or `steps`/`checkpoint_every`."""
+    steps, every = change.pop("steps", 10), change.pop("checkpoint_every", 5)
+    training = TrainConfig(steps, 1e-3, batch_size=8, max_length=32)  # type: ignore[arg-type]
+    request = BundleRequest(str(files["model"]), (1, 1), keep=2, training=training, checkpoint_every=every)
+    return JobSpec("reviews", request, rounds=2, test=str(files["test"])).to_dict() | change  # type: ignore[arg-type]
 
 
 class Fleet:

@@ -1,6 +1,5 @@
 """SmolLM2 bundles: export for a laptop (ORT + PyTorch), verify, train on the device path, encode as the coordinator."""
 
-import json
 
 import numpy as np
 import pytest
@@ -11,6 +10,7 @@ from coordinator.models import load_model
 from coordinator.tasks import ClassificationTask
 from edge_runtime.bundle import TOKENIZER_FILE, verify_bundle
 from edge_runtime.data import load_examples
+from edge_runtime.manifest import Manifest
 from edge_runtime.text import TaskEncoder
 from edge_runtime.trainer import TrainOptions, train_bundle
 
@@ -41,19 +41,19 @@ def bundle(tmp_path_factory):
 
 def test_the_bundle_verifies_and_its_export_matches_pytorch(bundle):
     manifest = verify_bundle(*bundle)
-    check = manifest["export_check"]
-    assert check["logits_max_abs_diff"] <= check["logits_tolerance"] * check["logits_max_abs"]
+    check = manifest.export_check
+    assert check is not None and check["logits_max_abs_diff"] <= check["logits_tolerance"] * check["logits_max_abs"]
     # The default recipe: greedy removes SmolLM2's four middle layers whose removal moves predictions least, and a
     # rank-64 harmonizer runs in place of each removed run (layer 14; layers 16-18).
-    assert manifest["emulator"]["options"] == {"recipe": "greedy", "keep": 22, "harmonize": 64}
-    assert manifest["emulator"]["layer_map"] == [*range(14), 15, *range(19, 30)]
-    assert manifest["plan"]["micro_batch"] == 8  # a 10 GB laptop budget holds the whole batch
+    assert manifest.emulator.options == {"recipe": "greedy", "keep": 22, "harmonize": 64}
+    assert manifest.emulator.layer_map == [*range(14), 15, *range(19, 30)]
+    assert manifest.plan.micro_batch == 8  # a 10 GB laptop budget holds the whole batch
 
 
 def test_the_device_encodes_reviews_exactly_as_the_coordinator(bundle):
-    manifest = json.loads((bundle[0] / "manifest.json").read_text())
-    device = TaskEncoder(bundle[0] / TOKENIZER_FILE, manifest["task"])
-    task = ClassificationTask(load_model("smollm2-135m").tokenizer, manifest["task"]["label_words"])
+    manifest = Manifest.from_json((bundle[0] / "manifest.json").read_bytes())
+    device = TaskEncoder(bundle[0] / TOKENIZER_FILE, manifest.task)
+    task = ClassificationTask(load_model("smollm2-135m").tokenizer, manifest.task.label_words)
     examples = load_examples(dataset_path("sentiment", "test"))[:300]
     coordinator_rows = [task.encode(example)[0] for example in examples]
     assert [ids for ids, _ in device.rows(examples)] == coordinator_rows

@@ -1,0 +1,45 @@
+"""A federated job as the registry stores it: the bundle request, the dataset, rounds, devices and test file."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from coordinator.errors import ConfigError
+from coordinator.request import BundleRequest
+from edge_runtime.records import from_dict, to_dict
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """One federated job: every device trains `bundle`'s adapter on its dataset `dataset`, `rounds` times.
+
+    Each round runs `bundle.training.steps` steps per device; the aggregate is scored on `test` after each round.
+    """
+
+    dataset: str
+    bundle: BundleRequest = field(default_factory=BundleRequest)
+    rounds: int = 2
+    devices: list[str] | None = None  # default: every online device that has the dataset
+    test: str | None = None
+    limit_test: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.rounds < 1:
+            raise ConfigError(f"rounds={self.rounds} must be at least 1")
+        if self.limit_test is not None and self.limit_test < 1:
+            raise ConfigError(f"--limit-test {self.limit_test} must be at least 1")
+        if self.test is not None and not Path(self.test).is_file():
+            raise ConfigError(f"--test {self.test} is not a file; give the held-out data the aggregate is scored on")
+
+    @property
+    def steps(self) -> int:
+        return self.bundle.training.steps
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> JobSpec:
+        return from_dict(cls, data, "job spec")

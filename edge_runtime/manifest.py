@@ -1,0 +1,316 @@
+"""The bundle manifest and the device's result metrics as typed records, validated field by field when read.
+
+Nothing outside these records reads a manifest or a metrics.json by string key: `Manifest.from_json` (after the
+signature verifies) and `read_metrics` are the only ways in, and a malformed field is refused by its dotted name.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from edge_runtime.memory import ModelShape
+from edge_runtime.records import RecordError, from_dict, to_dict
+
+CLASSIFICATION = "classification"
+LANGUAGE_MODEL = "language-model"
+TASK_KINDS = (CLASSIFICATION, LANGUAGE_MODEL)
+# Adapter kinds this runtime trains; a bundle naming another is refused before anything loads.
+ADAPTER_KINDS = ("layers",)
+RESULT_FORMAT = "offsite-edge/result"
+RESULT_SCHEMA = 1
+
+
+@dataclass(frozen=True)
+class ModelRecord:
+    """The full model the bundle was cut from: its name, sha256 of its source files, layer count."""
+
+    name: str
+    sha256: str
+    num_layers: int
+
+
+@dataclass(frozen=True)
+class ArchitectureRecord:
+    """Module paths of the backbone, head and layer list (coordinator/architectures.py)."""
+
+    model_type: str
+    backbone: str
+    head: str
+    layers: str
+
+
+@dataclass(frozen=True)
+class EmulatorRecord:
+    """What an emulator remembers of its source: which full-model layer each of its layers came from, the
+    recipe and settings that built it, and what the recipe measured and chose (`details`)."""
+
+    recipe: str
+    source_num_layers: int
+    layer_map: list[int]
+    bottom: int
+    top: int
+    options: dict[str, Any] = field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class WindowRecord:
+    """One layer window: its emulator layers, the layer it exits after, its trainable ONNX names, graph folder.
+
+    `layers` and `exit` are None for the one window of a bundle without windows (every adapter layer, final exit).
+    """
+
+    layers: list[int] | None
+    exit: int | None
+    parameters: list[str]
+    ort: str
+    exit_source: int | None = None
+
+
+@dataclass(frozen=True)
+class AdapterRecord:
+    """What trains on the device: the kind, its layers, and each trainable ONNX name's full-model name."""
+
+    kind: str
+    bottom: int
+    top: int
+    count: int
+    parameters: dict[str, str]
+    windows: list[WindowRecord] | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in ADAPTER_KINDS:
+            raise ValueError(
+                f"kind = {self.kind!r} is not an adapter kind this runtime trains ({', '.join(ADAPTER_KINDS)}); "
+                "upgrade the runtime or export the bundle with one of those"
+            )
+
+    def training_windows(self, plain_directory: str) -> list[WindowRecord]:
+        """The windows training walks through, bottom first; one window of every parameter if none were exported."""
+        if self.windows:
+            return self.windows
+        return [WindowRecord(None, None, sorted(self.parameters), plain_directory)]
+
+
+@dataclass(frozen=True)
+class TaskRecord:
+    """What the device needs to encode its data exactly as the coordinator would."""
+
+    kind: str
+    max_length: int
+    pad_token_id: int
+    eos_token_id: int | None = None
+    template: str | None = None
+    label_words: dict[str, str] | None = None
+    label_token_ids: dict[str, int] | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in TASK_KINDS:
+            raise ValueError(f"kind = {self.kind!r} is not one of {', '.join(TASK_KINDS)}")
+        if self.max_length < 2:
+            raise ValueError(f"max_length = {self.max_length} must be at least 2 tokens")
+        if self.kind == CLASSIFICATION and (self.template is None or not self.label_token_ids):
+            raise ValueError("a classification task needs its template and label_token_ids")
+        if self.kind == LANGUAGE_MODEL and self.eos_token_id is None:
+            raise ValueError("a language-model task needs its eos_token_id (documents are joined with it)")
+
+
+@dataclass(frozen=True)
+class OptimizerRecord:
+    """AdamW as both backends run it."""
+
+    name: str
+    eps: float
+    weight_decay: float
+    max_grad_norm: float
+
+
+@dataclass(frozen=True)
+class TrainingRecord:
+    """The device's defaults: steps, learning rate and its warm-up, batch, data order seed, checkpoint period."""
+
+    steps: int
+    lr: float
+    batch_size: int
+    warmup_ratio: float
+    seed: int
+    checkpoint_every: int
+    optimizer: OptimizerRecord
+
+    def __post_init__(self) -> None:
+        if min(self.steps, self.batch_size, self.checkpoint_every) < 1:
+            raise ValueError(
+                f"steps {self.steps}, batch_size {self.batch_size} and checkpoint_every {self.checkpoint_every} "
+                "must each be at least 1"
+            )
+
+
+@dataclass(frozen=True)
+class ProfileRecord:
+    """The device profile the bundle was planned for (device_profiles/), with its budget in bytes."""
+
+    name: str
+    budget_bytes: int
+    memory_gb: float
+    training_budget_gb: float
+    cpu_cores: int
+    architecture: str
+    execution_providers: list[str]
+    onnxruntime_training: bool
+    description: str = ""
+    peak_fp32_gflops: float | None = None
+    accelerator: str | None = None
+    aliases: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class PlanRecord:
+    """The memory plan for the first backend (micro-batch, predicted peak), and one per exported backend."""
+
+    profile: str
+    backend: str
+    budget_bytes: int
+    batch_size: int
+    max_length: int
+    micro_batch: int
+    margin: float
+    shape: ModelShape
+    predicted: dict[str, int]
+    per_backend: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class FileDigest:
+    """One bundle file's sha256 (hex) and size in bytes."""
+
+    sha256: str
+    size: int
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """Everything a device reads from a bundle; `signer` and `files` are filled in when the bundle is sealed."""
+
+    format: str
+    schema: int
+    tool_version: str
+    created: str
+    model: ModelRecord
+    architecture: ArchitectureRecord
+    emulator: EmulatorRecord
+    adapter: AdapterRecord
+    task: TaskRecord
+    profile: ProfileRecord
+    plan: PlanRecord
+    training: TrainingRecord
+    backends: list[str]
+    export_check: dict[str, Any] | None = None
+    signer: str = ""
+    files: dict[str, FileDigest] = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, text: bytes | str) -> Manifest:
+        """Parse and validate a manifest; RecordError names the first bad field (e.g. `manifest.adapter.kind`)."""
+        return from_dict(cls, _json_object(text, "manifest"), "manifest")
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+    @property
+    def size(self) -> int:
+        """Bytes of every listed file together."""
+        return sum(digest.size for digest in self.files.values())
+
+
+@dataclass(frozen=True)
+class PrivacyRecord:
+    """How the adapter's training was privatized; every field empty while training is not differentially private."""
+
+    mechanism: str | None = None
+    epsilon: float | None = None
+    delta: float | None = None
+    noise_multiplier: float | None = None
+    clip_norm: float | None = None
+
+
+@dataclass(frozen=True)
+class TrainedWindow:
+    """A layer window as a result reports it: its emulator layers and the layer it exited after."""
+
+    layers: list[int]
+    exit: int
+
+
+@dataclass(frozen=True)
+class AggregateRecord:
+    """How an aggregate result was made from device results."""
+
+    method: str
+    round: int
+    devices: int
+
+
+@dataclass(frozen=True)
+class ResultMetrics:
+    """A result folder's metrics.json: a device's training run, or (with `aggregate`) a round's average of them.
+
+    The fields after `peak_memory_bytes` describe one device run and are None in an aggregate.
+    """
+
+    format: str
+    schema: int
+    model: ModelRecord
+    emulator: EmulatorRecord
+    backend: str
+    steps: int
+    samples: int
+    examples: int
+    first_loss: float
+    final_loss: float
+    loss_curve: list[float]
+    wall_seconds: float
+    peak_memory_bytes: int
+    tool_version: str = ""
+    aggregate: AggregateRecord | None = None
+    privacy: PrivacyRecord = field(default_factory=PrivacyRecord)
+    bundle: str | None = None
+    threads: int | None = None
+    start_adapter: str | None = None
+    resumed_from_step: int | None = None
+    step_seconds_median: float | None = None
+    batch_size: int | None = None
+    sequence: int | None = None
+    micro_batch: int | None = None
+    micro_batch_changes: list[dict[str, int]] = field(default_factory=list)
+    budget_bytes: int | None = None
+    predicted_peak_bytes: int | None = None
+    peak_memory_sampled_bytes: int | None = None
+    layer_windows: list[TrainedWindow] | None = None
+
+    def __post_init__(self) -> None:
+        if self.format != RESULT_FORMAT:
+            raise ValueError(f"format = {self.format!r} is not {RESULT_FORMAT!r}: it is not an offsite-edge result")
+        if self.schema != RESULT_SCHEMA:
+            raise ValueError(f"schema = {self.schema} is not {RESULT_SCHEMA}: update the older side")
+        if self.examples < 1:
+            raise ValueError(f"examples = {self.examples} must be at least 1 (FedAvg weighs results by it)")
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+
+def read_metrics(text: bytes | str, where: str = "metrics") -> ResultMetrics:
+    """Parse and validate a metrics.json; RecordError names the first bad field."""
+    return from_dict(ResultMetrics, _json_object(text, where), where)
+
+
+def _json_object(text: bytes | str, where: str) -> dict[str, Any]:
+    try:
+        data = json.loads(text)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise RecordError(f"{where} is not JSON ({error})") from None
+    if not isinstance(data, dict):
+        raise RecordError(f"{where} is a JSON {type(data).__name__}, not an object")
+    return data
