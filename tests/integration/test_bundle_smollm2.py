@@ -1,6 +1,5 @@
 """SmolLM2 bundles: export for a laptop (ORT + PyTorch), verify, train on the device path, encode as the coordinator."""
 
-
 import numpy as np
 import pytest
 
