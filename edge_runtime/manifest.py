@@ -6,12 +6,11 @@ signature verifies) and `read_metrics` are the only ways in, and a malformed fie
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
 from edge_runtime.memory import ModelShape
-from edge_runtime.records import RecordError, from_dict, to_dict
+from edge_runtime.records import from_dict, json_object, to_dict
 
 CLASSIFICATION = "classification"
 LANGUAGE_MODEL = "language-model"
@@ -213,7 +212,7 @@ class Manifest:
     @classmethod
     def from_json(cls, text: bytes | str) -> Manifest:
         """Parse and validate a manifest; RecordError names the first bad field (e.g. `manifest.adapter.kind`)."""
-        return from_dict(cls, _json_object(text, "manifest"), "manifest")
+        return from_dict(cls, json_object(text, "manifest"), "manifest")
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)
@@ -303,14 +302,5 @@ class ResultMetrics:
 
 def read_metrics(text: bytes | str, where: str = "metrics") -> ResultMetrics:
     """Parse and validate a metrics.json; RecordError names the first bad field."""
-    return from_dict(ResultMetrics, _json_object(text, where), where)
+    return from_dict(ResultMetrics, json_object(text, where), where)
 
-
-def _json_object(text: bytes | str, where: str) -> dict[str, Any]:
-    try:
-        data = json.loads(text)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise RecordError(f"{where} is not JSON ({error})") from None
-    if not isinstance(data, dict):
-        raise RecordError(f"{where} is a JSON {type(data).__name__}, not an object")
-    return data

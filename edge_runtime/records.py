@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import types
 import typing
 from typing import Any, TypeVar
@@ -105,3 +106,14 @@ def to_dict(record: Any) -> dict[str, Any]:
         return value
 
     return plain(dataclasses.asdict(record))
+
+
+def json_object(text: bytes | str, where: str) -> dict[str, Any]:
+    """`text` parsed as one JSON object, or RecordError saying what `where` holds instead."""
+    try:
+        data = json.loads(text)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise RecordError(f"{where} is not JSON ({error})") from None
+    if not isinstance(data, dict):
+        raise RecordError(f"{where} is a JSON {type(data).__name__}, not an object")
+    return data

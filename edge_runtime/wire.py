@@ -13,7 +13,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from edge_runtime.errors import OffsiteError
-from edge_runtime.records import RecordError, from_dict
+from edge_runtime.records import RecordError, from_dict, json_object
 
 WIRE_SCHEMA = 1
 CHUNK_BYTES = 256 * 1024
@@ -188,11 +188,9 @@ def decode(payload: bytes) -> Record:
     if len(payload) > MAX_MESSAGE_BYTES:
         raise WireError(f"message of {len(payload):,} bytes is over the {MAX_MESSAGE_BYTES:,}-byte limit")
     try:
-        data = json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise WireError(f"message is not JSON ({error})") from None
-    if not isinstance(data, dict):
-        raise WireError(f"message is a JSON {type(data).__name__}, not an object")
+        data = json_object(payload, "message")
+    except RecordError as error:
+        raise WireError(str(error)) from None
     if data.get("schema") != WIRE_SCHEMA:
         raise WireError(f"wire schema {data.get('schema')!r} is not {WIRE_SCHEMA}: update the older side")
     cls = RECORDS.get(data.get("kind"))  # type: ignore[arg-type]
