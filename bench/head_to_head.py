@@ -104,7 +104,7 @@ class Curves:
 
     def offsite(self, bundle: Path) -> list[tuple[int, float]]:
         """The plug-in's accuracy every `every` steps, the adapter trained through the bundle's own emulator."""
-        from coordinator.adapter import plugged_in
+        from coordinator.adapters.layers import plugged_in
         from edge_runtime.low_rank import load_causal_lm
 
         manifest = Manifest.from_json((bundle / "manifest.json").read_bytes())

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from bench.bar import Condition, accuracy_bar
 from bench.markdown import machine_line, measured_or_saved, save_figure, write_section
-from coordinator.adapter import adapter_parameters, adapter_state, plugged_in
+from coordinator.adapters.layers import adapter_parameters, adapter_state, plugged_in
 from coordinator.compression import EmulatorSpec, make_emulator
 from coordinator.datasets import dataset_path, prepare_datasets
 from coordinator.defaults import DEFAULT_LR

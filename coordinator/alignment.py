@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
-from coordinator.adapter import adapter_parameters
+from coordinator.adapters.layers import adapter_parameters
 from coordinator.architectures import spec_for
 from coordinator.emulator import Split, split_layer_name
 from coordinator.errors import ConfigError

@@ -179,7 +179,6 @@ def _keys(args: argparse.Namespace) -> None:
 
 
 def _plan(args: argparse.Namespace) -> None:
-    from coordinator.adapter import adapter_parameters
     from coordinator.compression import make_emulator
     from coordinator.models import load_model
     from coordinator.planner import format_plan, make_plan, model_shape
@@ -191,7 +190,7 @@ def _plan(args: argparse.Namespace) -> None:
     split = request.split()
     split.check(loaded.model.config.num_hidden_layers)
     emulator = make_emulator(loaded.model, split, request.recipe(), loaded.tokenizer)
-    shape = model_shape(emulator, adapter_parameters(emulator, split.bottom, split.top))
+    shape = model_shape(emulator, request.adapter().trainable(emulator, split.bottom, split.top))
     backend = args.backend or profile.backends[0]
     training = request.training
     print(format_plan(make_plan(shape, profile, backend, training.batch_size, training.max_length, request.task.kind)))
@@ -222,7 +221,7 @@ def _export(args: argparse.Namespace) -> None:
 
 
 def _plug(args: argparse.Namespace) -> None:
-    from coordinator.adapter import plug_in
+    from coordinator.adapters.layers import plug_in
     from coordinator.models import load_model
     from coordinator.results import read_result
     from edge_runtime.files import atomic_directory

@@ -11,14 +11,14 @@ from pathlib import Path
 from torch import nn
 from transformers import PreTrainedModel
 
-from coordinator.adapter import (
+from coordinator.adapters.files import save_adapter
+from coordinator.adapters.layers import (
     adapter_exits,
     adapter_parameters,
     adapter_state,
     adapter_windows,
     plug_in,
     plugged_in,
-    save_adapter,
 )
 from coordinator.architectures import decoder_layers
 from coordinator.compression import EmulatorSpec, make_emulator

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from coordinator.adapter import adapter_parameters, adapter_state, adapter_windows
+from coordinator.adapters.layers import adapter_windows
 from coordinator.architectures import spec_for
 from coordinator.compression import make_emulator
 from coordinator.emulator import Split, emulator_record, layer_map
@@ -134,7 +134,8 @@ def export_bundle(
     split.check(loaded.model.config.num_hidden_layers)
     spec = spec_for(loaded.model.config.model_type)
     emulator = make_emulator(loaded.model, split, request.recipe(), loaded.tokenizer).eval()
-    adapter = adapter_parameters(emulator, split.bottom, split.top)
+    kind = request.adapter()
+    adapter = kind.trainable(emulator, split.bottom, split.top)
     task = request.task.build(loaded.tokenizer, request.training.max_length)
     record = task_record(task)
     shape = model_shape(emulator, adapter)
@@ -152,7 +153,7 @@ def export_bundle(
         architecture=ArchitectureRecord(loaded.model.config.model_type, spec.backbone, spec.head, spec.layers),
         emulator=emulator_record(emulator),
         adapter=AdapterRecord(
-            kind=request.adapter_kind,
+            kind=kind.name,
             bottom=split.bottom,
             top=split.top,
             count=sum(p.numel() for p in adapter.values()),
@@ -171,7 +172,7 @@ def export_bundle(
         manifest,
         emulator,
         loaded.tokenizer,
-        adapter_state(emulator, split.bottom, split.top),
+        {name: parameter.detach().clone() for name, parameter in adapter.items()},
         _sample_batch(task),
         lambda tokenizer_file: _check_device_encoding(tokenizer_file, record, task),
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from coordinator.adapters import KINDS
 from coordinator.defaults import DEFAULT_EMULATOR, DEFAULT_KEEP, DEFAULT_LR
 from coordinator.request import BundleRequest, TaskSpec
 from coordinator.tasks import DEFAULT_LABEL_WORDS, DEFAULT_TEMPLATE
@@ -91,7 +92,10 @@ def add_request_options(command: argparse.ArgumentParser, steps: int = 100, step
     command.add_argument("--keep", type=int, default=DEFAULT_KEEP, help="middle layers the emulator keeps")
     add_emulator_options(command)
     command.add_argument(
-        "--adapter-kind", default="layers", metavar="KIND", help="what trains on the device: layers (whole layers)"
+        "--adapter-kind",
+        default="layers",
+        metavar="KIND[:KEY=VALUE,...]",
+        help=f"what trains on the device: {', '.join(KINDS)} (default layers: the whole adapter layers)",
     )
     command.add_argument("--task", choices=TASK_KINDS, default="classification")
     add_prompt_options(command)

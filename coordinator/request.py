@@ -11,6 +11,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from coordinator.adapters import AdapterKind, adapter_kind
 from coordinator.defaults import DEFAULT_EMULATOR, DEFAULT_KEEP, DEFAULT_LR
 from coordinator.emulator import Split
 from coordinator.errors import ConfigError
@@ -74,9 +75,12 @@ class BundleRequest:
         unknown = [name for name in self.backends if name not in BACKENDS]
         if unknown:
             raise ConfigError(f"backends {unknown} are not among {', '.join(BACKENDS)}")
-        if self.adapter_kind != "layers":
-            raise ConfigError(f"adapter kind {self.adapter_kind!r} is not one of: layers")
-        self.recipe()  # a bad recipe spec fails here, with its own message
+        self.adapter()  # a bad adapter kind or recipe spec fails here, with its own message
+        self.recipe()
+
+    def adapter(self) -> AdapterKind:
+        """The adapter kind (coordinator/adapters/) this request names."""
+        return adapter_kind(self.adapter_kind)
 
     def recipe(self) -> Any:
         """The emulator recipe (an EmulatorSpec) this request names."""

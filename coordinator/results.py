@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from coordinator.adapter import load_adapter
+from coordinator.adapters.files import load_adapter
 from coordinator.errors import DataError
 from coordinator.models import LoadedModel, source_sha256
 from edge_runtime.manifest import ResultMetrics, read_metrics

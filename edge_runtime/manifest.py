@@ -272,6 +272,7 @@ class ResultMetrics:
     wall_seconds: float
     peak_memory_bytes: int
     tool_version: str = ""
+    adapter_kind: str = "layers"
     aggregate: AggregateRecord | None = None
     privacy: PrivacyRecord = field(default_factory=PrivacyRecord)
     bundle: str | None = None
@@ -303,4 +304,3 @@ class ResultMetrics:
 def read_metrics(text: bytes | str, where: str = "metrics") -> ResultMetrics:
     """Parse and validate a metrics.json; RecordError names the first bad field."""
     return from_dict(ResultMetrics, json_object(text, where), where)
-

@@ -228,6 +228,7 @@ def train_bundle(
         model=manifest.model,
         emulator=manifest.emulator,
         backend=backend_name,
+        adapter_kind=manifest.adapter.kind,
         threads=threads,
         steps=progress["step"],
         samples=progress["samples"],

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import torch
 
-from coordinator.adapter import save_adapter
+from coordinator.adapters import adapter_kind
+from coordinator.adapters.files import save_adapter
 from coordinator.errors import DataError
 from coordinator.results import DeviceResult
 from edge_runtime import __version__
@@ -16,18 +17,18 @@ from edge_runtime.trainer import ADAPTER, METRICS
 
 
 def federated_average(results: list[DeviceResult]) -> dict[str, torch.Tensor]:
-    """Σ_k n_k·w_k / Σ_k n_k over the results, n_k = the examples device k trained on (McMahan et al., 2017)."""
+    """Σ_k n_k·w_k / Σ_k n_k over the results, n_k = the examples device k trained on (McMahan et al., 2017).
+
+    How the weights average is the adapter kind's (coordinator/adapters/); every result must be of one kind.
+    """
     if not results:
         raise DataError("no device returned a result this round: nothing to aggregate")
-    names = set(results[0].weights)
-    for result in results[1:]:
-        if set(result.weights) != names:
-            raise DataError("device adapters name different tensors: they were trained from different bundles")
+    kinds = sorted({result.metrics.adapter_kind for result in results})
+    if len(kinds) > 1:
+        raise DataError(f"device adapters are of different kinds {kinds}: they were trained from different bundles")
     total = sum(result.metrics.examples for result in results)
-    return {
-        name: sum(result.weights[name].double() * (result.metrics.examples / total) for result in results).float()
-        for name in sorted(names)
-    }
+    shares = [result.metrics.examples / total for result in results]
+    return adapter_kind(kinds[0]).average([result.weights for result in results], shares)
 
 
 def write_aggregate(results: list[DeviceResult], out: Path, round_: int) -> ResultMetrics:
@@ -51,6 +52,7 @@ def write_aggregate(results: list[DeviceResult], out: Path, round_: int) -> Resu
         wall_seconds=max(run.wall_seconds for run in runs),
         peak_memory_bytes=max(run.peak_memory_bytes for run in runs),
         layer_windows=runs[0].layer_windows,
+        adapter_kind=runs[0].adapter_kind,
     )
     with atomic_directory(out) as staging:
         save_adapter(weights, staging / ADAPTER, {"model": runs[0].model.name, "aggregate_round": round_})

@@ -9,7 +9,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from coordinator.adapter import adapter_exits, plugged_in
+from coordinator.adapters.layers import adapter_exits, plugged_in
 from coordinator.export import export_bundle
 from coordinator.fleet.aggregate import write_aggregate
 from coordinator.fleet.jobs import JobSpec

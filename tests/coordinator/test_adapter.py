@@ -4,7 +4,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from coordinator.adapter import adapter_parameters, adapter_state, load_adapter, plug_in, plugged_in, save_adapter
+from coordinator.adapters.files import load_adapter, save_adapter
+from coordinator.adapters.layers import adapter_parameters, adapter_state, plug_in, plugged_in
 from coordinator.emulator import Split, build_emulator
 from coordinator.errors import ConfigError, DataError
 from tests.conftest import make_model

@@ -4,7 +4,7 @@ import json
 
 import torch
 
-from coordinator.adapter import load_adapter
+from coordinator.adapters.files import load_adapter
 from coordinator.emulator import Split
 from coordinator.evaluation import SETTINGS, Experiment, run_five_settings
 from coordinator.models import LoadedModel

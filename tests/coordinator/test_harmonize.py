@@ -4,7 +4,7 @@ round-trips through a folder, and the adapter never carries a harmonizer into th
 import pytest
 import torch
 
-from coordinator.adapter import adapter_parameters
+from coordinator.adapters.layers import adapter_parameters
 from coordinator.compression import EmulatorSpec, make_emulator
 from coordinator.compression.distill import normalized_mse
 from coordinator.compression.harmonize import find_gaps

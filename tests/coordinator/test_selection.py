@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from coordinator.adapter import load_adapter, plug_in
+from coordinator.adapters.files import load_adapter
+from coordinator.adapters.layers import plug_in
 from coordinator.emulator import Split
 from coordinator.errors import ConfigError
 from coordinator.evaluation import Experiment, run_five_settings

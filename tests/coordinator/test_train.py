@@ -5,7 +5,7 @@ import time
 import pytest
 import torch
 
-from coordinator.adapter import adapter_parameters
+from coordinator.adapters.layers import adapter_parameters
 from coordinator.emulator import Split, build_emulator
 from coordinator.errors import ConfigError
 from coordinator.tasks import ClassificationTask

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from coordinator.adapter import load_adapter
+from coordinator.adapters.files import load_adapter
 from coordinator.datasets import dataset_path, prepare_datasets
 from coordinator.emulator import Split
 from coordinator.evaluation import SETTINGS, Experiment, run_five_settings

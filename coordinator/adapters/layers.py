@@ -1,21 +1,17 @@
-"""Layer adapters: which parameters train, saving them under full-model names, and plugging them in."""
+"""Whole-layer adapters: the bottom and top layers train; saved under full-model names, plugged in by copy."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import nn
 from transformers import PreTrainedModel
 
 from coordinator.architectures import spec_for
 from coordinator.emulator import layer_map, split_layer_name
 from coordinator.errors import ConfigError, DataError
-from edge_runtime.bundle import ADAPTER_FORMAT, write_adapter_file
 from edge_runtime.windows import split_windows
 
 
@@ -94,21 +90,29 @@ def plug_in(model: PreTrainedModel, weights: dict[str, torch.Tensor]) -> None:
             targets[local].copy_(tensor)
 
 
-def save_adapter(weights: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, object]) -> None:
-    """Write adapter weights as safetensors (atomically), with `metadata` stored as JSON strings."""
-    write_adapter_file(Path(path), {name: t.detach().cpu().numpy() for name, t in weights.items()}, metadata)
+class LayerAdapter:
+    """Whole layers: every parameter of the bottom and top adapter layers trains (Offsite-Tuning's adapter)."""
 
+    name = "layers"
 
-def load_adapter(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, object]]:
-    """Read adapter weights and metadata written by `save_adapter`."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"adapter file {str(path)!r} does not exist; pass the .safetensors file a training run wrote")
-    with safe_open(str(path), framework="pt") as handle:
-        header = handle.metadata() or {}
-        if header.get("format") != ADAPTER_FORMAT:
-            raise DataError(f"{path} is not an offsite-edge adapter (format {header.get('format')!r})")
-        weights = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
-    reserved = {"format", "schema", "tool_version"}
-    metadata = {key: json.loads(value) for key, value in header.items() if key not in reserved}
-    return weights, metadata
+    @classmethod
+    def from_options(cls, options: dict[str, str]) -> LayerAdapter:
+        if options:
+            raise ConfigError(f"adapter kind 'layers' takes no options (got {', '.join(options)})")
+        return cls()
+
+    def trainable(self, model: PreTrainedModel, bottom: int, top: int) -> dict[str, nn.Parameter]:
+        return adapter_parameters(model, bottom, top)
+
+    def plug_in(self, model: PreTrainedModel, weights: dict[str, torch.Tensor]) -> None:
+        plug_in(model, weights)
+
+    def average(self, results: list[dict[str, torch.Tensor]], shares: list[float]) -> dict[str, torch.Tensor]:
+        """The weighted mean of each weight, in float64 then back to float32 (layers average like any weights)."""
+        names = set(results[0])
+        if any(set(result) != names for result in results[1:]):
+            raise DataError("device adapters name different tensors: they were trained from different bundles")
+        return {
+            name: sum(result[name].double() * share for result, share in zip(results, shares, strict=True)).float()
+            for name in sorted(names)
+        }
