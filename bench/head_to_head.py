@@ -39,20 +39,23 @@ FULL_LR = 2e-5
 
 @dataclass(frozen=True)
 class Config:
-    """One offsite configuration: adapter layers (bottom, top), emulator recipe and middle layers kept."""
+    """One offsite configuration: adapter layers (bottom, top), emulator recipe, middle layers kept, adapter kind."""
 
     adapter: tuple[int, int]
     recipe: str
     keep: int
+    kind: str = "layers"
+    lr: float = ADAPTER_LR
 
     @property
     def label(self) -> str:
-        return f"{self.adapter[0]}+{self.adapter[1]} · {self.recipe} keep {self.keep}"
+        kind = "" if self.kind == "layers" else f" · {self.kind}"
+        return f"{self.adapter[0]}+{self.adapter[1]}{kind} · {self.recipe} keep {self.keep}"
 
     def export_options(self) -> list[str]:
         adapter = f"{self.adapter[0]},{self.adapter[1]}"
         options = ["--adapter-layers", adapter, "--keep", str(self.keep), "--emulator", self.recipe]
-        return [*options, "--batch-size", str(BATCH), "--lr", str(ADAPTER_LR)]
+        return [*options, "--adapter-kind", self.kind, "--batch-size", str(BATCH), "--lr", str(self.lr)]
 
 
 CONFIGS = (
@@ -61,6 +64,9 @@ CONFIGS = (
     Config((1, 1), "uniform", 8),
     Config((2, 2), "luc:size=0.5", 8),
     Config((2, 2), "lowrank:size=0.5", 8),
+    # The small kinds train far fewer weights, so they take a larger step (as LoRA and BiTFiT papers do).
+    Config((2, 2), "uniform", 8, "lora:r=8", 1e-3),
+    Config((2, 2), "uniform", 8, "bias", 1e-3),
 )
 
 
@@ -102,13 +108,17 @@ class Curves:
         self._train(tuned, tuned.parameters(), FULL_LR, on_step)
         return curve
 
-    def offsite(self, bundle: Path) -> list[tuple[int, float]]:
+    def offsite(self, bundle: Path, lr: float) -> list[tuple[int, float]]:
         """The plug-in's accuracy every `every` steps, the adapter trained through the bundle's own emulator."""
-        from coordinator.adapters.layers import plugged_in
+        from coordinator.adapters import adapter_kind_of, plugged_in
+        from edge_runtime.adapter_modules import prepare_for_kind
         from edge_runtime.low_rank import load_causal_lm
 
         manifest = Manifest.from_json((bundle / "manifest.json").read_bytes())
         emulator = load_causal_lm(bundle / TORCH_DIRECTORY)
+        local = [name.removeprefix("causal_lm.") for name in manifest.adapter.parameters]
+        prepare_for_kind(emulator, manifest.adapter.kind, local, manifest.adapter.options)
+        kind = adapter_kind_of(manifest.adapter.kind, manifest.adapter.options)
         named = dict(emulator.named_parameters())
         names = manifest.adapter.parameters  # the training graph's names -> full-model names
         adapter = {full: named[local.removeprefix("causal_lm.")] for local, full in names.items()}
@@ -118,10 +128,10 @@ class Curves:
 
         def on_step(step: int) -> None:
             if step % self.every == 0:
-                with plugged_in(full_model, {name: p.detach() for name, p in adapter.items()}, bottom, top):
+                with plugged_in(kind, full_model, {n: p.detach() for n, p in adapter.items()}, bottom, top):
                     curve.append((step, self.score(full_model)))
 
-        self._train(emulator, adapter.values(), ADAPTER_LR, on_step)
+        self._train(emulator, adapter.values(), lr, on_step)
         return curve
 
 
@@ -142,7 +152,9 @@ def _offsite(root: Path, config: Config, data: Path, steps: int, repeats: int, c
         "shape": manifest.plan.shape.to_dict(),
         "backends": backends,
         "profile": profiled_train(bundle, data, "adapter", steps, root / "profile.json"),
-        "curve": curves.offsite(bundle),
+        "kind": config.kind,
+        "lr": config.lr,
+        "curve": curves.offsite(bundle, config.lr),
     }
     return result | {"tokens": batch_tokens(bundle, data, steps)}, bundle
 

@@ -23,6 +23,7 @@ class ArchitectureSpec:
     embeddings: tuple[str, ...]
     final_norm: str
     head: str = "lm_head"
+    lora_targets: tuple[str, ...] = ("q_proj", "v_proj")  # the projections `lora` trains by default
 
 
 ARCHITECTURES: tuple[ArchitectureSpec, ...] = (
@@ -41,6 +42,7 @@ ARCHITECTURES: tuple[ArchitectureSpec, ...] = (
         layers="transformer.h",
         embeddings=("transformer.wte", "transformer.wpe"),
         final_norm="transformer.ln_f",
+        lora_targets=("c_attn",),  # GPT-2 projects query, key and value in one Conv1D
     ),
     ArchitectureSpec(
         family="opt",

@@ -11,6 +11,7 @@ from coordinator.defaults import DEFAULT_KEEP, DEFAULT_LR
 from coordinator.fleet.cli import add_commands as add_fleet_commands
 from coordinator.fleet.cli import fleet, serve
 from coordinator.options import (
+    add_adapter_kind_option,
     add_emulator_options,
     add_prompt_options,
     add_request_options,
@@ -47,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--keep", type=int, default=DEFAULT_KEEP, help="middle layers the emulator keeps")
     add_emulator_options(evaluate, repeatable=True)
     add_window_option(evaluate)
+    add_adapter_kind_option(evaluate)
     evaluate.add_argument("--steps", type=int, default=100, help="training steps (adapter and full fine-tune)")
     evaluate.add_argument("--lr", type=float, default=DEFAULT_LR, help="adapter learning rate")
     evaluate.add_argument("--full-lr", type=float, default=2e-5, help="full fine-tuning learning rate")
@@ -150,6 +152,7 @@ def _evaluate(args: argparse.Namespace) -> None:
         specs[0],
         args.layer_window,
         args.check_every,
+        args.adapter_kind,
     )
     train, test = load_examples(args.train), load_examples(args.test)[: args.limit_test]
     validation: list = []
@@ -190,7 +193,7 @@ def _plan(args: argparse.Namespace) -> None:
     split = request.split()
     split.check(loaded.model.config.num_hidden_layers)
     emulator = make_emulator(loaded.model, split, request.recipe(), loaded.tokenizer)
-    shape = model_shape(emulator, request.adapter().trainable(emulator, split.bottom, split.top))
+    shape = model_shape(emulator, request.adapter().attach(emulator, split.bottom, split.top))
     backend = args.backend or profile.backends[0]
     training = request.training
     print(format_plan(make_plan(shape, profile, backend, training.batch_size, training.max_length, request.task.kind)))
@@ -221,18 +224,23 @@ def _export(args: argparse.Namespace) -> None:
 
 
 def _plug(args: argparse.Namespace) -> None:
-    from coordinator.adapters.layers import plug_in
+    from coordinator.adapters import adapter_kind_of
     from coordinator.models import load_model
     from coordinator.results import read_result
     from edge_runtime.files import atomic_directory
 
     loaded = load_model(args.model)
     result = read_result(args.adapter, loaded)
-    plug_in(loaded.model, result.weights)
+    metrics = result.metrics
+    kind = adapter_kind_of(metrics.adapter_kind, metrics.adapter_options)
+    kind.merge(loaded.model, result.weights, metrics.emulator.bottom, metrics.emulator.top)
     with atomic_directory(args.out) as staging:
         loaded.model.save_pretrained(staging)
         loaded.tokenizer.save_pretrained(staging)
-    print(f"plugged {len(result.weights)} adapter tensors from {args.adapter} into {loaded.name} -> {args.out}")
+    print(
+        f"plugged {len(result.weights)} {kind.name} adapter tensors from {args.adapter} into {loaded.name} "
+        f"-> {args.out}" + (" (LoRA merged into the weights)" if kind.name == "lora" else "")
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

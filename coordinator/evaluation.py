@@ -11,15 +11,9 @@ from pathlib import Path
 from torch import nn
 from transformers import PreTrainedModel
 
+from coordinator.adapters import AdapterKind, adapter_kind, plugged_in
 from coordinator.adapters.files import save_adapter
-from coordinator.adapters.layers import (
-    adapter_exits,
-    adapter_parameters,
-    adapter_state,
-    adapter_windows,
-    plug_in,
-    plugged_in,
-)
+from coordinator.adapters.layers import adapter_exits, adapter_windows, plug_in
 from coordinator.architectures import decoder_layers
 from coordinator.compression import EmulatorSpec, make_emulator
 from coordinator.emulator import Split, count_parameters, emulator_record
@@ -65,6 +59,7 @@ class Experiment:
     emulator: EmulatorSpec = field(default_factory=EmulatorSpec)
     layer_window: int | None = None  # adaptive layer tuning: train this many adapter layers at a time, then vote
     check_every: int = 50  # with a validation split: score a checkpoint every this many steps, keep the best
+    adapter: str = "layers"  # the adapter kind, KIND[:KEY=VALUE,...] (coordinator/adapters/)
 
     def __post_init__(self) -> None:
         if self.check_every < 1:
@@ -73,6 +68,11 @@ class Experiment:
             raise ConfigError(f"eval_batch_size={self.eval_batch_size} must be at least 1, e.g. 16")
         if self.layer_window is not None and self.layer_window < 1:
             raise ConfigError(f"--layer-window {self.layer_window} must be at least 1 layer")
+        if self.layer_window is not None and self.adapter_kind().name != "layers":
+            raise ConfigError(f"--layer-window trains whole layers; it takes --adapter-kind layers, not {self.adapter}")
+
+    def adapter_kind(self) -> AdapterKind:
+        return adapter_kind(self.adapter)
 
 
 def timed_score(
@@ -107,7 +107,8 @@ def measure_offsite(
     emulator = make_emulator(full, split, experiment.emulator, loaded.tokenizer)
     build_seconds = round(time.perf_counter() - start, 2)
     results: dict[str, object] = {"emulator_zero_shot": timed_score(task, emulator, test_examples, batch)}
-    adapter = adapter_parameters(emulator, split.bottom, split.top)
+    kind = experiment.adapter_kind()
+    adapter = kind.attach(emulator, split.bottom, split.top)
     layers = decoder_layers(emulator)
     windows = adapter_windows(len(layers), split.bottom, split.top, experiment.layer_window)
     exits = adapter_exits(len(layers), split.bottom, split.top, experiment.layer_window)
@@ -117,7 +118,7 @@ def measure_offsite(
         if validation:
             selection = BestCheckpoint(
                 list(adapter.values()),
-                lambda: _plugged_in_score(task, full, emulator, split, validation, batch, full_exits),
+                lambda: _plugged_in_score(task, full, kind, adapter, split, validation, batch, full_exits),
                 experiment.check_every,
                 higher_is_better(task),
             )
@@ -135,6 +136,11 @@ def measure_offsite(
         )
     else:
         _check_same_emulator(device, emulator)
+        if device.metrics.adapter_kind != kind.name:
+            raise ConfigError(
+                f"the device trained a {device.metrics.adapter_kind!r} adapter, not {experiment.adapter!r}; pass the "
+                "--adapter-kind the bundle was exported with"
+            )
         _check_same_windows(device, windows if exits else None)
         plug_in(emulator, device.weights)
         summary = {key: getattr(device.metrics, key) for key in DEVICE_SUMMARY} | {
@@ -143,10 +149,10 @@ def measure_offsite(
             "trainable_parameters": sum(p.numel() for p in adapter.values()),
         }
     results["offsite_emulator"] = timed_score(task, emulator, test_examples, batch, exits) | {"train": summary}
-    trained = adapter_state(emulator, split.bottom, split.top)
+    trained = {name: parameter.detach().clone() for name, parameter in adapter.items()}
     if adapter_path is not None:
         save_adapter(trained, adapter_path, {"model": loaded.name, "bottom": split.bottom, "top": split.top})
-    with plugged_in(full, trained, split.bottom, split.top):
+    with plugged_in(kind, full, trained, split.bottom, split.top):
         results["offsite_plugin"] = timed_score(task, full, test_examples, batch, full_exits)
         if exits:  # what voting adds over reading the last layer alone
             results["offsite_plugin"]["final_exit_only"] = task.score(full, test_examples, batch)
@@ -158,6 +164,7 @@ def measure_offsite(
             "build_seconds": build_seconds,
             "parameters": count_parameters(emulator),
             "adapter_parameters": sum(p.numel() for p in adapter.values()),
+            "adapter_kind": experiment.adapter,
             **record.details["footprint"],
         }
     }
@@ -187,14 +194,16 @@ def _train_keeping_best(
 def _plugged_in_score(
     task: Task,
     full: PreTrainedModel,
-    emulator: PreTrainedModel,
+    kind: AdapterKind,
+    adapter: dict[str, nn.Parameter],
     split: Split,
     examples: Sequence[Example],
     batch: int,
     exits: Sequence[int],
 ) -> float:
     """The full model's score on `examples` with the emulator's current adapter plugged in; `full` is restored."""
-    with plugged_in(full, adapter_state(emulator, split.bottom, split.top), split.bottom, split.top):
+    current = {name: parameter.detach().clone() for name, parameter in adapter.items()}
+    with plugged_in(kind, full, current, split.bottom, split.top):
         return task.score(full, examples, batch, exits)
 
 

@@ -135,7 +135,7 @@ def export_bundle(
     spec = spec_for(loaded.model.config.model_type)
     emulator = make_emulator(loaded.model, split, request.recipe(), loaded.tokenizer).eval()
     kind = request.adapter()
-    adapter = kind.trainable(emulator, split.bottom, split.top)
+    adapter = kind.attach(emulator, split.bottom, split.top)
     task = request.task.build(loaded.tokenizer, request.training.max_length)
     record = task_record(task)
     shape = model_shape(emulator, adapter)
@@ -144,6 +144,8 @@ def export_bundle(
         for backend in backends
     ]
     local = {id(parameter): name for name, parameter in emulator.named_parameters()}
+    initial = {name: parameter.detach().clone() for name, parameter in adapter.items()}
+    kind.detach(emulator)  # the bundle holds the plain emulator; the exporter and the device add the kind again
     manifest = Manifest(
         format="",
         schema=0,  # both stamped when sealed
@@ -159,6 +161,7 @@ def export_bundle(
             count=sum(p.numel() for p in adapter.values()),
             parameters={onnx_name(local[id(parameter)]): full for full, parameter in adapter.items()},
             windows=_windows(emulator, split, request.layer_window),
+            options=kind.options(),
         ),
         task=record,
         profile=from_dict(ProfileRecord, profile.to_dict() | {"budget_bytes": profile.budget_bytes}, "profile"),
@@ -172,7 +175,7 @@ def export_bundle(
         manifest,
         emulator,
         loaded.tokenizer,
-        {name: parameter.detach().clone() for name, parameter in adapter.items()},
+        initial,
         _sample_batch(task),
         lambda tokenizer_file: _check_device_encoding(tokenizer_file, record, task),
     )

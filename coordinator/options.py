@@ -85,18 +85,24 @@ def add_window_option(command: argparse.ArgumentParser) -> None:
     )
 
 
+def add_adapter_kind_option(command: argparse.ArgumentParser) -> None:
+    command.add_argument(
+        "--adapter-kind",
+        default="layers",
+        metavar="KIND[:KEY=VALUE,...]",
+        help=f"what trains in the adapter layers: {', '.join(KINDS)} (default layers: every weight of them; "
+        "lora:r=8,alpha=16,targets=q_proj+v_proj: low-rank branches; bias: bias terms, zero-initialized where "
+        "missing)",
+    )
+
+
 def add_request_options(command: argparse.ArgumentParser, steps: int = 100, steps_help: str = "") -> None:
     """Every option of a BundleRequest: model, split, emulator, adapter kind, task, device training defaults."""
     command.add_argument("--model", default="smollm2-135m", help="named model, HF folder or .gguf file")
     command.add_argument("--adapter-layers", type=pair, default=(2, 2), metavar="BOTTOM,TOP")
     command.add_argument("--keep", type=int, default=DEFAULT_KEEP, help="middle layers the emulator keeps")
     add_emulator_options(command)
-    command.add_argument(
-        "--adapter-kind",
-        default="layers",
-        metavar="KIND[:KEY=VALUE,...]",
-        help=f"what trains on the device: {', '.join(KINDS)} (default layers: the whole adapter layers)",
-    )
+    add_adapter_kind_option(command)
     command.add_argument("--task", choices=TASK_KINDS, default="classification")
     add_prompt_options(command)
     command.add_argument("--batch-size", type=int, default=8)

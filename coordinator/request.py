@@ -75,6 +75,11 @@ class BundleRequest:
         unknown = [name for name in self.backends if name not in BACKENDS]
         if unknown:
             raise ConfigError(f"backends {unknown} are not among {', '.join(BACKENDS)}")
+        if self.layer_window is not None and self.adapter().name != "layers":
+            raise ConfigError(
+                f"--layer-window trains whole layers a window at a time; it takes --adapter-kind layers, "
+                f"not {self.adapter_kind}"
+            )
         self.adapter()  # a bad adapter kind or recipe spec fails here, with its own message
         self.recipe()
 

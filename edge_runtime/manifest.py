@@ -16,7 +16,7 @@ CLASSIFICATION = "classification"
 LANGUAGE_MODEL = "language-model"
 TASK_KINDS = (CLASSIFICATION, LANGUAGE_MODEL)
 # Adapter kinds this runtime trains; a bundle naming another is refused before anything loads.
-ADAPTER_KINDS = ("layers",)
+ADAPTER_KINDS = ("layers", "lora", "bias")
 RESULT_FORMAT = "offsite-edge/result"
 RESULT_SCHEMA = 1
 
@@ -78,6 +78,7 @@ class AdapterRecord:
     count: int
     parameters: dict[str, str]
     windows: list[WindowRecord] | None = None
+    options: dict[str, Any] = field(default_factory=dict)  # the kind's settings, e.g. LoRA's r and alpha
 
     def __post_init__(self) -> None:
         if self.kind not in ADAPTER_KINDS:
@@ -273,6 +274,7 @@ class ResultMetrics:
     peak_memory_bytes: int
     tool_version: str = ""
     adapter_kind: str = "layers"
+    adapter_options: dict[str, Any] = field(default_factory=dict)
     aggregate: AggregateRecord | None = None
     privacy: PrivacyRecord = field(default_factory=PrivacyRecord)
     bundle: str | None = None

@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-CLASSIFICATION = "classification"
-LANGUAGE_MODEL = "language-model"
-TASK_KINDS = (CLASSIFICATION, LANGUAGE_MODEL)
+from edge_runtime.manifest import CLASSIFICATION, TASK_KINDS
+
 IGNORE_INDEX = -100
+PREFIX = "causal_lm."  # a TrainingGraph's parameter names: the model's own, under its `causal_lm` attribute
 
 
 def additive_causal_mask(attention_mask: torch.Tensor) -> torch.Tensor:

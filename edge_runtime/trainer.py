@@ -229,6 +229,7 @@ def train_bundle(
         emulator=manifest.emulator,
         backend=backend_name,
         adapter_kind=manifest.adapter.kind,
+        adapter_options=manifest.adapter.options,
         threads=threads,
         steps=progress["step"],
         samples=progress["samples"],

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from edge_runtime.adapter_modules import prepare_for_kind
 from edge_runtime.bundle import ADAPTER_FILE, ORT_DIRECTORY, TOKENIZER_FILE, TORCH_DIRECTORY, write_adapter_file
 from edge_runtime.files import atomic_directory
 from edge_runtime.manifest import Manifest
@@ -22,6 +23,9 @@ from exporters.onnx_training import PREFIX, ExportCheck, OptimizerSettings, expo
 @dataclass(frozen=True)
 class BundleContents:
     """Everything a bundle holds. `manifest` has every record but the export check, signer and file list.
+
+    `emulator` is the plain emulator, saved as it is for the PyTorch backend; the ONNX graphs are traced after
+    adding what the adapter kind trains (LoRA branches, zero biases) from the manifest's names, as the device does.
 
     `initial_adapter` is the adapter's starting weights under full-model names; `sample_batch` (ids, mask,
     labels) is what each exported graph is checked on against PyTorch; `check_encoding` is given the saved
@@ -59,6 +63,17 @@ def _export_windows(contents: BundleContents, staging: Path) -> ExportCheck:
     return check
 
 
+def _add_adapter(contents: BundleContents) -> None:
+    """Add the adapter kind's parameters to the emulator from the manifest's names and set their initial values."""
+    adapter = contents.manifest.adapter
+    local = {name.removeprefix(PREFIX): full for name, full in adapter.parameters.items()}
+    prepare_for_kind(contents.emulator, adapter.kind, list(local), adapter.options)
+    parameters = dict(contents.emulator.named_parameters())
+    with torch.no_grad():
+        for name, full in local.items():
+            parameters[name].copy_(contents.initial_adapter[full])
+
+
 def write_bundle(contents: BundleContents, out: Path, key: Ed25519PrivateKey) -> Manifest:
     """Write the bundle into `out` (whole, or not at all) for the manifest's backends; return the sealed manifest."""
     manifest = contents.manifest
@@ -68,8 +83,9 @@ def write_bundle(contents: BundleContents, out: Path, key: Ed25519PrivateKey) ->
         adapter = {name: tensor.detach().cpu().numpy() for name, tensor in contents.initial_adapter.items()}
         origin = {"model": manifest.model.name, "bottom": manifest.adapter.bottom, "top": manifest.adapter.top}
         write_adapter_file(staging / ADAPTER_FILE, adapter, origin)
-        check = _export_windows(contents, staging) if "ort" in manifest.backends else None
-        if "torch" in manifest.backends:
+        if "torch" in manifest.backends:  # first: the PyTorch backend gets the plain emulator
             contents.emulator.save_pretrained(staging / TORCH_DIRECTORY)
+        _add_adapter(contents)
+        check = _export_windows(contents, staging) if "ort" in manifest.backends else None
         sealed = seal_bundle(staging, replace(manifest, export_check=check.to_dict() if check else None), key)
     return sealed

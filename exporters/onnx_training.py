@@ -24,10 +24,9 @@ from onnxruntime.training import artifacts, onnxblock
 from onnxruntime.training.api import CheckpointState, Module
 
 from edge_runtime.errors import OffsiteError
-from edge_runtime.torch_graph import IGNORE_INDEX, TrainingGraph, graph_loss
+from edge_runtime.torch_graph import IGNORE_INDEX, PREFIX, TrainingGraph, graph_loss
 
 OPSET = 15
-PREFIX = "causal_lm."
 # Forward logits may differ from PyTorch by at most this much, relative to the largest |logit| (float32 kernels
 # sum in a different order; measured ~1e-6 relative on SmolLM2).
 LOGITS_TOLERANCE = 1e-4

@@ -6,13 +6,17 @@ averages device results (FedAvg). `--adapter-kind KIND[:key=value,...]` names on
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Protocol
 
 import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from coordinator.adapters.layers import LayerAdapter
+from coordinator.adapters.bias import BiasAdapter
+from coordinator.adapters.layers import LayerAdapter, plug_in
+from coordinator.adapters.lora import LoRAAdapter
 from coordinator.errors import ConfigError
 
 
@@ -21,12 +25,20 @@ class AdapterKind(Protocol):
 
     name: str
 
-    def trainable(self, model: PreTrainedModel, bottom: int, top: int) -> dict[str, nn.Parameter]:
-        """The parameters of `model` that train, by full-model name (emulator layers renamed to source layers)."""
+    def options(self) -> dict[str, object]:
+        """The kind's settings, as the manifest records them (the device rebuilds the kind from them)."""
         ...
 
-    def plug_in(self, model: PreTrainedModel, weights: dict[str, torch.Tensor]) -> None:
-        """Put trained `weights` into `model` (a full model or an emulator), in place."""
+    def attach(self, model: PreTrainedModel, bottom: int, top: int) -> dict[str, nn.Parameter]:
+        """Add what trains to `model`'s adapter layers (once) and return it by full-model name."""
+        ...
+
+    def detach(self, model: PreTrainedModel) -> None:
+        """Take away what `attach` added; the model computes as before it."""
+        ...
+
+    def merge(self, model: PreTrainedModel, weights: dict[str, torch.Tensor], bottom: int, top: int) -> None:
+        """Make trained `weights` part of the full `model` for good, so that it saves and loads with them."""
         ...
 
     def average(self, results: list[dict[str, torch.Tensor]], shares: list[float]) -> dict[str, torch.Tensor]:
@@ -34,7 +46,7 @@ class AdapterKind(Protocol):
         ...
 
 
-KINDS: dict[str, type] = {"layers": LayerAdapter}
+KINDS: dict[str, type] = {"layers": LayerAdapter, "lora": LoRAAdapter, "bias": BiasAdapter}
 
 
 def adapter_kind(text: str) -> AdapterKind:
@@ -43,9 +55,38 @@ def adapter_kind(text: str) -> AdapterKind:
     if name not in KINDS:
         raise ConfigError(f"adapter kind {name!r} is not one of: {', '.join(KINDS)} (e.g. --adapter-kind layers)")
     values: dict[str, str] = {}
+    last = None
     for item in filter(None, (part.strip() for part in options.split(","))):
         key, sep, value = item.partition("=")
-        if not sep:
+        if sep:
+            last, values[key.strip()] = key.strip(), value.strip()
+        elif last is not None:  # a list value goes on after its comma: targets=q_proj,v_proj
+            values[last] += f",{item}"
+        else:
             raise ConfigError(f"adapter kind option {item!r} in {text!r} is not KEY=VALUE")
-        values[key.strip()] = value.strip()
     return KINDS[name].from_options(values)
+
+
+def adapter_kind_of(name: str, options: dict[str, object]) -> AdapterKind:
+    """The kind a manifest or a result records (its name and options)."""
+    flat = ",".join(
+        f"{key}={'+'.join(map(str, value)) if isinstance(value, list) else value}"
+        for key, value in options.items()
+        if value != []
+    )
+    return adapter_kind(f"{name}:{flat}" if flat else name)
+
+
+@contextmanager
+def plugged_in(
+    kind: AdapterKind, model: PreTrainedModel, weights: dict[str, torch.Tensor], bottom: int, top: int
+) -> Iterator[PreTrainedModel]:
+    """While open, `model` holds adapter `weights` (full-model names); on exit it is as it was."""
+    attached = kind.attach(model, bottom, top)
+    original = {name: parameter.detach().clone() for name, parameter in attached.items()}
+    plug_in(model, weights)
+    try:
+        yield model
+    finally:
+        plug_in(model, original)
+        kind.detach(model)

@@ -35,6 +35,26 @@ def adapter_exits(num_layers: int, bottom: int, top: int, size: int | None) -> l
     return [] if size is None else [window[-1] for window in adapter_windows(num_layers, bottom, top, size)]
 
 
+def adapter_layer_paths(model: PreTrainedModel, bottom: int, top: int) -> dict[str, str]:
+    """Each adapter layer's module path in `model` -> its path in the full model (source layer index)."""
+    prefix = spec_for(model.config.model_type).layers
+    sources = layer_map(model)
+    indices = adapter_layer_indices(len(model.get_submodule(prefix)), bottom, top)
+    return {f"{prefix}.{index}": f"{prefix}.{sources[index]}" for index in indices}
+
+
+def full_names(
+    model: PreTrainedModel, bottom: int, top: int, local: dict[str, nn.Parameter]
+) -> dict[str, nn.Parameter]:
+    """Parameters keyed by local names (inside the adapter layers) renamed to their full-model names."""
+    renamed = {}
+    for here, there in adapter_layer_paths(model, bottom, top).items():
+        for name, parameter in local.items():
+            if name.startswith(here + "."):
+                renamed[there + name[len(here) :]] = parameter
+    return renamed
+
+
 def adapter_parameters(model: PreTrainedModel, bottom: int, top: int) -> dict[str, nn.Parameter]:
     """The adapter's parameters keyed by their full-model names (emulator layers renamed to source layers)."""
     prefix = spec_for(model.config.model_type).layers
@@ -95,16 +115,22 @@ class LayerAdapter:
 
     name = "layers"
 
+    def options(self) -> dict[str, object]:
+        return {}
+
     @classmethod
     def from_options(cls, options: dict[str, str]) -> LayerAdapter:
         if options:
             raise ConfigError(f"adapter kind 'layers' takes no options (got {', '.join(options)})")
         return cls()
 
-    def trainable(self, model: PreTrainedModel, bottom: int, top: int) -> dict[str, nn.Parameter]:
+    def attach(self, model: PreTrainedModel, bottom: int, top: int) -> dict[str, nn.Parameter]:
         return adapter_parameters(model, bottom, top)
 
-    def plug_in(self, model: PreTrainedModel, weights: dict[str, torch.Tensor]) -> None:
+    def detach(self, model: PreTrainedModel) -> None:
+        """Nothing to take away: whole layers are the model's own."""
+
+    def merge(self, model: PreTrainedModel, weights: dict[str, torch.Tensor], bottom: int, top: int) -> None:
         plug_in(model, weights)
 
     def average(self, results: list[dict[str, torch.Tensor]], shares: list[float]) -> dict[str, torch.Tensor]:

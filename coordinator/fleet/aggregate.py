@@ -53,6 +53,7 @@ def write_aggregate(results: list[DeviceResult], out: Path, round_: int) -> Resu
         peak_memory_bytes=max(run.peak_memory_bytes for run in runs),
         layer_windows=runs[0].layer_windows,
         adapter_kind=runs[0].adapter_kind,
+        adapter_options=runs[0].adapter_options,
     )
     with atomic_directory(out) as staging:
         save_adapter(weights, staging / ADAPTER, {"model": runs[0].model.name, "aggregate_round": round_})

@@ -6,13 +6,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from edge_runtime.bundle import TORCH_DIRECTORY
+from edge_runtime.adapter_modules import prepare_for_kind
+from edge_runtime.bundle import ADAPTER_FILE, TORCH_DIRECTORY
 from edge_runtime.low_rank import load_causal_lm
 from edge_runtime.manifest import Manifest
 from edge_runtime.text import Batch
-from edge_runtime.torch_graph import TrainingGraph, graph_loss, truncated
+from edge_runtime.torch_graph import PREFIX, TrainingGraph, graph_loss, truncated
 from edge_runtime.windows import bundle_windows
 
 CHECKPOINT = "torch_state.safetensors"
@@ -27,6 +29,9 @@ class TorchBackend:
         torch.set_num_threads(threads)
         model = load_causal_lm(bundle / TORCH_DIRECTORY)
         model.eval()  # no dropout: both backends train the same deterministic graph
+        adapter = manifest.adapter
+        local = [name.removeprefix(PREFIX) for name in adapter.parameters]
+        prepare_for_kind(model, adapter.kind, local, adapter.options)  # LoRA branches, zero biases: as exported
         self.model, self.architecture, self.kind = model, manifest.architecture, manifest.task.kind
         self.windows = bundle_windows(manifest)
         names = set(manifest.adapter.parameters)
@@ -41,6 +46,9 @@ class TorchBackend:
         )
         if resume is not None:
             self._restore(resume / CHECKPOINT)
+        else:  # the bundle's initial adapter, as the ONNX checkpoint holds it (LoRA's A is drawn once, there)
+            with safe_open(str(bundle / ADAPTER_FILE), framework="numpy") as initial:
+                self.load({name: initial.get_tensor(full) for name, full in adapter.parameters.items()})
 
     def select_window(self, window: int) -> None:
         """Forward through the window's exit; only its layers get gradients (AdamW skips the others, gradient-less)."""

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from coordinator.adapters import KINDS, adapter_kind
+from coordinator.adapters import KINDS, adapter_kind, plugged_in
 from coordinator.adapters.layers import adapter_parameters
 from coordinator.architectures import spec_for
 from coordinator.cli import main as coordinator
@@ -14,8 +14,10 @@ from coordinator.errors import ConfigError, DataError
 from coordinator.fleet.aggregate import federated_average
 from coordinator.request import BundleRequest
 from coordinator.results import DeviceResult
+from coordinator.tasks import ClassificationTask
+from coordinator.train import TrainConfig, train
 from edge_runtime.manifest import RESULT_FORMAT, RESULT_SCHEMA, read_metrics
-from tests.conftest import make_bundle, make_model
+from tests.conftest import make_bundle, make_model, sentiment_examples
 
 
 def _result(weights: dict[str, torch.Tensor], examples: int, kind: str = "layers") -> DeviceResult:
@@ -41,7 +43,7 @@ def _result(weights: dict[str, torch.Tensor], examples: int, kind: str = "layers
 def test_layers_trains_every_parameter_of_the_adapter_layers_of_each_family(family):
     model = make_model(family, num_layers=6)
     emulator = build_emulator(model, Split(1, 1, keep=2))
-    trained = adapter_kind("layers").trainable(emulator, 1, 1)
+    trained = adapter_kind("layers").attach(emulator, 1, 1)
     assert trained.keys() == adapter_parameters(emulator, 1, 1).keys()
     layers = spec_for(model.config.model_type).layers
     assert {name[len(layers) + 1 :].split(".")[0] for name in trained} == {"0", "5"}  # source layers, not emulator's
@@ -50,7 +52,12 @@ def test_layers_trains_every_parameter_of_the_adapter_layers_of_each_family(fami
 
 @pytest.mark.parametrize(
     ("text", "named"),
-    [("lora:r=8", "'lora' is not one of: layers"), ("layers:r=8", "takes no options"), ("layers:r", "not KEY=VALUE")],
+    [
+        ("prefix:n=3", "'prefix' is not one of: layers"),
+        ("layers:r=8", "takes no options"),
+        ("layers:r", "not KEY=VALUE"),
+        ("lora:r=8,alpha", "r and alpha must be numbers"),
+    ],
 )
 def test_an_unknown_kind_or_option_is_refused_naming_it(text, named):
     with pytest.raises(ConfigError, match=named):
@@ -84,3 +91,70 @@ def test_fedavg_refuses_results_of_different_tensors_or_kinds():
         federated_average([_result({"w": torch.zeros(1)}, 1), _result({"w": torch.zeros(1)}, 1, "lora")])
     with pytest.raises(DataError, match="nothing to aggregate"):
         federated_average([])
+
+
+NEW_KINDS = ["lora:r=4,alpha=8", "bias"]
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+@pytest.mark.parametrize("text", NEW_KINDS)
+def test_an_untrained_adapter_changes_nothing_and_plugs_in_as_a_no_op(family, text):
+    model = make_model(family, num_layers=6).eval()
+    ids = torch.randint(0, 64, (2, 7))
+    before = _logits(model, ids)
+    emulator = build_emulator(model, Split(1, 1, keep=2)).eval()
+    kind = adapter_kind(text)
+    untrained = {name: p.detach().clone() for name, p in kind.attach(emulator, 1, 1).items()}
+    assert untrained and all(name.split(".")[-1] in ("lora_A", "lora_B", "bias") for name in untrained)
+    with plugged_in(kind, model, untrained, 1, 1):
+        torch.testing.assert_close(_logits(model, ids), before)
+    torch.testing.assert_close(_logits(model, ids), before)  # and taken out again
+    assert set(dict(model.named_parameters())) == set(dict(make_model(family, num_layers=6).named_parameters()))
+
+
+@pytest.mark.parametrize("text", NEW_KINDS)
+def test_training_moves_only_the_kinds_parameters_and_the_plug_in_carries_them(tokenizer, family, text, tmp_path):
+    model = make_model(family, num_layers=6, vocab_size=len(tokenizer)).eval()
+    emulator = build_emulator(model, Split(1, 1, keep=2)).eval()
+    kind = adapter_kind(text)
+    adapter = kind.attach(emulator, 1, 1)
+    trainable = {id(p) for p in adapter.values()}
+    frozen = {name: p.detach().clone() for name, p in emulator.named_parameters() if id(p) not in trainable}
+    before = {name: p.detach().clone() for name, p in adapter.items()}
+    task = ClassificationTask(tokenizer, {"negative": " negative", "positive": " positive"}, max_length=32)
+    train(emulator, adapter.values(), task, sentiment_examples(16), TrainConfig(3, 1e-2, 8, 32))
+    assert all(torch.equal(p, frozen[name]) for name, p in emulator.named_parameters() if name in frozen)
+    assert any(not torch.equal(p, before[name]) for name, p in adapter.items())
+    trained = {name: p.detach().clone() for name, p in adapter.items()}
+    ids = torch.randint(0, len(tokenizer), (2, 7))
+    untouched = _logits(model, ids)
+    with plugged_in(kind, model, trained, 1, 1):
+        assert not torch.allclose(_logits(model, ids), untouched)
+        plugged = _logits(model, ids)
+    if text == "bias" and family in ("mistral", "qwen2"):  # their configs cannot say every projection has a bias
+        with pytest.raises(ConfigError, match="cannot say"):
+            kind.merge(model, trained, 1, 1)
+        return
+    kind.merge(model, trained, 1, 1)  # what `coordinator plug` saves: LoRA folded in, biases kept
+    torch.testing.assert_close(_logits(model, ids), plugged, rtol=1e-5, atol=1e-5)
+    model.save_pretrained(tmp_path / "tuned")
+    reloaded = type(model).from_pretrained(tmp_path / "tuned").eval()
+    torch.testing.assert_close(_logits(reloaded, ids), plugged, rtol=1e-5, atol=1e-5)
+
+
+def test_lora_needs_a_target_the_layers_have_and_aggregates_a_and_b_each():
+    model = make_model("llama", num_layers=6)
+    with pytest.raises(ConfigError, match="match no linear map"):
+        adapter_kind("lora:targets=c_attn").attach(model, 1, 1)
+    names = adapter_kind("lora:r=2,targets=q_proj,k_proj").attach(model, 1, 1)
+    assert {name.split(".")[-2] for name in names} == {"q_proj", "k_proj"}
+    assert names["model.layers.0.self_attn.q_proj.lora_A"].shape == (2, 32)
+    one = {"a": torch.ones(2, 3), "b": torch.zeros(3, 2)}
+    two = {"a": torch.zeros(2, 3), "b": torch.ones(3, 2)}
+    average = federated_average([_result(one, 1, "lora"), _result(two, 3, "lora")])
+    torch.testing.assert_close(average["a"], torch.full((2, 3), 0.25))
+    torch.testing.assert_close(average["b"], torch.full((3, 2), 0.75))
