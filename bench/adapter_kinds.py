@@ -1,0 +1,147 @@
+"""Benchmark: the five settings per adapter kind on movie-review sentiment, SmolLM2-135M, default emulator.
+
+Whole layers are `bench.five_settings`' movie-review run; LoRA and bias terms are trained here through the same
+emulator, on the same training file less the same 600 validation reviews, keeping the checkpoint whose plug-in
+scores best on them, and scored once on the whole test file. The full model's settings (zero-shot, fine-tune) do
+not depend on the adapter, so they are read from that run (which must match this one's split and steps).
+
+Run from the repository root: `python -m bench.adapter_kinds [--kind SPEC ...]` (one results file per kind, so
+kinds can run in parallel processes); `--report-only` rewrites the BENCHMARKS.md section from the saved results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import time
+from pathlib import Path
+
+from bench.bar import accuracy_bar, bar_table
+from bench.markdown import machine_line, measured_or_saved, write_section
+from coordinator.datasets import dataset_path, prepare_datasets
+from coordinator.defaults import DEFAULT_EMULATOR, DEFAULT_KEEP
+from coordinator.emulator import Split
+from coordinator.evaluation import Experiment, measure_offsite
+from coordinator.models import load_model
+from coordinator.selection import carve_validation
+from coordinator.tasks import make_task
+from coordinator.train import TrainConfig
+from edge_runtime.data import load_examples
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "bench" / "results" / "adapter_kinds"
+WHOLE_LAYERS = REPO / "bench" / "results" / "five_settings_sentiment.json"
+# Learning rates: not tuned here. 1e-3 is the common default of LoRA and BitFit fine-tuning at this scale; the
+# step is chosen on validation. Whole layers keep the project default (bench.five_settings).
+KINDS = {"lora:r=8": 1e-3, "bias": 1e-3}
+VALIDATION = 600
+SETTINGS = ("full_zero_shot", "emulator_zero_shot", "full_finetune", "offsite_emulator", "offsite_plugin")
+
+
+def _out(kind: str) -> Path:
+    return RESULTS / (re.sub(r"[^A-Za-z0-9]+", "_", kind).strip("_") + ".json")
+
+
+def _whole_layers() -> dict:
+    results = json.loads(WHOLE_LAYERS.read_text())
+    if results["config"]["validation_examples"] != VALIDATION or results["emulator"]["spec"] != _spec():
+        raise SystemExit(f"{WHOLE_LAYERS.name} is not a run of the default emulator on {VALIDATION} validation reviews")
+    return results
+
+
+def _spec() -> str:
+    from coordinator.compression import EmulatorSpec
+
+    return EmulatorSpec.parse(DEFAULT_EMULATOR, DEFAULT_KEEP).label()
+
+
+def measure(kind: str, lr: float, steps: int) -> dict:
+    """Train `kind` through the default emulator as `coordinator evaluate --validation 600` would; score the test."""
+    reference = _whole_layers()
+    if reference["config"]["adapter_training"]["steps"] != steps:
+        raise SystemExit(
+            f"{WHOLE_LAYERS.name} trained {reference['config']['adapter_training']['steps']} steps, not {steps}"
+        )
+    train_examples = load_examples(dataset_path("sentiment", "train"))
+    test_examples = load_examples(dataset_path("sentiment", "test"))
+    rest, validation = carve_validation(train_examples, test_examples, VALIDATION)
+    loaded = load_model("smollm2-135m")
+    task = make_task(loaded.tokenizer, rest, test_examples)
+    from coordinator.compression import EmulatorSpec
+
+    training = TrainConfig(steps, lr)
+    experiment = Experiment(
+        Split(2, 2, keep=DEFAULT_KEEP), training, training, emulator=EmulatorSpec.parse(DEFAULT_EMULATOR, DEFAULT_KEEP),
+        adapter=kind,
+    )  # fmt: skip
+    start = time.perf_counter()
+    results = measure_offsite(loaded, task, rest, test_examples, experiment, validation=validation)
+    return results | {
+        "kind": kind,
+        "lr": lr,
+        "steps": steps,
+        "seconds": round(time.perf_counter() - start, 1),
+        "machine": machine_line(),
+        "test_examples": len(test_examples),
+        "validation_examples": len(validation),
+    }
+
+
+def _row(label: str, results: dict, reference: dict, lr: float) -> tuple[str, list[str]]:
+    value = {key: (reference if key.startswith("full") else results)[key]["accuracy"] for key in SETTINGS}
+    selection = results["offsite_emulator"]["train"]["selection"]
+    trained = results["emulator"]["adapter_parameters"]
+    cells = " | ".join(f"{100 * value[key]:.1f}" for key in SETTINGS)
+    row = f"| {label} | {trained / 1e6:.3f} M | {lr:g} | {selection['best_step']} | {cells} |"
+    return row, bar_table(accuracy_bar(**value))
+
+
+def report(kinds: dict[str, dict]) -> str:
+    reference = _whole_layers()
+    lines = [
+        "## Five settings per adapter kind: movie-review sentiment, SmolLM2-135M",
+        "",
+        "Command: `python -m bench.adapter_kinds` (LoRA and bias; whole layers are `python -m bench.five_settings "
+        "--task sentiment`, whose full zero-shot and fine-tune every row shares).",
+        f"Machine: {machine_line()}.",
+        "",
+        f"Emulator `{_spec()}`, 2+2 adapter layers, {reference['config']['adapter_training']['steps']} steps, batch 8; "
+        f"the step kept is the plug-in's best on {VALIDATION} validation reviews carved from the training file; "
+        f"accuracy (%) on all {reference['config']['test_examples']:,} test reviews. LoRA: rank 8, alpha 16, on the "
+        "query and value projections. Bias: every bias of the adapter layers (SmolLM2's projections have none: "
+        "zero-initialized ones are added and plugged in with them). Their learning rate is the common default of "
+        "those methods, not tuned here.",
+        "",
+        "| adapter | trainable | lr | step kept | full 0-shot | emulator 0-shot | full FT | tuned emulator | plug-in |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    bars = []
+    row, bar = _row("whole layers", reference, reference, reference["config"]["adapter_training"]["lr"])
+    lines.append(row)
+    bars += ["", "Whole layers:", "", *bar]
+    for kind, results in kinds.items():
+        row, bar = _row(kind, results, reference, results["lr"])
+        lines.append(row)
+        bars += ["", f"`{kind}`:", "", *bar]
+    return "\n".join(lines + bars)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--kind", action="append", choices=tuple(KINDS), help="default: every kind")
+    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--report-only", action="store_true", help="rewrite the section from the saved results")
+    args = parser.parse_args()
+    prepare_datasets()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    for kind in [] if args.report_only else args.kind or KINDS:
+        measured_or_saved(
+            _out(kind), "bench.adapter_kinds", False, lambda kind=kind: measure(kind, KINDS[kind], args.steps)
+        )
+    saved = {kind: json.loads(_out(kind).read_text()) for kind in KINDS if _out(kind).is_file()}
+    write_section("adapter_kinds", report(saved))
+
+
+if __name__ == "__main__":
+    main()
