@@ -52,6 +52,7 @@ bench: setup
 bench-studies: setup
 	$(BIN)/python -m bench.recipe_choice
 	$(BIN)/python -m bench.five_settings
+	$(BIN)/python -m bench.adapter_kinds
 	$(BIN)/python -m bench.fleet
 	$(BIN)/python -m bench.compression
 	$(BIN)/python -m bench.fidelity

@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 
 from coordinator.adapters.files import load_adapter
@@ -14,13 +15,14 @@ from coordinator.train import TrainConfig
 from tests.conftest import make_model, sentiment_examples
 
 
-def _run(tokenizer, tmp_path, split):
+def _run(tokenizer, tmp_path, split, adapter="layers"):
     model = make_model("llama", vocab_size=len(tokenizer))
     before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
     loaded = LoadedModel("tiny-llama", model, tokenizer, tmp_path)
     task = ClassificationTask(tokenizer, {"negative": " negative", "positive": " positive"})
     training = TrainConfig(steps=40, batch_size=8, lr=1e-2)
-    experiment = Experiment(split, training, TrainConfig(steps=40, batch_size=8, lr=3e-3), eval_batch_size=8)
+    full = TrainConfig(steps=40, batch_size=8, lr=3e-3)
+    experiment = Experiment(split, training, full, eval_batch_size=8, adapter=adapter)
     results = run_five_settings(
         loaded,
         task,
@@ -29,6 +31,7 @@ def _run(tokenizer, tmp_path, split):
         experiment,
         tmp_path / "adapter.safetensors",
     )
+    assert model.state_dict().keys() == before.keys()  # no LoRA branch or added bias left behind
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, before[name]), f"{name} changed"
     return results
@@ -65,3 +68,13 @@ def test_results_are_written_as_json_table_and_png(tokenizer, tmp_path):
     for _, title in SETTINGS:
         assert title in table
     assert f"{100 * results['offsite_plugin']['accuracy']:5.1f} %" in table
+
+
+@pytest.mark.parametrize("adapter", ["lora:r=4,alpha=8", "bias"])
+def test_each_kind_plugs_in_as_it_trained_when_nothing_is_dropped(tokenizer, tmp_path, adapter):
+    results = _run(tokenizer, tmp_path, Split(1, 1, keep=4), adapter)
+    assert results["offsite_plugin"]["accuracy"] == results["offsite_emulator"]["accuracy"]
+    assert results["emulator"]["adapter_kind"] == adapter
+    weights, _ = load_adapter(tmp_path / "adapter.safetensors")
+    suffixes = {name.rsplit(".", 1)[-1] for name in weights}
+    assert suffixes == ({"lora_A", "lora_B"} if adapter.startswith("lora") else {"bias"})
