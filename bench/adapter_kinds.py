@@ -120,11 +120,20 @@ def report(kinds: dict[str, dict]) -> str:
     row, bar = _row("whole layers", reference, reference, reference["config"]["adapter_training"]["lr"])
     lines.append(row)
     bars += ["", "Whole layers:", "", *bar]
+    curves = ["", "The plug-in on the validation reviews every 50 steps (%), from which the kept step is chosen:", ""]
+    for label, results in [("whole layers", reference), *kinds.items()]:
+        curve = results["offsite_emulator"]["train"]["selection"]["validation_curve"]
+        curves.append(f"- {label}: " + ", ".join(f"{100 * value:.1f}" for _, value in curve))
     for kind, results in kinds.items():
         row, bar = _row(kind, results, reference, results["lr"])
         lines.append(row)
         bars += ["", f"`{kind}`:", "", *bar]
-    return "\n".join(lines + bars)
+    reading = [
+        "",
+        "A kept step of 0 means no trained checkpoint beat the untrained adapter on validation, so the untrained one "
+        "(a no-op) is what plugs in: the row then shows zero-shot, as a user keeping the best checkpoint would get.",
+    ]
+    return "\n".join(lines + curves + reading + bars)
 
 
 def main() -> None:
