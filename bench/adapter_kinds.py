@@ -22,9 +22,9 @@ from bench.markdown import machine_line, measured_or_saved, write_section
 from coordinator.datasets import dataset_path, prepare_datasets
 from coordinator.defaults import DEFAULT_EMULATOR, DEFAULT_KEEP
 from coordinator.emulator import Split
-from coordinator.evaluation import Experiment, measure_offsite
+from coordinator.evaluation.five_settings import Experiment, measure_offsite
+from coordinator.evaluation.selection import carve_validation
 from coordinator.models import load_model
-from coordinator.selection import carve_validation
 from coordinator.tasks import make_task
 from coordinator.train import TrainConfig
 from edge_runtime.data import load_examples

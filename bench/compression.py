@@ -13,7 +13,7 @@ from pathlib import Path
 from bench.markdown import coordinator_command, machine_line, measuring_command, write_section
 from coordinator.cli import main as coordinator
 from coordinator.datasets import dataset_path, prepare_datasets
-from coordinator.tradeoff import format_tradeoff, plot_tradeoff
+from coordinator.evaluation.tradeoff import format_tradeoff, plot_tradeoff
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"

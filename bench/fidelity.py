@@ -18,8 +18,8 @@ from coordinator.compression import EmulatorSpec, load_calibration, make_emulato
 from coordinator.compression.calibration import divergence, log_probs
 from coordinator.datasets import dataset_path, prepare_datasets
 from coordinator.emulator import Split, emulator_record
+from coordinator.evaluation.selection import carve_validation
 from coordinator.models import load_model
-from coordinator.selection import carve_validation
 from coordinator.tasks import make_task
 from edge_runtime.data import load_examples
 

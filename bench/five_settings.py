@@ -16,7 +16,7 @@ from bench.markdown import coordinator_command, machine_line, write_section
 from coordinator.cli import main as coordinator
 from coordinator.datasets import dataset_path, prepare_datasets
 from coordinator.defaults import DEFAULT_EMULATOR, DEFAULT_KEEP, DEFAULT_LR
-from coordinator.report import format_table
+from coordinator.evaluation.report import format_table
 from edge_runtime.files import write_json_atomic
 
 REPO = Path(__file__).resolve().parent.parent

@@ -20,12 +20,12 @@ from pathlib import Path
 from typing import Any
 
 from bench.markdown import machine_line, write_section
+from coordinator.bundles.request import BundleRequest
 from coordinator.datasets import write_jsonl
 from coordinator.fleet.broker import EmbeddedBroker, free_port
 from coordinator.fleet.jobs import JobSpec
 from coordinator.fleet.registry import Registry
 from coordinator.fleet.service import FleetService
-from coordinator.request import BundleRequest
 from coordinator.train import TrainConfig
 from device_profiles import load_profile
 from edge_runtime.daemon import DaemonConfig, EdgeDaemon

@@ -35,7 +35,7 @@ def _utility(window: int | None, steps: int, limit_test: int) -> dict:
     """Emulator zero-shot, offsite on the emulator and plug-in accuracy, trained here in PyTorch (same schedule)."""
     from coordinator.compression import EmulatorSpec
     from coordinator.emulator import Split
-    from coordinator.evaluation import Experiment, measure_offsite
+    from coordinator.evaluation.five_settings import Experiment, measure_offsite
     from coordinator.models import load_model
     from coordinator.tasks import make_task
     from coordinator.train import TrainConfig

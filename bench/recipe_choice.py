@@ -23,8 +23,8 @@ from coordinator.compression import EmulatorSpec, make_emulator
 from coordinator.datasets import dataset_path, prepare_datasets
 from coordinator.defaults import DEFAULT_LR
 from coordinator.emulator import Split, emulator_record
+from coordinator.evaluation.selection import BestCheckpoint, carve_validation
 from coordinator.models import load_model
-from coordinator.selection import BestCheckpoint, carve_validation
 from coordinator.tasks import make_task
 from coordinator.train import TrainConfig, train
 from edge_runtime.data import load_examples

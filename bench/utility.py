@@ -15,7 +15,7 @@ from bench.bar import accuracy_bar
 from bench.markdown import coordinator_command, machine_line, measuring_command, write_section
 from coordinator.cli import main as coordinator
 from coordinator.datasets import dataset_path, prepare_datasets
-from coordinator.tradeoff import format_tradeoff, plot_tradeoff
+from coordinator.evaluation.tradeoff import format_tradeoff, plot_tradeoff
 from edge_runtime.files import write_json_atomic
 
 REPO = Path(__file__).resolve().parent.parent
@@ -108,11 +108,11 @@ def _reading(results: dict) -> list[str]:
 def _add_alignment(results: dict) -> None:
     """Per recipe, the cosine between the adapter's gradient through the emulator and through the full model
     (4 batches of training reviews, untrained adapter): why one emulator's adapter transfers and another's not."""
-    from coordinator.alignment import gradient_alignment
     from coordinator.compression import EmulatorSpec, make_emulator
     from coordinator.emulator import Split
+    from coordinator.evaluation.alignment import gradient_alignment
+    from coordinator.evaluation.selection import carve_validation
     from coordinator.models import load_model
-    from coordinator.selection import carve_validation
     from coordinator.tasks import make_task
     from edge_runtime.data import load_examples
 

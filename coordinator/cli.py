@@ -128,13 +128,13 @@ def _emulator(args: argparse.Namespace) -> None:
 
 def _evaluate(args: argparse.Namespace) -> None:
     from coordinator.emulator import Split
-    from coordinator.evaluation import Experiment, run_five_settings
+    from coordinator.evaluation.five_settings import Experiment, run_five_settings
+    from coordinator.evaluation.report import format_table, write_results
+    from coordinator.evaluation.selection import carve_validation
+    from coordinator.evaluation.tradeoff import format_tradeoff, plot_tradeoff, run_tradeoff
     from coordinator.models import load_model
-    from coordinator.report import format_table, write_results
     from coordinator.results import read_result
-    from coordinator.selection import carve_validation
     from coordinator.tasks import DEFAULT_TEMPLATE, make_task
-    from coordinator.tradeoff import format_tradeoff, plot_tradeoff, run_tradeoff
     from coordinator.train import TrainConfig
     from edge_runtime.data import load_examples
 
@@ -182,9 +182,9 @@ def _keys(args: argparse.Namespace) -> None:
 
 
 def _plan(args: argparse.Namespace) -> None:
+    from coordinator.bundles.planner import format_plan, make_plan, model_shape
     from coordinator.compression import make_emulator
     from coordinator.models import load_model
-    from coordinator.planner import format_plan, make_plan, model_shape
     from device_profiles import load_profile
 
     profile = load_profile(args.profile)
@@ -200,9 +200,9 @@ def _plan(args: argparse.Namespace) -> None:
 
 
 def _export(args: argparse.Namespace) -> None:
-    from coordinator.export import export_bundle
+    from coordinator.bundles.export import export_bundle
+    from coordinator.bundles.planner import check_backends
     from coordinator.models import load_model
-    from coordinator.planner import check_backends
     from device_profiles import load_profile
     from exporters.bundle import PRIVATE_KEY, default_key_directory, load_private_key
 

@@ -6,8 +6,8 @@ import argparse
 from pathlib import Path
 
 from coordinator.adapters import KINDS
+from coordinator.bundles.request import BundleRequest, TaskSpec
 from coordinator.defaults import DEFAULT_EMULATOR, DEFAULT_KEEP, DEFAULT_LR
-from coordinator.request import BundleRequest, TaskSpec
 from coordinator.tasks import DEFAULT_LABEL_WORDS, DEFAULT_TEMPLATE
 from coordinator.train import TrainConfig
 from edge_runtime.manifest import TASK_KINDS

@@ -15,7 +15,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from coordinator.architectures import spec_for
 from coordinator.errors import ConfigError, DataError
-from coordinator.exits import voted
+from coordinator.evaluation.exits import voted
 from edge_runtime.data import Example
 
 DEFAULT_TEMPLATE = "Review: {text}\nSentiment:"

@@ -14,10 +14,10 @@ from pathlib import Path
 from coordinator.compression import EmulatorSpec
 from coordinator.defaults import DEFAULT_EMULATOR, DEFAULT_LR
 from coordinator.emulator import Split
-from coordinator.evaluation import Experiment, run_five_settings
+from coordinator.evaluation.five_settings import Experiment, run_five_settings
+from coordinator.evaluation.report import format_table, write_results
+from coordinator.evaluation.selection import carve_validation
 from coordinator.models import load_model
-from coordinator.report import format_table, write_results
-from coordinator.selection import carve_validation
 from coordinator.tasks import make_task
 from coordinator.train import TrainConfig
 from edge_runtime.data import load_examples

@@ -1,5 +1,5 @@
 """A device bundle on disk: tokenizer, initial adapter, ONNX training graphs per layer window and the emulator for
-PyTorch, written whole or not at all, then sealed and signed. What goes in is decided by `coordinator.export`."""
+PyTorch, written whole or not at all, then sealed and signed. `coordinator.bundles.export` decides what goes in."""
 
 from __future__ import annotations
 

@@ -6,8 +6,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from coordinator.bundles.request import BundleRequest
 from coordinator.errors import ConfigError
-from coordinator.request import BundleRequest
 from edge_runtime.records import from_dict, to_dict
 
 

@@ -11,7 +11,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from coordinator.adapters import adapter_kind_of, plugged_in
 from coordinator.adapters.layers import adapter_exits
-from coordinator.export import export_bundle
+from coordinator.bundles.export import export_bundle
 from coordinator.fleet.aggregate import write_aggregate
 from coordinator.fleet.jobs import JobSpec
 from coordinator.fleet.registry import Registry

@@ -8,11 +8,11 @@ import torch
 from coordinator.adapters import KINDS, adapter_kind, plugged_in
 from coordinator.adapters.layers import adapter_parameters
 from coordinator.architectures import spec_for
+from coordinator.bundles.request import BundleRequest
 from coordinator.cli import main as coordinator
 from coordinator.emulator import Split, build_emulator
 from coordinator.errors import ConfigError, DataError
 from coordinator.fleet.aggregate import federated_average
-from coordinator.request import BundleRequest
 from coordinator.results import DeviceResult
 from coordinator.tasks import ClassificationTask
 from coordinator.train import TrainConfig, train

@@ -2,9 +2,9 @@
 
 import pytest
 
-from coordinator.alignment import gradient_alignment
 from coordinator.emulator import Split, build_emulator
 from coordinator.errors import ConfigError
+from coordinator.evaluation.alignment import gradient_alignment
 from coordinator.tasks import ClassificationTask
 from tests.conftest import make_model, sentiment_examples
 

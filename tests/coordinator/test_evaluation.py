@@ -7,9 +7,9 @@ import torch
 
 from coordinator.adapters.files import load_adapter
 from coordinator.emulator import Split
-from coordinator.evaluation import SETTINGS, Experiment, run_five_settings
+from coordinator.evaluation.five_settings import SETTINGS, Experiment, run_five_settings
+from coordinator.evaluation.report import format_table, write_results
 from coordinator.models import LoadedModel
-from coordinator.report import format_table, write_results
 from coordinator.tasks import ClassificationTask
 from coordinator.train import TrainConfig
 from tests.conftest import make_model, sentiment_examples

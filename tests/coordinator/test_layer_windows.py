@@ -9,7 +9,7 @@ from safetensors.numpy import load_file
 
 from coordinator.cli import main as coordinator
 from coordinator.datasets import write_jsonl
-from coordinator.exits import exit_views
+from coordinator.evaluation.exits import exit_views
 from coordinator.tasks import ClassificationTask, LanguageModelTask
 from edge_runtime.backends import open_backend
 from edge_runtime.bundle import verify_bundle

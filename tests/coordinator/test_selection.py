@@ -7,9 +7,9 @@ from coordinator.adapters.files import load_adapter
 from coordinator.adapters.layers import plug_in
 from coordinator.emulator import Split
 from coordinator.errors import ConfigError
-from coordinator.evaluation import Experiment, run_five_settings
+from coordinator.evaluation.five_settings import Experiment, run_five_settings
+from coordinator.evaluation.selection import BestCheckpoint, carve_validation
 from coordinator.models import LoadedModel
-from coordinator.selection import BestCheckpoint, carve_validation
 from coordinator.tasks import ClassificationTask
 from coordinator.train import TrainConfig
 from edge_runtime.data import Example

@@ -6,7 +6,7 @@ import torch
 from coordinator.adapters.files import load_adapter
 from coordinator.datasets import dataset_path, prepare_datasets
 from coordinator.emulator import Split
-from coordinator.evaluation import SETTINGS, Experiment, run_five_settings
+from coordinator.evaluation.five_settings import SETTINGS, Experiment, run_five_settings
 from coordinator.models import load_model, packaged_gguf_path
 from coordinator.tasks import make_task
 from coordinator.train import TrainConfig

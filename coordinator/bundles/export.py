@@ -10,11 +10,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from coordinator.adapters.layers import adapter_windows
 from coordinator.architectures import spec_for
+from coordinator.bundles.planner import Plan, check_backends, make_plan, model_shape
+from coordinator.bundles.request import BundleRequest
 from coordinator.compression import make_emulator
 from coordinator.emulator import Split, emulator_record, layer_map
 from coordinator.models import LoadedModel, source_sha256
-from coordinator.planner import Plan, check_backends, make_plan, model_shape
-from coordinator.request import BundleRequest
 from coordinator.tasks import ClassificationTask, LanguageModelTask, pad
 from device_profiles import DeviceProfile
 from edge_runtime import __version__

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from coordinator.evaluation import SETTINGS
+from coordinator.evaluation.five_settings import SETTINGS
 from edge_runtime.files import atomic_path, write_json_atomic
 
 

@@ -7,7 +7,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from coordinator.compression import EmulatorSpec
-from coordinator.evaluation import (
+from coordinator.evaluation.five_settings import (
     RESULTS_SCHEMA,
     Experiment,
     full_finetune,
@@ -16,8 +16,8 @@ from coordinator.evaluation import (
     task_config,
     timed_score,
 )
+from coordinator.evaluation.report import save_figure
 from coordinator.models import LoadedModel
-from coordinator.report import save_figure
 from coordinator.tasks import Task
 from edge_runtime import __version__
 from edge_runtime.data import Example

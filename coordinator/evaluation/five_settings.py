@@ -18,10 +18,10 @@ from coordinator.architectures import decoder_layers
 from coordinator.compression import EmulatorSpec, make_emulator
 from coordinator.emulator import Split, count_parameters, emulator_record
 from coordinator.errors import ConfigError
-from coordinator.exits import exit_views
+from coordinator.evaluation.exits import exit_views
+from coordinator.evaluation.selection import BestCheckpoint
 from coordinator.models import LoadedModel, source_sha256
 from coordinator.results import DeviceResult
-from coordinator.selection import BestCheckpoint
 from coordinator.tasks import ClassificationTask, Task
 from coordinator.train import TrainConfig, train
 from edge_runtime import __version__

@@ -1,0 +1,1 @@
+"""Scoring: the five Offsite-Tuning settings, recipe trade-offs, checkpoint selection on validation, reports."""
