@@ -45,7 +45,7 @@ def _speed_table(results: dict, target: float) -> list[str]:
         for backend, run in result["backends"].items():
             speed, peak = _tokens_per_second(result, backend), _peak(result, backend)
             lines.append(
-                f"| {result['label']} | {result['shape']['trainable_parameters'] / 1e6:.1f} M | {backend} "
+                f"| {result['label']} | {_count(result['shape']['trainable_parameters'])} | {backend} "
                 f"| {speed:,.0f} | {speed / full_speed:.2f}× | {peak / MIB:,.0f} | {full_peak / peak:.2f}× "
                 f"| {_time_to_target(result, target, run['step_seconds_median'])} |"
             )
@@ -167,6 +167,22 @@ def _plot(results: dict, target: float) -> None:
     save_figure(figure, PLOT)
 
 
+def _count(parameters: int) -> str:
+    return f"{parameters / 1e6:.1f} M" if parameters >= 1e6 else f"{parameters / 1e3:,.1f} k"
+
+
+def _other_rates(results: dict) -> str:
+    """A sentence naming the rows that train at another learning rate (the small adapter kinds)."""
+    other = [r for r in results["offsite"] if r.get("lr", results["lr"]["adapter"]) != results["lr"]["adapter"]]
+    if not other:
+        return ""
+    rows = ", ".join(f"{r['label']} at {r['lr']:g}" for r in other)
+    return (
+        f" The LoRA and bias rows train only their branches or bias terms, at a larger step: {rows} (their common "
+        "default, not tuned here)."
+    )
+
+
 def report(results: dict) -> str:
     """The Markdown section: speed and memory, utility, memory floor, step profile, and the papers' figures."""
     curve = results["curve"]
@@ -189,7 +205,7 @@ def report(results: dict) -> str:
         f"test reviews. Learning curves are trained here in PyTorch with the device's schedule (adapter lr "
         f"{results['lr']['adapter']:g} through the bundle's own emulator, full lr {results['lr']['full']:g}), "
         f"scored every {curve['every']} steps; time = the first step at or above target × that backend's median "
-        "s/step.",
+        "s/step." + _other_rates(results),
         "",
         *_speed_table(results, target),
         "",

@@ -87,3 +87,24 @@ def test_a_parameter_the_model_lacks_is_refused(tmp_path):
             tmp_path,
             OptimizerSettings(),
         )
+
+
+@pytest.mark.parametrize("adapter", ["lora:r=2,alpha=4", "bias"])
+def test_every_family_exports_each_adapter_kind_and_trains_only_its_parameters(family, adapter, tmp_path):
+    from coordinator.adapters import adapter_kind
+
+    model = make_model(family, num_layers=4)
+    spec = spec_for(model.config.model_type)
+    attached = adapter_kind(adapter).attach(model, 1, 1)  # on a full model, full-model names are its own names
+    with torch.no_grad():  # a trained-looking adapter, so that the check sees its branch or biases at work
+        for parameter in attached.values():
+            parameter.normal_(0, 0.1)
+    check = export_training_artifacts(
+        model, spec.backbone, spec.head, "classification", list(attached), _sample("classification"), tmp_path,
+        OptimizerSettings(),
+    )  # fmt: skip
+    assert check.logits_max_abs_diff <= LOGITS_TOLERANCE * max(1.0, check.logits_max_abs)
+    assert abs(check.loss_onnx - check.loss_torch) <= LOSS_TOLERANCE * abs(check.loss_torch)
+    state = CheckpointState.load_checkpoint(str(tmp_path / "checkpoint"))
+    marked = {name for name, parameter in state.parameters if parameter.requires_grad}
+    assert marked == {onnx_name(name) for name in attached}
