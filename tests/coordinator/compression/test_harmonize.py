@@ -10,7 +10,7 @@ from coordinator.compression.distill import normalized_mse
 from coordinator.compression.harmonize import find_gaps
 from coordinator.emulator import Split, build_emulator, emulator_record
 from edge_runtime.low_rank import load_causal_lm
-from tests.coordinator.test_compression import calibration, logits, tiny
+from tests.coordinator.compression.test_recipes import calibration, logits, tiny
 
 SPLIT = Split(1, 1, keep=3)  # 8 layers: middle 1..6, uniform keeps 1, 3, 6 -> gaps before layers 3 and 6
 

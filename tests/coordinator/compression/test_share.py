@@ -12,7 +12,7 @@ from coordinator.compression import EmulatorSpec, make_emulator
 from coordinator.compression.share import cluster_adjacent, select_shared
 from coordinator.emulator import Split, emulator_record
 from edge_runtime.low_rank import load_causal_lm
-from tests.coordinator.test_compression import calibration, logits, tiny
+from tests.coordinator.compression.test_recipes import calibration, logits, tiny
 
 SPLIT = Split(1, 1, keep=3)  # 8 layers: a middle of 6 cut into 3 clusters
 
