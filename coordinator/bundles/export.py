@@ -145,7 +145,9 @@ def export_bundle(
     ]
     local = {id(parameter): name for name, parameter in emulator.named_parameters()}
     initial = {name: parameter.detach().clone() for name, parameter in adapter.items()}
-    kind.detach(emulator)  # the bundle holds the plain emulator; the exporter and the device add the kind again
+    # The bundle holds the plain emulator; the exporter and the device add the kind again from its names. (Not a
+    # deep copy with the kind attached: harmonizers run as forward pre-hooks whose closures keep the originals.)
+    kind.detach(emulator)
     manifest = Manifest(
         format="",
         schema=0,  # both stamped when sealed
