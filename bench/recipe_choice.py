@@ -18,7 +18,8 @@ from pathlib import Path
 
 from bench.bar import Condition, accuracy_bar
 from bench.markdown import machine_line, measured_or_saved, save_figure, write_section
-from coordinator.adapters.layers import adapter_parameters, adapter_state, plugged_in
+from coordinator.adapters import plugged_in
+from coordinator.adapters.layers import LayerAdapter, adapter_parameters, adapter_state
 from coordinator.compression import EmulatorSpec, make_emulator
 from coordinator.datasets import dataset_path, prepare_datasets
 from coordinator.defaults import DEFAULT_LR
@@ -60,7 +61,9 @@ def measure(spec_text: str, steps: int, lr: float, every: int) -> dict:
     adapter = adapter_parameters(emulator, split.bottom, split.top)
 
     def plugin_score() -> float:
-        with plugged_in(full, adapter_state(emulator, split.bottom, split.top), split.bottom, split.top):
+        with plugged_in(
+            LayerAdapter(), full, adapter_state(emulator, split.bottom, split.top), split.bottom, split.top
+        ):
             return task.score(full, validation, 16)
 
     emulator_zero_shot = task.score(emulator, validation, 16)

@@ -15,17 +15,18 @@ from torch import nn
 LORA_A, LORA_B = "lora_A", "lora_B"
 
 
+def is_linear(module: nn.Module) -> bool:
+    """nn.Linear, or GPT-2's Conv1D (a linear map whose weight is stored [in, out])."""
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
 def linear_features(module: nn.Module) -> tuple[int, int]:
-    """(in, out) features of a linear map: nn.Linear, or GPT-2's Conv1D (weight stored [in, out])."""
+    """(in, out) features of a linear map."""
+    if not is_linear(module):
+        raise TypeError(f"{type(module).__name__} is not a linear map (nn.Linear or Conv1D)")
     if isinstance(module, nn.Linear):
         return module.in_features, module.out_features
-    if type(module).__name__ == "Conv1D":
-        return module.weight.shape[0], module.weight.shape[1]
-    raise TypeError(f"{type(module).__name__} is not a linear map (nn.Linear or Conv1D)")
-
-
-def is_linear(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+    return module.weight.shape[0], module.weight.shape[1]
 
 
 class LoRALinear(nn.Module):

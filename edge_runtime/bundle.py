@@ -17,7 +17,7 @@ from edge_runtime import __version__
 from edge_runtime.errors import OffsiteError
 from edge_runtime.files import atomic_path
 from edge_runtime.manifest import FileDigest, Manifest
-from edge_runtime.records import RecordError
+from edge_runtime.records import RecordError, from_dict, json_object
 
 BUNDLE_FORMAT = "offsite-edge/bundle"
 BUNDLE_SCHEMA = 1
@@ -107,15 +107,15 @@ def verify_bundle(directory: str | Path, trusted_key: str | Path) -> Manifest:
     if not directory.is_dir():
         raise BundleError(f"bundle {str(directory)!r} is not a directory; pass the folder `coordinator export` wrote")
     text = _check_signature(directory, load_public_key(trusted_key))
-    header = json.loads(text)
-    found = (header.get("format"), header.get("schema")) if isinstance(header, dict) else (None, None)
-    if found != (BUNDLE_FORMAT, BUNDLE_SCHEMA):
-        raise BundleError(
-            f"{directory} is a {found[0]!r} schema {found[1]!r} bundle; this runtime "
-            f"reads {BUNDLE_FORMAT!r} schema {BUNDLE_SCHEMA}: upgrade the runtime or export again"
-        )
     try:
-        manifest = Manifest.from_json(text)
+        data = json_object(text, "manifest")
+        found = (data.get("format"), data.get("schema"))
+        if found != (BUNDLE_FORMAT, BUNDLE_SCHEMA):
+            raise BundleError(
+                f"{directory} is a {found[0]!r} schema {found[1]!r} bundle; this runtime "
+                f"reads {BUNDLE_FORMAT!r} schema {BUNDLE_SCHEMA}: upgrade the runtime or export again"
+            )
+        manifest = from_dict(Manifest, data, "manifest")
     except RecordError as error:
         raise BundleError(f"{directory}/{MANIFEST} is signed but malformed: {error}") from None
     extra = sorted(set(bundle_files(directory)) - set(manifest.files))

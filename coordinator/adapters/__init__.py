@@ -49,11 +49,16 @@ class AdapterKind(Protocol):
 KINDS: dict[str, type] = {"layers": LayerAdapter, "lora": LoRAAdapter, "bias": BiasAdapter}
 
 
+def _kind_class(name: str) -> type:
+    if name not in KINDS:
+        raise ConfigError(f"adapter kind {name!r} is not one of: {', '.join(KINDS)} (e.g. --adapter-kind layers)")
+    return KINDS[name]
+
+
 def adapter_kind(text: str) -> AdapterKind:
     """The adapter kind `KIND[:key=value,...]` names, e.g. `layers`; ConfigError names the bad part and the choices."""
     name, _, options = text.strip().partition(":")
-    if name not in KINDS:
-        raise ConfigError(f"adapter kind {name!r} is not one of: {', '.join(KINDS)} (e.g. --adapter-kind layers)")
+    kind = _kind_class(name)
     values: dict[str, str] = {}
     last = None
     for item in filter(None, (part.strip() for part in options.split(","))):
@@ -64,17 +69,25 @@ def adapter_kind(text: str) -> AdapterKind:
             values[last] += f",{item}"
         else:
             raise ConfigError(f"adapter kind option {item!r} in {text!r} is not KEY=VALUE")
-    return KINDS[name].from_options(values)
+    return kind.from_options(values)
 
 
 def adapter_kind_of(name: str, options: dict[str, object]) -> AdapterKind:
-    """The kind a manifest or a result records (its name and options)."""
-    flat = ",".join(
-        f"{key}={'+'.join(map(str, value)) if isinstance(value, list) else value}"
-        for key, value in options.items()
-        if value != []
-    )
-    return adapter_kind(f"{name}:{flat}" if flat else name)
+    """The kind a manifest or a result records (its name and options, as the kind's `options()` wrote them)."""
+    values = {key: ",".join(map(str, v)) if isinstance(v, list) else str(v) for key, v in options.items() if v != []}
+    return _kind_class(name).from_options(values)
+
+
+def check_layer_window(layer_window: int | None, kind: AdapterKind) -> None:
+    """Layer windows (adaptive layer tuning) train whole layers, a window at a time: at least one, kind `layers`."""
+    if layer_window is None:
+        return
+    if layer_window < 1:
+        raise ConfigError(f"--layer-window {layer_window} must be at least 1 layer")
+    if kind.name != "layers":
+        raise ConfigError(
+            f"--layer-window trains whole layers a window at a time; it takes --adapter-kind layers, not {kind.name}"
+        )
 
 
 @contextmanager

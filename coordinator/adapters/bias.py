@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from coordinator.adapters.layers import LayerAdapter, adapter_layer_paths, full_names, plug_in
+from coordinator.adapters.layers import adapter_layers, plug_in, weighted_mean
 from coordinator.errors import ConfigError
 from edge_runtime.adapter_modules import attach_biases, is_linear, remove_biases
 
@@ -38,21 +38,20 @@ class BiasAdapter:
         return {}
 
     def attach(self, model: PreTrainedModel, bottom: int, top: int) -> dict[str, nn.Parameter]:
+        layers = list(adapter_layers(model, bottom, top))
         linear = [
-            f"{layer}.{name}"
-            for layer in adapter_layer_paths(model, bottom, top)
-            for name, module in model.get_submodule(layer).named_modules()
+            f"{local}.{name}"
+            for local, _, layer in layers
+            for name, module in layer.named_modules()
             if is_linear(module)
         ]
-        added = attach_biases(model, linear)
-        setattr(model, ADDED, [*getattr(model, ADDED, []), *added])
-        local = {
-            f"{layer}.{name}": parameter
-            for layer in adapter_layer_paths(model, bottom, top)
-            for name, parameter in model.get_submodule(layer).named_parameters()
+        setattr(model, ADDED, [*getattr(model, ADDED, []), *attach_biases(model, linear)])
+        return {
+            f"{full}.{name}": parameter
+            for _, full, layer in layers
+            for name, parameter in layer.named_parameters()
             if name.split(".")[-1] == "bias"
         }
-        return full_names(model, bottom, top, local)
 
     def detach(self, model: PreTrainedModel) -> None:
         remove_biases(model, getattr(model, ADDED, []))
@@ -77,4 +76,4 @@ class BiasAdapter:
 
     def average(self, results: list[dict[str, torch.Tensor]], shares: list[float]) -> dict[str, torch.Tensor]:
         """Bias terms average like any weights."""
-        return LayerAdapter().average(results, shares)
+        return weighted_mean(results, shares)

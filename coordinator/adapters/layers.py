@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -35,54 +34,27 @@ def adapter_exits(num_layers: int, bottom: int, top: int, size: int | None) -> l
     return [] if size is None else [window[-1] for window in adapter_windows(num_layers, bottom, top, size)]
 
 
-def adapter_layer_paths(model: PreTrainedModel, bottom: int, top: int) -> dict[str, str]:
-    """Each adapter layer's module path in `model` -> its path in the full model (source layer index)."""
+def adapter_layers(model: PreTrainedModel, bottom: int, top: int) -> Iterator[tuple[str, str, nn.Module]]:
+    """Each adapter layer of `model`: its module path there, its path in the full model (source layer), the layer."""
     prefix = spec_for(model.config.model_type).layers
     sources = layer_map(model)
-    indices = adapter_layer_indices(len(model.get_submodule(prefix)), bottom, top)
-    return {f"{prefix}.{index}": f"{prefix}.{sources[index]}" for index in indices}
-
-
-def full_names(
-    model: PreTrainedModel, bottom: int, top: int, local: dict[str, nn.Parameter]
-) -> dict[str, nn.Parameter]:
-    """Parameters keyed by local names (inside the adapter layers) renamed to their full-model names."""
-    renamed = {}
-    for here, there in adapter_layer_paths(model, bottom, top).items():
-        for name, parameter in local.items():
-            if name.startswith(here + "."):
-                renamed[there + name[len(here) :]] = parameter
-    return renamed
+    layers = model.get_submodule(prefix)
+    for index in adapter_layer_indices(len(layers), bottom, top):
+        yield f"{prefix}.{index}", f"{prefix}.{sources[index]}", layers[index]
 
 
 def adapter_parameters(model: PreTrainedModel, bottom: int, top: int) -> dict[str, nn.Parameter]:
     """The adapter's parameters keyed by their full-model names (emulator layers renamed to source layers)."""
-    prefix = spec_for(model.config.model_type).layers
-    sources = layer_map(model)
-    layers = model.get_submodule(prefix)
-    parameters = {}
-    for index in adapter_layer_indices(len(layers), bottom, top):
-        for name, parameter in layers[index].named_parameters():
-            parameters[f"{prefix}.{sources[index]}.{name}"] = parameter
-    return parameters
+    return {
+        f"{full}.{name}": parameter
+        for _, full, layer in adapter_layers(model, bottom, top)
+        for name, parameter in layer.named_parameters()
+    }
 
 
 def adapter_state(model: PreTrainedModel, bottom: int, top: int) -> dict[str, torch.Tensor]:
     """A detached copy of the adapter's weights under full-model names."""
     return {name: p.detach().clone().contiguous() for name, p in adapter_parameters(model, bottom, top).items()}
-
-
-@contextmanager
-def plugged_in(
-    model: PreTrainedModel, weights: dict[str, torch.Tensor], bottom: int, top: int
-) -> Iterator[PreTrainedModel]:
-    """While open, `model` holds adapter `weights` (full-model names); its own adapter layers come back on exit."""
-    original = adapter_state(model, bottom, top)
-    plug_in(model, weights)
-    try:
-        yield model
-    finally:
-        plug_in(model, original)
 
 
 def plug_in(model: PreTrainedModel, weights: dict[str, torch.Tensor]) -> None:
@@ -134,11 +106,15 @@ class LayerAdapter:
         plug_in(model, weights)
 
     def average(self, results: list[dict[str, torch.Tensor]], shares: list[float]) -> dict[str, torch.Tensor]:
-        """The weighted mean of each weight, in float64 then back to float32 (layers average like any weights)."""
-        names = set(results[0])
-        if any(set(result) != names for result in results[1:]):
-            raise DataError("device adapters name different tensors: they were trained from different bundles")
-        return {
-            name: sum(result[name].double() * share for result, share in zip(results, shares, strict=True)).float()
-            for name in sorted(names)
-        }
+        return weighted_mean(results, shares)
+
+
+def weighted_mean(results: list[dict[str, torch.Tensor]], shares: list[float]) -> dict[str, torch.Tensor]:
+    """Each tensor's mean over `results` weighted by `shares`, in float64 then back to float32 (plain FedAvg)."""
+    names = set(results[0])
+    if any(set(result) != names for result in results[1:]):
+        raise DataError("device adapters name different tensors: they were trained from different bundles")
+    return {
+        name: sum(result[name].double() * share for result, share in zip(results, shares, strict=True)).float()
+        for name in sorted(names)
+    }

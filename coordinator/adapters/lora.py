@@ -8,10 +8,10 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from coordinator.adapters.layers import LayerAdapter, adapter_layer_paths, full_names, plug_in
+from coordinator.adapters.layers import adapter_layers, plug_in, weighted_mean
 from coordinator.architectures import spec_for
 from coordinator.errors import ConfigError
-from edge_runtime.adapter_modules import LoRALinear, attach_lora, detach_lora, is_linear, merge_lora
+from edge_runtime.adapter_modules import LORA_A, LORA_B, LoRALinear, attach_lora, detach_lora, is_linear, merge_lora
 
 
 @dataclass(frozen=True)
@@ -46,14 +46,15 @@ class LoRAAdapter:
     def options(self) -> dict[str, object]:
         return {"r": self.r, "alpha": self.alpha, "targets": list(self.targets)}
 
-    def _paths(self, model: PreTrainedModel, bottom: int, top: int) -> list[str]:
+    def _paths(self, model: PreTrainedModel, bottom: int, top: int) -> dict[str, str]:
+        """Each target's module path in `model` -> its path in the full model."""
         targets = self.targets or spec_for(model.config.model_type).lora_targets
-        paths = [
-            f"{layer}.{name}"
-            for layer in adapter_layer_paths(model, bottom, top)
-            for name, module in model.get_submodule(layer).named_modules()
+        paths = {
+            f"{local}.{name}": f"{full}.{name}"
+            for local, full, layer in adapter_layers(model, bottom, top)
+            for name, module in layer.named_modules()
             if name.split(".")[-1] in targets and (is_linear(module) or isinstance(module, LoRALinear))
-        ]
+        }
         if not paths:
             raise ConfigError(
                 f"lora targets {list(targets)} match no linear map in the adapter layers of this "
@@ -63,13 +64,12 @@ class LoRAAdapter:
 
     def attach(self, model: PreTrainedModel, bottom: int, top: int) -> dict[str, nn.Parameter]:
         paths = self._paths(model, bottom, top)
-        attach_lora(model, paths, self.r, self.alpha)
-        local = {
-            f"{path}.{part}": getattr(model.get_submodule(path), part)
-            for path in paths
-            for part in ("lora_A", "lora_B")
+        attach_lora(model, list(paths), self.r, self.alpha)
+        return {
+            f"{full}.{part}": getattr(model.get_submodule(local), part)
+            for local, full in paths.items()
+            for part in (LORA_A, LORA_B)
         }
-        return full_names(model, bottom, top, local)
 
     def detach(self, model: PreTrainedModel) -> None:
         detach_lora(model)
@@ -87,4 +87,4 @@ class LoRAAdapter:
         a round from the same A and B, and for few local steps the gap is second order in the change. Averaging
         B·A and factoring it again would be exact but costs an SVD per target and a rank change.
         """
-        return LayerAdapter().average(results, shares)
+        return weighted_mean(results, shares)

@@ -104,10 +104,8 @@ def _windows(emulator: torch.nn.Module, split: Split, size: int | None) -> list[
 
 
 def _training_record(request: BundleRequest) -> TrainingRecord:
-    training, optimizer = (
-        request.training,
-        OptimizerSettings(request.training.weight_decay, request.training.max_grad_norm),
-    )
+    training = request.training
+    optimizer = OptimizerSettings(training.weight_decay, training.max_grad_norm)
     return TrainingRecord(
         steps=training.steps,
         lr=training.lr,

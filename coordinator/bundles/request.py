@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from coordinator.adapters import AdapterKind, adapter_kind
+from coordinator.adapters import AdapterKind, adapter_kind, check_layer_window
 from coordinator.defaults import DEFAULT_EMULATOR, DEFAULT_KEEP, DEFAULT_LR
 from coordinator.emulator import Split
 from coordinator.errors import ConfigError
@@ -70,18 +70,11 @@ class BundleRequest:
     def __post_init__(self) -> None:
         if self.checkpoint_every < 1:
             raise ConfigError(f"checkpoint_every={self.checkpoint_every} must be at least 1, e.g. 10")
-        if self.layer_window is not None and self.layer_window < 1:
-            raise ConfigError(f"--layer-window {self.layer_window} must be at least 1 layer")
         unknown = [name for name in self.backends if name not in BACKENDS]
         if unknown:
             raise ConfigError(f"backends {unknown} are not among {', '.join(BACKENDS)}")
-        if self.layer_window is not None and self.adapter().name != "layers":
-            raise ConfigError(
-                f"--layer-window trains whole layers a window at a time; it takes --adapter-kind layers, "
-                f"not {self.adapter_kind}"
-            )
-        self.adapter()  # a bad adapter kind or recipe spec fails here, with its own message
-        self.recipe()
+        check_layer_window(self.layer_window, self.adapter())  # a bad adapter kind fails here, with its own message
+        self.recipe()  # and a bad recipe spec
 
     def adapter(self) -> AdapterKind:
         """The adapter kind (coordinator/adapters/) this request names."""

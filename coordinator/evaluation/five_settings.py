@@ -11,7 +11,7 @@ from pathlib import Path
 from torch import nn
 from transformers import PreTrainedModel
 
-from coordinator.adapters import AdapterKind, adapter_kind, plugged_in
+from coordinator.adapters import AdapterKind, adapter_kind, check_layer_window, plugged_in
 from coordinator.adapters.files import save_adapter
 from coordinator.adapters.layers import adapter_exits, adapter_windows, plug_in
 from coordinator.architectures import decoder_layers
@@ -66,10 +66,7 @@ class Experiment:
             raise ConfigError(f"--check-every {self.check_every} must be at least 1 step")
         if self.eval_batch_size < 1:
             raise ConfigError(f"eval_batch_size={self.eval_batch_size} must be at least 1, e.g. 16")
-        if self.layer_window is not None and self.layer_window < 1:
-            raise ConfigError(f"--layer-window {self.layer_window} must be at least 1 layer")
-        if self.layer_window is not None and self.adapter_kind().name != "layers":
-            raise ConfigError(f"--layer-window trains whole layers; it takes --adapter-kind layers, not {self.adapter}")
+        check_layer_window(self.layer_window, self.adapter_kind())
 
     def adapter_kind(self) -> AdapterKind:
         return adapter_kind(self.adapter)

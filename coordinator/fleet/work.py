@@ -9,7 +9,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from coordinator.adapters import adapter_kind_of, plugged_in
+from coordinator.adapters import plugged_in
 from coordinator.adapters.layers import adapter_exits
 from coordinator.bundles.export import export_bundle
 from coordinator.fleet.aggregate import write_aggregate
@@ -74,8 +74,7 @@ def finish_round(shop: Workshop, job: str, round_: int, spec: JobSpec) -> dict[s
         aggregate = read_result(out, loaded)
         bottom, top = request.adapter_layers
         exits = adapter_exits(loaded.model.config.num_hidden_layers, bottom, top, request.layer_window)
-        kind = adapter_kind_of(aggregate.metrics.adapter_kind, aggregate.metrics.adapter_options)
-        with plugged_in(kind, loaded.model, aggregate.weights, bottom, top):
+        with plugged_in(request.adapter(), loaded.model, aggregate.weights, bottom, top):
             evaluation = {
                 "metric": task.metric,
                 "value": task.score(loaded.model, examples, 16, exits),

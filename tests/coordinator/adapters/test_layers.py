@@ -4,8 +4,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from coordinator.adapters import plugged_in
 from coordinator.adapters.files import load_adapter, save_adapter
-from coordinator.adapters.layers import adapter_parameters, adapter_state, plug_in, plugged_in
+from coordinator.adapters.layers import LayerAdapter, adapter_parameters, adapter_state, plug_in
 from coordinator.emulator import Split, build_emulator
 from coordinator.errors import ConfigError, DataError
 from tests.conftest import make_model
@@ -97,7 +98,7 @@ def test_plugged_in_holds_the_weights_while_open_and_restores_even_after_an_erro
     model = make_model("llama")
     before = adapter_state(model, 1, 1)
     trained = {name: tensor + 1.0 for name, tensor in before.items()}
-    with pytest.raises(RuntimeError, match="scoring failed"), plugged_in(model, trained, 1, 1):
+    with pytest.raises(RuntimeError, match="scoring failed"), plugged_in(LayerAdapter(), model, trained, 1, 1):
         assert all(torch.equal(adapter_state(model, 1, 1)[name], trained[name]) for name in trained)
         raise RuntimeError("scoring failed")
     assert all(torch.equal(adapter_state(model, 1, 1)[name], before[name]) for name in before)
