@@ -111,17 +111,15 @@ class Curves:
     def offsite(self, bundle: Path, lr: float) -> list[tuple[int, float]]:
         """The plug-in's accuracy every `every` steps, the adapter trained through the bundle's own emulator."""
         from coordinator.adapters import adapter_kind_of, plugged_in
-        from edge_runtime.adapter_modules import prepare_for_kind
+        from edge_runtime.adapter_modules import add_adapter
         from edge_runtime.low_rank import load_causal_lm
 
         manifest = Manifest.from_json((bundle / "manifest.json").read_bytes())
         emulator = load_causal_lm(bundle / TORCH_DIRECTORY)
-        local = [name.removeprefix("causal_lm.") for name in manifest.adapter.parameters]
-        prepare_for_kind(emulator, manifest.adapter.kind, local, manifest.adapter.options)
+        names = add_adapter(emulator, manifest.adapter)  # the emulator's names -> full-model names
         kind = adapter_kind_of(manifest.adapter.kind, manifest.adapter.options)
         named = dict(emulator.named_parameters())
-        names = manifest.adapter.parameters  # the training graph's names -> full-model names
-        adapter = {full: named[local.removeprefix("causal_lm.")] for local, full in names.items()}
+        adapter = {full: named[local] for local, full in names.items()}
         full_model = self.loaded.model
         bottom, top = manifest.adapter.bottom, manifest.adapter.top
         curve = [(0, self.zero_shot)]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from edge_runtime.adapter_modules import prepare_for_kind
+from edge_runtime.adapter_modules import add_adapter
 from edge_runtime.bundle import TOKENIZER_FILE, TORCH_DIRECTORY
 from edge_runtime.data import load_examples
 from edge_runtime.files import write_json_atomic
@@ -26,7 +26,7 @@ from edge_runtime.manifest import Manifest
 from edge_runtime.monitor import PeakMemory, peak_rss_bytes
 from edge_runtime.schedule import learning_rate_factor
 from edge_runtime.text import TaskEncoder, training_batches
-from edge_runtime.torch_graph import PREFIX, TrainingGraph, graph_loss
+from edge_runtime.torch_graph import TrainingGraph, graph_loss
 
 
 def _model(bundle: Path, manifest: Manifest, what: str) -> tuple[torch.nn.Module, list[torch.nn.Parameter]]:
@@ -38,8 +38,7 @@ def _model(bundle: Path, manifest: Manifest, what: str) -> tuple[torch.nn.Module
         causal_lm = load_model(manifest.model.name).model
     else:
         causal_lm = load_causal_lm(bundle / TORCH_DIRECTORY)
-        local = [name.removeprefix(PREFIX) for name in manifest.adapter.parameters]
-        prepare_for_kind(causal_lm, manifest.adapter.kind, local, manifest.adapter.options)  # LoRA, biases
+        add_adapter(causal_lm, manifest.adapter)  # LoRA branches, zero biases: as the device trains them
     causal_lm.eval()  # no dropout, as both device backends train
     graph = TrainingGraph(causal_lm, architecture.backbone, architecture.head, manifest.task.kind)
     names = set(manifest.adapter.parameters) if what == "adapter" else None

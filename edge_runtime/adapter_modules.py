@@ -12,6 +12,9 @@ import math
 import torch
 from torch import nn
 
+from edge_runtime.manifest import AdapterRecord
+from edge_runtime.torch_graph import PREFIX
+
 LORA_A, LORA_B = "lora_A", "lora_B"
 
 
@@ -113,16 +116,19 @@ def remove_biases(model: nn.Module, paths: list[str]) -> None:
         model.get_submodule(path).bias = None
 
 
-def prepare_for_kind(model: nn.Module, kind: str, trainable: list[str], options: dict[str, object]) -> None:
-    """Add what adapter `kind` trains to `model`, given the trainable parameter names (local to `model`).
+def add_adapter(model: nn.Module, adapter: AdapterRecord) -> dict[str, str]:
+    """Add what a manifest's `adapter` trains to `model` (its plain emulator), found from the trainable names alone;
+    return each trainable parameter's name in `model` -> its full-model name.
 
     `layers` adds nothing; `lora` wraps each module named by a `.lora_A` parameter; `bias` adds a zero bias
     wherever a `.bias` parameter is named but missing.
     """
-    if kind == "lora":
-        paths = sorted({name.removesuffix(f".{LORA_A}") for name in trainable if name.endswith(f".{LORA_A}")})
-        attach_lora(model, paths, int(options["r"]), float(options["alpha"]))  # type: ignore[arg-type]
-    elif kind == "bias":
+    local = {name.removeprefix(PREFIX): full for name, full in adapter.parameters.items()}
+    if adapter.kind == "lora":
+        paths = sorted({name.removesuffix(f".{LORA_A}") for name in local if name.endswith(f".{LORA_A}")})
+        attach_lora(model, paths, int(adapter.options["r"]), float(adapter.options["alpha"]))
+    elif adapter.kind == "bias":
         modules = dict(model.named_modules())
-        paths = [name.removesuffix(".bias") for name in trainable if name.endswith(".bias")]
+        paths = [name.removesuffix(".bias") for name in local if name.endswith(".bias")]
         attach_biases(model, [path for path in paths if is_linear(modules[path])])
+    return local

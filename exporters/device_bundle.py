@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from edge_runtime.adapter_modules import prepare_for_kind
+from edge_runtime.adapter_modules import add_adapter
 from edge_runtime.bundle import ADAPTER_FILE, ORT_DIRECTORY, TOKENIZER_FILE, TORCH_DIRECTORY, write_adapter_file
 from edge_runtime.files import atomic_directory
 from edge_runtime.manifest import Manifest
@@ -65,9 +65,7 @@ def _export_windows(contents: BundleContents, staging: Path) -> ExportCheck:
 
 def _add_adapter(contents: BundleContents) -> None:
     """Add the adapter kind's parameters to the emulator from the manifest's names and set their initial values."""
-    adapter = contents.manifest.adapter
-    local = {name.removeprefix(PREFIX): full for name, full in adapter.parameters.items()}
-    prepare_for_kind(contents.emulator, adapter.kind, list(local), adapter.options)
+    local = add_adapter(contents.emulator, contents.manifest.adapter)
     parameters = dict(contents.emulator.named_parameters())
     with torch.no_grad():
         for name, full in local.items():

@@ -9,12 +9,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from edge_runtime.adapter_modules import prepare_for_kind
+from edge_runtime.adapter_modules import add_adapter
 from edge_runtime.bundle import ADAPTER_FILE, TORCH_DIRECTORY
 from edge_runtime.low_rank import load_causal_lm
 from edge_runtime.manifest import Manifest
 from edge_runtime.text import Batch
-from edge_runtime.torch_graph import PREFIX, TrainingGraph, graph_loss, truncated
+from edge_runtime.torch_graph import TrainingGraph, graph_loss, truncated
 from edge_runtime.windows import bundle_windows
 
 CHECKPOINT = "torch_state.safetensors"
@@ -30,8 +30,7 @@ class TorchBackend:
         model = load_causal_lm(bundle / TORCH_DIRECTORY)
         model.eval()  # no dropout: both backends train the same deterministic graph
         adapter = manifest.adapter
-        local = [name.removeprefix(PREFIX) for name in adapter.parameters]
-        prepare_for_kind(model, adapter.kind, local, adapter.options)  # LoRA branches, zero biases: as exported
+        add_adapter(model, adapter)  # LoRA branches, zero biases: as exported
         self.model, self.architecture, self.kind = model, manifest.architecture, manifest.task.kind
         self.windows = bundle_windows(manifest)
         names = set(manifest.adapter.parameters)
