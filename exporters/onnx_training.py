@@ -1,7 +1,7 @@
 """Emulator + adapter -> ONNX Runtime training artifacts (training, eval, optimizer models, checkpoint), checked.
 
 Exported at opset 15 with the TorchScript exporter: at opset >= 17 LayerNormalization becomes one node whose
-gradient ONNX Runtime training cannot build (TOOLCHAIN.md). Every export runs in ONNX Runtime and is compared
+gradient ONNX Runtime training 1.19 cannot build. Every export runs in ONNX Runtime and is compared
 with PyTorch: forward logits and the eval model's loss.
 """
 

@@ -1,7 +1,7 @@
 """Layerwise unified compression (Edge-LLM): per-layer sparsity and bit width chosen by measured sensitivity.
 
 Each kept middle layer is pruned (activation-aware magnitude, per output row) and fake-quantized (symmetric,
-per output channel, rounded back to float32: ONNX Runtime cannot train through INT8 graphs, TOOLCHAIN.md). The
+per output channel, rounded back to float32: ONNX Runtime cannot train through INT8 graphs). The
 layer's sensitivity to each sparsity and each bit width is the KL divergence of the emulator's predictions when
 only that layer is compressed so; one (sparsity, bits) per layer is then chosen to minimize the summed
 sensitivity within the size target (a knapsack, solved exactly). The size is what the weights would take
