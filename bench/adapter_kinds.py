@@ -1,11 +1,11 @@
 """Benchmark: the five settings per adapter kind on movie-review sentiment, SmolLM2-135M, default emulator.
 
-Whole layers are `bench.five_settings`' movie-review run; LoRA and bias terms are trained here through the same
-emulator, on the same training file less the same 600 validation reviews, keeping the checkpoint whose plug-in
-scores best on them, and scored on the whole test file. Each kind runs at a few learning rates; the one reported
-is the one whose kept checkpoint scores best on validation (the test scores of the others play no part). The
-full model's settings (zero-shot, fine-tune) do not depend on the adapter, so they are read from that run, which
-must match this one's split and steps.
+Whole layers are `bench.five_settings`' movie-review run; LoRA, bias terms and soft prompts are trained here
+through the same emulator, on the same training file less the same 600 validation reviews, keeping the checkpoint
+whose plug-in scores best on them, and scored on the whole test file. Each kind runs at a few learning rates; the
+one reported is the one whose kept checkpoint scores best on validation (the test scores of the others play no
+part). The full model's settings (zero-shot, fine-tune) do not depend on the adapter, so they are read from that
+run, which must match this one's split and steps.
 
 Run from the repository root: `python -m bench.adapter_kinds [--kind SPEC ...] [--lr LR ...]` (one results file
 per kind and rate, so they can run in parallel processes); `--report-only` rewrites the BENCHMARKS.md section
@@ -35,9 +35,10 @@ from edge_runtime.data import load_examples
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results" / "adapter_kinds"
 WHOLE_LAYERS = REPO / "bench" / "results" / "five_settings_sentiment.json"
-# Candidate learning rates per kind, around the common default of LoRA and BitFit (1e-3); the rate and the step
-# are chosen on validation. Whole layers keep the project default (bench.five_settings).
-KINDS = {"lora:r=8": (1e-3, 3e-4), "bias": (1e-3, 3e-4)}
+# Candidate learning rates per kind, around the common defaults (LoRA and BitFit 1e-3; prompt tuning with AdamW
+# takes far larger steps, 1e-2 to 3e-2 in peft's examples); the rate and the step are chosen on validation.
+# Whole layers keep the project default (bench.five_settings).
+KINDS = {"lora:r=8": (1e-3, 3e-4), "bias": (1e-3, 3e-4), "prompt:tokens=20": (3e-2, 1e-2)}
 VALIDATION = 600
 SETTINGS = ("full_zero_shot", "emulator_zero_shot", "full_finetune", "offsite_emulator", "offsite_plugin")
 
@@ -109,15 +110,16 @@ def report(kinds: dict[str, list[dict]]) -> str:
     lines = [
         "## Five settings per adapter kind: movie-review sentiment, SmolLM2-135M",
         "",
-        "Command: `python -m bench.adapter_kinds` (LoRA and bias; whole layers are `python -m bench.five_settings "
-        "--task sentiment`, whose full zero-shot and fine-tune every row shares).",
+        "Command: `python -m bench.adapter_kinds` (LoRA, bias and prompt; whole layers are "
+        "`python -m bench.five_settings --task sentiment`, whose full zero-shot and fine-tune every row shares).",
         f"Machine: {machine_line()}.",
         "",
         f"Emulator `{_spec()}`, 2+2 adapter layers, {reference['config']['adapter_training']['steps']} steps, batch 8; "
         f"the step kept is the plug-in's best on {VALIDATION} validation reviews carved from the training file; "
         f"accuracy (%) on all {reference['config']['test_examples']:,} test reviews. LoRA: rank 8, alpha 16, on the "
         "query and value projections. Bias: every bias of the adapter layers (SmolLM2's projections have none: "
-        "zero-initialized ones are added and plugged in with them). Each kind's learning rate is chosen on "
+        "zero-initialized ones are added and plugged in with them). Prompt: 20 trainable vectors in front of every "
+        "review, started as the embeddings of 20 sampled vocabulary entries. Each kind's learning rate is chosen on "
         "validation among the candidates listed below the table.",
         "",
         "| adapter | trainable | lr | step kept | full 0-shot | emulator 0-shot | full FT | tuned emulator | plug-in |",
@@ -145,7 +147,8 @@ def report(kinds: dict[str, list[dict]]) -> str:
     reading = [
         "",
         "A kept step of 0 means no trained checkpoint beat the untrained adapter on validation, so the untrained one "
-        "(a no-op) is what plugs in: the row then shows zero-shot, as a user keeping the best checkpoint would get.",
+        "is what plugs in: for LoRA and bias a no-op (the row then shows zero-shot, as a user keeping the best "
+        "checkpoint would get), for a prompt its starting text.",
     ]
     return "\n".join(lines + curves + reading + bars)
 

@@ -30,6 +30,7 @@ ADAPTERS = (
     ("whole layers 4+4", "4,4", "layers"),
     ("LoRA r=8 (q, v) on 2+2", "2,2", "lora:r=8"),
     ("bias terms of 2+2", "2,2", "bias"),
+    ("soft prompt, 20 tokens", "2,2", "prompt:tokens=20"),
 )
 # The wire sizes do not depend on the recipe; uniform keep 8 builds in seconds (the default's greedy path would not).
 EMULATOR = ["--emulator", "uniform", "--keep", "8"]

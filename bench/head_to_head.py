@@ -64,9 +64,11 @@ CONFIGS = (
     Config((1, 1), "uniform", 8),
     Config((2, 2), "luc:size=0.5", 8),
     Config((2, 2), "lowrank:size=0.5", 8),
-    # The small kinds train far fewer weights, so they take a larger step (as LoRA and BiTFiT papers do).
+    # The small kinds train far fewer weights, so they take a larger step (as the LoRA, BiTFiT and prompt-tuning
+    # papers do); a soft prompt's common AdamW rate (peft's examples) is larger still.
     Config((2, 2), "uniform", 8, "lora:r=8", 1e-3),
     Config((2, 2), "uniform", 8, "bias", 1e-3),
+    Config((2, 2), "uniform", 8, "prompt:tokens=20", 3e-2),
 )
 
 

@@ -178,8 +178,8 @@ def _other_rates(results: dict) -> str:
         return ""
     rows = ", ".join(f"{r['label']} at {r['lr']:g}" for r in other)
     return (
-        f" The LoRA and bias rows train only their branches or bias terms, at a larger step: {rows} (their common "
-        "default, not tuned here)."
+        f" The LoRA, bias and prompt rows train only their branches, bias terms or prompt vectors, at a larger "
+        f"step: {rows} (their common default, not tuned here)."
     )
 
 

@@ -237,9 +237,14 @@ def _plug(args: argparse.Namespace) -> None:
     with atomic_directory(args.out) as staging:
         loaded.model.save_pretrained(staging)
         loaded.tokenizer.save_pretrained(staging)
+    notes = {
+        "lora": " (LoRA merged into the weights)",
+        "prompt": " (the soft prompt is saved with it: load it with `coordinator evaluate --model`, or "
+        "edge_runtime.low_rank.load_causal_lm; plain transformers drops it)",
+    }
     print(
         f"plugged {len(result.weights)} {kind.name} adapter tensors from {args.adapter} into {loaded.name} "
-        f"-> {args.out}" + (" (LoRA merged into the weights)" if kind.name == "lora" else "")
+        f"-> {args.out}" + notes.get(kind.name, "")
     )
 
 

@@ -90,9 +90,9 @@ def add_adapter_kind_option(command: argparse.ArgumentParser) -> None:
         "--adapter-kind",
         default="layers",
         metavar="KIND[:KEY=VALUE,...]",
-        help=f"what trains in the adapter layers: {', '.join(KINDS)} (default layers: every weight of them; "
-        "lora:r=8,alpha=16,targets=q_proj+v_proj: low-rank branches; bias: bias terms, zero-initialized where "
-        "missing)",
+        help=f"what trains on the device: {', '.join(KINDS)} (default layers: every weight of the adapter layers; "
+        "lora:r=8,alpha=16,targets=q_proj+v_proj: low-rank branches on them; bias: their bias terms, "
+        "zero-initialized where missing; prompt:tokens=20: soft-prompt vectors in front of every input)",
     )
 
 

@@ -1,4 +1,4 @@
-"""What the LoRA and bias adapter kinds add to a model, found again from parameter names alone; needs torch.
+"""What the LoRA, bias and soft-prompt adapter kinds add to a model, found again from parameter names; needs torch.
 
 The coordinator adds them when it builds an adapter; the exporter traces the result into the ONNX training graph;
 the PyTorch backend adds them to the bundle's plain emulator from the manifest's trainable names, so both
@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from edge_runtime.manifest import AdapterRecord
+from edge_runtime.soft_prompt import SOFT_PROMPT, attach_prompt
 from edge_runtime.torch_graph import PREFIX
 
 LORA_A, LORA_B = "lora_A", "lora_B"
@@ -121,7 +122,8 @@ def add_adapter(model: nn.Module, adapter: AdapterRecord) -> dict[str, str]:
     return each trainable parameter's name in `model` -> its full-model name.
 
     `layers` adds nothing; `lora` wraps each module named by a `.lora_A` parameter; `bias` adds a zero bias
-    wherever a `.bias` parameter is named but missing.
+    wherever a `.bias` parameter is named but missing; `prompt` gives the module named by `.soft_prompt` a zero
+    prompt of the recorded length (the bundle's initial adapter holds its starting vectors).
     """
     local = {name.removeprefix(PREFIX): full for name, full in adapter.parameters.items()}
     if adapter.kind == "lora":
@@ -131,4 +133,9 @@ def add_adapter(model: nn.Module, adapter: AdapterRecord) -> dict[str, str]:
         modules = dict(model.named_modules())
         paths = [name.removesuffix(".bias") for name in local if name.endswith(".bias")]
         attach_biases(model, [path for path in paths if is_linear(modules[path])])
+    elif adapter.kind == "prompt":
+        for path in (name.removesuffix(f".{SOFT_PROMPT}") for name in local if name.endswith(f".{SOFT_PROMPT}")):
+            backbone = model.get_submodule(path)
+            width = backbone.get_input_embeddings().embedding_dim
+            attach_prompt(backbone, torch.zeros(int(adapter.options["tokens"]), width))
     return local

@@ -17,6 +17,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from edge_runtime.errors import DataError
 from edge_runtime.harmonizers import HARMONIZER_RECORD, attach_harmonizers
 from edge_runtime.shared_layers import SHARED_RECORD, share_layers, tied_names
+from edge_runtime.soft_prompt import PROMPT_RECORD, attach_prompt
 
 # Config attribute of a low-rank emulator: {module path: rank} of every factorized linear layer.
 LOW_RANK_RECORD = "offsite_low_rank"
@@ -54,11 +55,13 @@ def factorize_structure(model: nn.Module, ranks: dict[str, int]) -> None:
 
 
 def load_causal_lm(folder: Path, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
-    """A transformers model folder as a causal LM; a low-rank, harmonized or shared emulator gets its extra
-    structure (factorized layers, harmonizers, tied layers) back before its weights load."""
+    """A transformers model folder as a causal LM; a low-rank, harmonized or shared emulator, or a model plugged
+    with a soft prompt, gets its extra structure (factorized layers, harmonizers, tied layers, the prompt) back
+    before its weights load."""
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    ranks, harmonizers, shared = (config.get(key) for key in (LOW_RANK_RECORD, HARMONIZER_RECORD, SHARED_RECORD))
-    if not ranks and not harmonizers and not shared:
+    records = (LOW_RANK_RECORD, HARMONIZER_RECORD, SHARED_RECORD, PROMPT_RECORD)
+    ranks, harmonizers, shared, prompt = (config.get(key) for key in records)
+    if not ranks and not harmonizers and not shared and not prompt:
         return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), dtype=dtype)
     factorize_structure(model, ranks or {})
@@ -66,6 +69,9 @@ def load_causal_lm(folder: Path, dtype: torch.dtype = torch.float32) -> PreTrain
         share_layers(model, shared["layers"], shared["ties"])
     if harmonizers:
         attach_harmonizers(model, harmonizers["layers"], harmonizers["final_norm"], harmonizers["ranks"])
+    if prompt:
+        backbone = model.get_submodule(prompt["backbone"])
+        attach_prompt(backbone, torch.zeros(prompt["tokens"], backbone.get_input_embeddings().embedding_dim))
     state = {}
     for shard in sorted(folder.glob("*.safetensors")):
         state.update(load_file(str(shard)))

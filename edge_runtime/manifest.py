@@ -16,7 +16,7 @@ CLASSIFICATION = "classification"
 LANGUAGE_MODEL = "language-model"
 TASK_KINDS = (CLASSIFICATION, LANGUAGE_MODEL)
 # Adapter kinds this runtime trains; a bundle naming another is refused before anything loads.
-ADAPTER_KINDS = ("layers", "lora", "bias")
+ADAPTER_KINDS = ("layers", "lora", "bias", "prompt")
 RESULT_FORMAT = "offsite-edge/result"
 RESULT_SCHEMA = 1
 

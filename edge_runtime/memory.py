@@ -46,6 +46,7 @@ class ModelShape:
     backprop_layers: int
     frozen_parameters: int
     trainable_parameters: int
+    prefix_tokens: int = 0  # soft-prompt vectors in front of every row: the layers attend over them like tokens
 
     def to_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -79,13 +80,14 @@ class MemoryEstimate:
 
 
 def estimate(shape: ModelShape, micro_batch: int, sequence: int, kind: str, backend: str) -> MemoryEstimate:
-    """Predicted peak memory of one training step with `micro_batch` rows of `sequence` tokens."""
+    """Predicted peak memory of one training step with `micro_batch` rows of `sequence` tokens (plus the prefix)."""
     if backend not in RUNTIME_BYTES:
         raise OffsiteError(f"backend {backend!r} is not one of {sorted(RUNTIME_BYTES)}")
+    logit_rows = micro_batch if kind == "classification" else micro_batch * sequence
+    sequence += shape.prefix_tokens
     tokens = micro_batch * sequence
     per_token = HIDDEN_FACTOR[backend] * shape.hidden + INTERMEDIATE_FACTOR[backend] * shape.intermediate
     attention = ATTENTION_COPIES[backend] * micro_batch * shape.heads * sequence * sequence
-    logit_rows = micro_batch if kind == "classification" else tokens
     trainable = shape.trainable_parameters * FLOAT_BYTES
     frozen = shape.frozen_parameters * FLOAT_BYTES
     return MemoryEstimate(

@@ -17,6 +17,7 @@ from transformers import PreTrainedModel
 from coordinator.adapters.bias import BiasAdapter
 from coordinator.adapters.layers import LayerAdapter, plug_in
 from coordinator.adapters.lora import LoRAAdapter
+from coordinator.adapters.prompt import PromptAdapter
 from coordinator.errors import ConfigError
 
 
@@ -46,7 +47,12 @@ class AdapterKind(Protocol):
         ...
 
 
-KINDS: dict[str, type] = {"layers": LayerAdapter, "lora": LoRAAdapter, "bias": BiasAdapter}
+KINDS: dict[str, type] = {
+    "layers": LayerAdapter,
+    "lora": LoRAAdapter,
+    "bias": BiasAdapter,
+    "prompt": PromptAdapter,
+}
 
 
 def _kind_class(name: str) -> type:

@@ -11,6 +11,7 @@ from coordinator.architectures import spec_for
 from coordinator.errors import ConfigError
 from device_profiles import DeviceProfile
 from edge_runtime.memory import MIB, MemoryEstimate, ModelShape, choose_micro_batch, estimate
+from edge_runtime.soft_prompt import prompt_tokens
 from edge_runtime.trainer import PLAN_MARGIN
 
 
@@ -24,9 +25,11 @@ def model_shape(emulator: PreTrainedModel, trainable: dict[str, Any]) -> ModelSh
         or getattr(config, "n_inner", None)
         or 4 * hidden
     )
-    layers = emulator.get_submodule(spec_for(config.model_type).layers)
+    spec = spec_for(config.model_type)
+    layers = emulator.get_submodule(spec.layers)
     trainable_ids = {id(parameter) for parameter in trainable.values()}
-    lowest = min(index for index, layer in enumerate(layers) if any(id(p) in trainable_ids for p in layer.parameters()))
+    holding = [index for index, layer in enumerate(layers) if any(id(p) in trainable_ids for p in layer.parameters())]
+    lowest = min(holding, default=0)  # a soft prompt sits before every layer: the gradient goes through all
     unique = {id(p): p for p in emulator.parameters()}
     trainable_count = sum(p.numel() for key, p in unique.items() if key in trainable_ids)
     return ModelShape(
@@ -38,6 +41,7 @@ def model_shape(emulator: PreTrainedModel, trainable: dict[str, Any]) -> ModelSh
         backprop_layers=len(layers) - lowest,
         frozen_parameters=sum(p.numel() for p in unique.values()) - trainable_count,
         trainable_parameters=trainable_count,
+        prefix_tokens=prompt_tokens(emulator.get_submodule(spec.backbone)),
     )
 
 

@@ -89,7 +89,7 @@ def test_a_parameter_the_model_lacks_is_refused(tmp_path):
         )
 
 
-@pytest.mark.parametrize("adapter", ["lora:r=2,alpha=4", "bias"])
+@pytest.mark.parametrize("adapter", ["lora:r=2,alpha=4", "bias", "prompt:tokens=3"])
 def test_every_family_exports_each_adapter_kind_and_trains_only_its_parameters(family, adapter, tmp_path):
     from coordinator.adapters import adapter_kind
 

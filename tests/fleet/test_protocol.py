@@ -65,22 +65,26 @@ def test_two_devices_two_rounds_of_fedavg(broker, make_fleet) -> None:
     assert fleet.service.rejections == []
 
 
-def test_a_lora_job_moves_only_its_branches_and_averages_them(broker, make_fleet) -> None:
+@pytest.mark.parametrize(
+    ("spec", "kind", "suffixes"),
+    [("lora:r=2", "lora", {"lora_A", "lora_B"}), ("prompt:tokens=2", "prompt", {"soft_prompt"})],
+)
+def test_a_small_kinds_job_moves_only_its_tensors_and_averages_them(broker, make_fleet, spec, kind, suffixes) -> None:
     fleet = make_fleet(broker)
     fleet.start_service()
     fleet.start_daemon("a")
     fleet.start_daemon("b")
-    job = fleet.service.registry.add_job(tiny_spec(fleet.files, rounds=1, adapter_kind="lora:r=2"))
+    job = fleet.service.registry.add_job(tiny_spec(fleet.files, rounds=1, adapter_kind=spec))
     record = _finished(fleet, job)
     assert record["state"] == "done", record["detail"]
     tasks = fleet.service.registry.tasks(job)
     results = {t["device"]: load_file(Path(t["result"]) / "adapter.safetensors") for t in tasks}
-    assert {name.rsplit(".", 1)[-1] for name in results["a"]} == {"lora_A", "lora_B"}
+    assert {name.rsplit(".", 1)[-1] for name in results["a"]} == suffixes
     aggregate = load_file(Path(fleet.service.registry.rounds(job)[0]["aggregate"]) / "adapter.safetensors")
-    for name, tensor in aggregate.items():  # A and B each averaged, weighted by examples: 40 and 24
+    for name, tensor in aggregate.items():  # each tensor (LoRA's A and B each) averaged, weighted by examples: 40, 24
         torch.testing.assert_close(tensor, (40 * results["a"][name] + 24 * results["b"][name]) / 64)
-    assert all(t["metrics"]["adapter_kind"] == "lora" for t in tasks)
-    assert fleet.service.registry.rounds(job)[0]["evaluation"]["examples"] == 32  # scored with the branches in
+    assert all(t["metrics"]["adapter_kind"] == kind for t in tasks)
+    assert fleet.service.registry.rounds(job)[0]["evaluation"]["examples"] == 32  # scored with the kind plugged in
 
 
 def test_a_device_that_cannot_fit_the_job_says_so_and_is_skipped(broker, make_fleet) -> None:

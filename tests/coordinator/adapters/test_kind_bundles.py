@@ -1,4 +1,4 @@
-"""LoRA and bias bundles end to end on tiny models: export, both backends alike, resume, plug into the full model."""
+"""LoRA, bias and soft-prompt bundles end to end on tiny models: export, both backends alike, resume, plug-in."""
 
 import numpy as np
 import pytest
@@ -10,10 +10,12 @@ from coordinator.adapters import adapter_kind_of, plugged_in
 from coordinator.adapters.files import load_adapter
 from coordinator.cli import main as coordinator
 from edge_runtime.bundle import verify_bundle
+from edge_runtime.low_rank import load_causal_lm
 from edge_runtime.trainer import TrainOptions, train_bundle
 from tests.conftest import assert_same_adapter, make_bundle
 
-KINDS = {"lora:r=4,alpha=8": "lora", "bias": "bias"}
+KINDS = {"lora:r=4,alpha=8": "lora", "bias": "bias", "prompt:tokens=4": "prompt"}
+SUFFIXES = {"lora": {"lora_A", "lora_B"}, "bias": {"bias"}, "prompt": {"soft_prompt"}}
 
 
 @pytest.mark.parametrize("text", list(KINDS))
@@ -22,7 +24,7 @@ def test_a_kind_exports_trains_alike_on_both_backends_and_plugs_in(tmp_path, tex
     manifest = verify_bundle(paths["bundle"], paths["trust"])
     assert manifest.adapter.kind == KINDS[text]
     suffixes = {name.rsplit(".", 1)[-1] for name in manifest.adapter.parameters.values()}
-    assert suffixes == ({"lora_A", "lora_B"} if text.startswith("lora") else {"bias"})
+    assert suffixes == SUFFIXES[KINDS[text]]
     assert manifest.adapter.count == manifest.plan.shape.trainable_parameters
     curves, results = {}, {}
     for backend in ("ort", "torch"):
@@ -53,7 +55,7 @@ def test_a_kind_exports_trains_alike_on_both_backends_and_plugs_in(tmp_path, tex
         )
         == 0
     )
-    tuned = AutoModelForCausalLM.from_pretrained(tmp_path / "tuned").eval()
+    tuned = load_causal_lm(tmp_path / "tuned")  # a soft prompt is saved with the model; this loader attaches it
     full = AutoModelForCausalLM.from_pretrained(paths["model"]).eval()
     weights, _ = load_adapter(tmp_path / "ort" / "adapter.safetensors")
     ids = torch.randint(0, full.config.vocab_size, (2, 9))

@@ -1,6 +1,7 @@
 """Adapter kinds: the registry, what each kind trains, and how it averages across a fleet."""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -8,6 +9,7 @@ import torch
 from coordinator.adapters import KINDS, adapter_kind, plugged_in
 from coordinator.adapters.layers import adapter_parameters
 from coordinator.architectures import spec_for
+from coordinator.bundles.planner import model_shape
 from coordinator.bundles.request import BundleRequest
 from coordinator.cli import main as coordinator
 from coordinator.emulator import Split, build_emulator
@@ -16,7 +18,10 @@ from coordinator.fleet.aggregate import federated_average
 from coordinator.results import DeviceResult
 from coordinator.tasks import ClassificationTask
 from coordinator.train import TrainConfig, train
-from edge_runtime.manifest import RESULT_FORMAT, RESULT_SCHEMA, read_metrics
+from edge_runtime.low_rank import load_causal_lm
+from edge_runtime.manifest import LANGUAGE_MODEL, RESULT_FORMAT, RESULT_SCHEMA, read_metrics
+from edge_runtime.memory import estimate
+from edge_runtime.torch_graph import TrainingGraph
 from tests.conftest import make_bundle, make_model, sentiment_examples
 
 
@@ -57,6 +62,8 @@ def test_layers_trains_every_parameter_of_the_adapter_layers_of_each_family(fami
         ("layers:r=8", "takes no options"),
         ("layers:r", "not KEY=VALUE"),
         ("lora:r=8,alpha", "r and alpha must be numbers"),
+        ("prompt:tokens=0", "tokens=0 must be at least 1"),
+        ("prompt:length=20", "takes tokens and seed, not length"),
     ],
 )
 def test_an_unknown_kind_or_option_is_refused_naming_it(text, named):
@@ -70,8 +77,8 @@ def test_an_unknown_kind_or_option_is_refused_naming_it(text, named):
 def test_export_refuses_an_unknown_adapter_kind_before_building_anything(tmp_path, capsys):
     paths = make_bundle(tmp_path)
     command = ["export", "--model", str(paths["model"]), "--profile", "laptop-16gb", "--keep", "2"]
-    assert coordinator([*command, "--adapter-kind", "prompt:tokens=20", "--out", str(tmp_path / "b")]) == 2
-    assert "adapter kind 'prompt' is not one of: layers" in capsys.readouterr().err
+    assert coordinator([*command, "--adapter-kind", "ia3", "--out", str(tmp_path / "b")]) == 2
+    assert "adapter kind 'ia3' is not one of: layers, lora, bias, prompt" in capsys.readouterr().err
     assert not (tmp_path / "b").exists()
 
 
@@ -93,7 +100,7 @@ def test_fedavg_refuses_results_of_different_tensors_or_kinds():
         federated_average([])
 
 
-NEW_KINDS = ["lora:r=4,alpha=8", "bias"]
+NEW_KINDS = ["lora:r=4,alpha=8", "bias"]  # the kinds whose untrained adapter is a no-op
 
 
 def _logits(model, ids):
@@ -116,7 +123,7 @@ def test_an_untrained_adapter_changes_nothing_and_plugs_in_as_a_no_op(family, te
     assert set(dict(model.named_parameters())) == set(dict(make_model(family, num_layers=6).named_parameters()))
 
 
-@pytest.mark.parametrize("text", NEW_KINDS)
+@pytest.mark.parametrize("text", [*NEW_KINDS, "prompt:tokens=3"])
 def test_training_moves_only_the_kinds_parameters_and_the_plug_in_carries_them(tokenizer, family, text, tmp_path):
     model = make_model(family, num_layers=6, vocab_size=len(tokenizer)).eval()
     emulator = build_emulator(model, Split(1, 1, keep=2)).eval()
@@ -142,7 +149,7 @@ def test_training_moves_only_the_kinds_parameters_and_the_plug_in_carries_them(t
     kind.merge(model, trained, 1, 1)  # what `coordinator plug` saves: LoRA folded in, biases kept
     torch.testing.assert_close(_logits(model, ids), plugged, rtol=1e-5, atol=1e-5)
     model.save_pretrained(tmp_path / "tuned")
-    reloaded = type(model).from_pretrained(tmp_path / "tuned").eval()
+    reloaded = load_causal_lm(tmp_path / "tuned")  # a soft prompt comes back from the config's record
     torch.testing.assert_close(_logits(reloaded, ids), plugged, rtol=1e-5, atol=1e-5)
 
 
@@ -158,3 +165,50 @@ def test_lora_needs_a_target_the_layers_have_and_aggregates_a_and_b_each():
     average = federated_average([_result(one, 1, "lora"), _result(two, 3, "lora")])
     torch.testing.assert_close(average["a"], torch.full((2, 3), 0.25))
     torch.testing.assert_close(average["b"], torch.full((3, 2), 0.75))
+
+
+def test_an_untrained_prompt_computes_what_its_starting_text_would_and_comes_out_again(family):
+    """No prompt is a no-op (every attention row weighs its keys); an untrained one is exactly its starting text in
+    front of the input: for the whole model, the training graph (4D mask, explicit positions) and `generate`."""
+    model = make_model(family, num_layers=6).eval()
+    spec = spec_for(model.config.model_type)
+    kind = adapter_kind("prompt:tokens=3")
+    start = kind.starting_ids(model.config.vocab_size)
+    ids = torch.randint(0, 64, (2, 7))
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0  # right padding, as every task batches
+    texted = torch.cat([start.expand(2, -1), ids], dim=1)
+    texted_mask = torch.cat([torch.ones_like(texted[:, :3]), mask], dim=1)
+    graph = TrainingGraph(model, spec.backbone, spec.head, LANGUAGE_MODEL)
+    with torch.no_grad():
+        plain = model(input_ids=ids, attention_mask=mask).logits
+        expected = model(input_ids=texted, attention_mask=texted_mask).logits[:, 3:]
+        generated = model.generate(texted[:1], max_new_tokens=4, do_sample=False, pad_token_id=0)[0, 10:]
+        prompt = kind.attach(model, 1, 1)
+        assert list(prompt) == [f"{spec.backbone}.soft_prompt"]
+        got = model(input_ids=ids, attention_mask=mask).logits
+        traced = graph(ids, mask).reshape(2, 6, -1)
+        prompted = model.generate(ids[:1], max_new_tokens=4, do_sample=False, pad_token_id=0)[0, 7:]
+    real = mask.bool()
+    torch.testing.assert_close(got[real], expected[real], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(traced[real[:, :-1]], expected[:, :-1][real[:, :-1]], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(got[real], plain[real], atol=1e-3)  # the prompt is there
+    assert prompted.tolist() == generated.tolist()
+    kind.detach(model)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits, plain)
+    assert set(dict(model.named_parameters())) == set(dict(make_model(family, num_layers=6).named_parameters()))
+
+
+def test_a_prompt_averages_vector_by_vector_and_plans_for_its_tokens():
+    one, two = {"model.soft_prompt": torch.zeros(2, 3)}, {"model.soft_prompt": torch.ones(2, 3)}
+    average = federated_average([_result(one, 1, "prompt"), _result(two, 3, "prompt")])
+    torch.testing.assert_close(average["model.soft_prompt"], torch.full((2, 3), 0.75))
+    emulator = build_emulator(make_model("llama", num_layers=6), Split(1, 1, keep=2))
+    plain = model_shape(emulator, adapter_kind("bias").attach(emulator, 1, 1))
+    adapter_kind("bias").detach(emulator)
+    shape = model_shape(emulator, adapter_kind("prompt:tokens=5").attach(emulator, 1, 1))
+    assert (shape.prefix_tokens, shape.trainable_parameters) == (5, 5 * 32)
+    assert shape.backprop_layers == shape.layers == plain.backprop_layers  # the gradient goes through every layer
+    longer = estimate(shape, 2, 16, "classification", "ort").activations
+    assert longer > estimate(replace(shape, prefix_tokens=0), 2, 16, "classification", "ort").activations
