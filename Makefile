@@ -53,6 +53,7 @@ bench-studies: setup
 	$(BIN)/python -m bench.recipe_choice
 	$(BIN)/python -m bench.five_settings
 	$(BIN)/python -m bench.adapter_kinds
+	$(BIN)/python -m bench.poisoning
 	$(BIN)/python -m bench.fleet
 	$(BIN)/python -m bench.compression
 	$(BIN)/python -m bench.fidelity

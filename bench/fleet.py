@@ -127,7 +127,7 @@ def run_fleet(url: str, files: dict[str, Any], root: Path, rounds: int, steps: i
         "arrivals": sorted(t["finished"] - started for t in tasks if t["state"] == "received"),
         "messages": sum(c.sent_messages + c.received_messages for c in clients),
         "bytes": sum(c.sent_bytes + c.received_bytes for c in clients),
-        "rejections": len(service.rejections) + sum(len(d.rejections) for d in daemons),
+        "rejections": service.refused + sum(d.refused for d in daemons),
     }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import queue
@@ -16,14 +17,16 @@ from device_profiles import DeviceProfile
 from edge_runtime.backends import installed_backends
 from edge_runtime.bundle import load_public_key
 from edge_runtime.data import load_examples
-from edge_runtime.errors import OffsiteError
+from edge_runtime.errors import OffsiteError, refusal
 from edge_runtime.files import write_json_atomic
 from edge_runtime.isolated import TrainingInterrupted, train_isolated
 from edge_runtime.mqtt import BrokerAddress, BrokerUnreachable, Connection
+from edge_runtime.records import RecordError, from_dict
 from edge_runtime.trainer import TrainOptions, plan_training, train_bundle
 from edge_runtime.transfer import Download, Outbox, offer_for, pack_directory, unpack_archive
 from edge_runtime.wire import (
     CHUNK_BYTES,
+    MAX_TEXT,
     Chunk,
     Done,
     Event,
@@ -46,6 +49,7 @@ CLOCK_SKEW_SECONDS = 60.0
 OFFER_EVERY_SECONDS = 5.0
 PROGRESS_EVENTS = 20  # progress events per job, at most
 TERMINAL = ("delivered", "rejected", "failed")
+KEPT_REJECTIONS = 100  # the latest refusals kept for `rejections`; `refused` counts them all
 
 
 @dataclass(frozen=True)
@@ -89,7 +93,11 @@ class EdgeDaemon:
         self.inbox: queue.Queue[tuple[str, bytes]] = queue.Queue()
         self.outbox = Outbox()
         self.downloads: dict[str, Download] = {}
-        self.rejections: list[str] = []
+        self.rejections: collections.deque[str] = collections.deque(maxlen=KEPT_REJECTIONS)
+        self.refused = 0
+        # Read once, here: a dataset that does not load stops the daemon at start with the reason, rather than
+        # killing the network thread that announces it on every connect.
+        self.dataset_sizes = {name: len(load_examples(path)) for name, path in config.datasets.items()}
         self.state = "online"
         self.current: str | None = None
         self.last_offer = 0.0
@@ -119,16 +127,22 @@ class EdgeDaemon:
 
     def _announce(self) -> None:
         """On every (re)connect: retained status and profile (dataset names and sizes only, never content)."""
-        sizes = {name: len(load_examples(path)) for name, path in self.config.datasets.items()}
         backends = installed_backends()
-        profile = Profile(self.config.device_id, self.config.profile.to_dict(), sizes, backends, time.time())
+        profile = Profile(
+            self.config.device_id, self.config.profile.to_dict(), self.dataset_sizes, backends, time.time()
+        )
         self._publish("profile", profile.encode(), retain=True)
         self._set_status(self.state)
 
     def _reject(self, reason: str, job: str = "") -> None:
         log.warning("%s rejected %s: %s", self.config.device_id, job or "a message", reason)
         self.rejections.append(reason)
-        self._event(job, "rejected", reason=reason)
+        self.refused += 1
+        self._event(job, "rejected", reason=reason[:MAX_TEXT])
+
+    def _refuse(self, error: Exception, what: str) -> None:
+        """Count any failure of handling `what` as a refusal; the daemon goes on serving (a handler is total)."""
+        self._reject(refusal(error, what, log))
 
     # -- jobs -------------------------------------------------------------------------------------------------
 
@@ -183,7 +197,10 @@ class EdgeDaemon:
 
     def _fetch(self, spec: dict[str, Any]) -> Path | None:
         """The downloaded file for an Offer's fields, or None while it is still coming (the pull is started)."""
-        offer = Offer(**spec)
+        try:
+            offer = from_dict(Offer, spec, "job's offer")
+        except RecordError as error:
+            raise WireError(str(error)) from None
         target = self.downloads_dir / offer.transfer
         if target.is_file():
             return target
@@ -313,16 +330,16 @@ class EdgeDaemon:
             while True:
                 try:
                     self._handle(topic, payload)
-                except OffsiteError as error:
-                    self._reject(str(error))
+                except Exception as error:  # every handler is total: counted, logged, refused
+                    self._refuse(error, f"a message on {topic[:200]!r}")
                 topic, payload = self.inbox.get_nowait()
         except queue.Empty:
             pass
         for download in list(self.downloads.values()):
             try:
                 download.tick()
-            except WireError as error:
-                self._reject(str(error))
+            except Exception as error:  # counted and logged by _refuse
+                self._refuse(error, f"transfer {download.offer.transfer[:12]}…")
             if download.done:
                 self.downloads.pop(download.offer.transfer, None)
 
@@ -333,9 +350,10 @@ class EdgeDaemon:
         if self.current is not None:
             try:
                 self._advance(self.current)
-            except OffsiteError as error:
-                self._set_job_state(self.current, "failed", reason=str(error))
-                self._event(self.current, "failed", reason=str(error))
+            except Exception as error:  # this job fails, with the reason; the daemon goes on serving
+                reason = refusal(error, f"job {self.current}", log)
+                self._set_job_state(self.current, "failed", reason=reason[:MAX_TEXT])
+                self._event(self.current, "failed", reason=reason[:MAX_TEXT])
             if self._job_state(self.current)["state"] in TERMINAL:
                 self.current = None
                 self._set_status("online")

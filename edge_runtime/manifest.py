@@ -247,9 +247,10 @@ class TrainedWindow:
 class AggregateRecord:
     """How an aggregate result was made from device results."""
 
-    method: str
+    method: str  # fedavg, median, trimmed-mean:BETA or krum:f=F
     round: int
     devices: int
+    clip_norm: float | None = None  # each device's update was clipped to this L2 norm first
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 from edge_runtime.errors import OffsiteError
 
 R = TypeVar("R")
+MAX_DEPTH = 32  # nesting of a JSON document; the project's deepest record (a manifest) has 6 levels
 
 
 class RecordError(OffsiteError):
@@ -108,12 +109,29 @@ def to_dict(record: Any) -> dict[str, Any]:
     return plain(dataclasses.asdict(record))
 
 
+def _depth(value: Any) -> int:
+    """How deeply `value` nests lists and objects (a scalar is 0), walked without recursion."""
+    deepest, stack = 0, [(value, 0)]
+    while stack:
+        item, level = stack.pop()
+        deepest = max(deepest, level)
+        if isinstance(item, dict):
+            stack.extend((v, level + 1) for v in item.values())
+        elif isinstance(item, list):
+            stack.extend((v, level + 1) for v in item)
+    return deepest
+
+
 def json_object(text: bytes | str, where: str) -> dict[str, Any]:
-    """`text` parsed as one JSON object, or RecordError saying what `where` holds instead."""
+    """`text` parsed as one JSON object at most MAX_DEPTH deep, or RecordError saying what `where` holds instead."""
     try:
         data = json.loads(text)
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise RecordError(f"{where} is not JSON ({error})") from None
+    except RecursionError:  # the parser's own guard, thousands of levels down
+        raise RecordError(f"{where} nests deeper than {MAX_DEPTH} levels") from None
     if not isinstance(data, dict):
         raise RecordError(f"{where} is a JSON {type(data).__name__}, not an object")
+    if _depth(data) > MAX_DEPTH:
+        raise RecordError(f"{where} nests deeper than {MAX_DEPTH} levels")
     return data

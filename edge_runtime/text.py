@@ -61,6 +61,10 @@ class TaskEncoder:
         self.kind = task.kind
         self.max_length = task.max_length
         self.pad_id = task.pad_token_id
+        # No token spans more characters than its vocabulary entry has (bytes, for byte-level BPE), so a text's last
+        # (max_length + 1) * longest characters hold its last max_length tokens, encoded as the whole text's are.
+        longest = max(len(piece) for piece in self.tokenizer.get_vocab())
+        self.kept_characters = (self.max_length + 1) * longest
 
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False).ids
@@ -73,7 +77,9 @@ class TaskEncoder:
             if unknown:
                 raise DataError(f"labels {unknown} are not among the bundle's labels {sorted(label_ids)}")
             template = self.task.template or "{text}"
-            return [(self._ids(template.format(text=e.text))[-self.max_length :], label_ids[e.label]) for e in examples]
+            keep = self.kept_characters  # cut first: a huge line must not be tokenized whole
+            rows = [self._ids(template.format(text=e.text[-keep:]))[-self.max_length :] for e in examples]
+            return [(ids, label_ids[e.label]) for ids, e in zip(rows, examples, strict=True)]
         stream: list[int] = []
         for example in examples:
             stream += [*self._ids(example.text), self.task.eos_token_id]

@@ -7,7 +7,7 @@ import logging
 import shutil
 import tarfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from edge_runtime.files import atomic_directory, atomic_path
@@ -44,12 +44,20 @@ def pack_directory(directory: Path, out: Path) -> Path:
 
 
 def unpack_archive(archive: Path, directory: Path) -> Path:
-    """Extract a received tar into `directory` (whole or not at all); links and paths outside it are refused."""
-    with atomic_directory(directory) as staging, tarfile.open(archive) as tar:
-        for member in tar.getmembers():
-            if not (member.isfile() or member.isdir()) or member.name.startswith("/") or ".." in member.name.split("/"):
-                raise WireError(f"{archive.name} holds {member.name!r}, which is not a plain file inside the archive")
-        tar.extractall(staging, filter="data")
+    """Extract a received tar into `directory` (whole or not at all); links and paths outside it are refused.
+
+    Only a plain tar is read (as `pack_directory` writes it): a compressed one could unpack to far more than the
+    bytes that were transferred and checked against their size cap.
+    """
+    try:
+        with atomic_directory(directory) as staging, tarfile.open(archive, "r:") as tar:
+            for member in tar.getmembers():
+                name = member.name
+                if not (member.isfile() or member.isdir()) or name.startswith("/") or ".." in name.split("/"):
+                    raise WireError(f"{archive.name} holds {name[:200]!r}, which is not a plain file inside it")
+            tar.extractall(staging, filter="data")
+    except (tarfile.TarError, EOFError) as error:
+        raise WireError(f"{archive.name} is not a plain tar archive ({error})") from None
     return directory
 
 
@@ -72,20 +80,23 @@ class Outbox:
         self.files[offer.transfer] = (path, offer)
         return offer
 
-    def chunks(self, transfer: str, indices: list[int]) -> list[Chunk]:
-        """The chunks asked for; an unknown transfer or index raises WireError."""
+    def chunks(self, transfer: str, indices: list[int]) -> Iterator[Chunk]:
+        """The chunks asked for, read one at a time as they are sent; an unknown transfer or index raises WireError
+        before any is read."""
         if transfer not in self.files:
             raise WireError(f"no transfer {transfer[:12]}… is offered here")
         path, offer = self.files[transfer]
         bad = [i for i in indices if not 0 <= i < offer.chunks]
         if bad:
             raise WireError(f"chunks {bad[:5]} are outside 0..{offer.chunks - 1} of {transfer[:12]}…")
-        out = []
+        return self._read(path, offer, indices)
+
+    @staticmethod
+    def _read(path: Path, offer: Offer, indices: list[int]) -> Iterator[Chunk]:
         with path.open("rb") as handle:
             for index in indices:
                 handle.seek(index * offer.chunk_bytes)
-                out.append(Chunk(transfer, index, handle.read(offer.chunk_bytes)))
-        return out
+                yield Chunk(offer.transfer, index, handle.read(offer.chunk_bytes))
 
 
 class Download:

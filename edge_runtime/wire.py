@@ -21,6 +21,16 @@ CHUNK_BYTES = 256 * 1024
 MAX_MESSAGE_BYTES = CHUNK_BYTES + 4096
 FRAME_MAGIC = b"OEC1"
 DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+# Names that arrive over the network become folder names, so each is checked against a pattern that cannot be a
+# path: no '/', and never '.' or '..' (the first character is a letter or digit). A transfer id is a sha256.
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+TRANSFER_ID = re.compile(r"^[0-9a-f]{64}$")
+MAX_TRANSFER_BYTES = 16 * 1024**3  # the largest file either side offers (a bundle of a few-billion-parameter model)
+MAX_REQUEST_INDICES = 64  # chunks one Request may ask for: twice the receiver's window
+MAX_TEXT = 2000  # characters of a free-text field (a reason)
+DEVICE_STATES = ("online", "busy", "offline")
+# What a device reports of a job: the daemon's events and, when a job is sent again, its state on disk.
+EVENTS = ("queued", "downloading", "accepted", "training", "progress", "trained", "delivered", "rejected", "failed")
 
 # Per-device channels. The device writes the first five, the coordinator the last two.
 DEVICE_CHANNELS = ("status", "profile", "events", "acks", "results")
@@ -36,6 +46,18 @@ def check_device_id(device_id: str) -> str:
     if not DEVICE_ID.match(device_id):
         raise WireError(f"device id {device_id!r} must be 1-64 of A-Z a-z 0-9 _ . - (starting with a letter or digit)")
     return device_id
+
+
+def _check(value: str, pattern: re.Pattern[str], what: str) -> None:
+    """ValueError (a record's field rule) unless `value` matches `pattern`."""
+    if not pattern.match(value):
+        rule = "a sha256 (64 hex digits)" if pattern is TRANSFER_ID else "1-128 of A-Z a-z 0-9 _ . - (a letter first)"
+        raise ValueError(f"{what} = {value[:80]!r} is not {rule}")
+
+
+def _check_device(device: str) -> None:
+    if not DEVICE_ID.match(device):
+        raise ValueError(f"device = {device[:80]!r} is not a device id (1-64 of A-Z a-z 0-9 _ . -, a letter first)")
 
 
 @dataclass(frozen=True)
@@ -60,7 +82,8 @@ class Topics:
         head = f"{self.prefix}/devices/"
         parts = topic[len(head) :].split("/") if topic.startswith(head) else []
         if len(parts) not in (2, 3) or parts[1] not in DEVICE_CHANNELS + COORDINATOR_CHANNELS:
-            raise WireError(f"topic {topic!r} is not a device topic under {self.prefix!r}")
+            raise WireError(f"topic {topic[:200]!r} is not a device topic under {self.prefix!r}")
+        check_device_id(parts[0])
         return parts[0], parts[1], parts[2] if len(parts) == 3 else None
 
 
@@ -87,6 +110,13 @@ class Status(Record):
     time: float
     job: str | None = None
 
+    def __post_init__(self) -> None:
+        _check_device(self.device)
+        if self.state not in DEVICE_STATES:
+            raise ValueError(f"state = {self.state[:80]!r} is not one of {', '.join(DEVICE_STATES)}")
+        if self.job is not None:
+            _check(self.job, NAME, "job")
+
 
 @dataclass(frozen=True)
 class Profile(Record):
@@ -98,6 +128,13 @@ class Profile(Record):
     datasets: dict[str, int]
     backends: list[str]
     time: float
+
+    def __post_init__(self) -> None:
+        _check_device(self.device)
+        for name, size in self.datasets.items():
+            _check(name, NAME, "dataset name")
+            if size < 0:
+                raise ValueError(f"datasets.{name} = {size} is not a count of examples")
 
 
 @dataclass(frozen=True)
@@ -111,6 +148,16 @@ class Offer(Record):
     chunk_bytes: int
     job: str | None = None
     metrics: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        _check(self.transfer, TRANSFER_ID, "transfer")
+        _check(self.name, NAME, "name")
+        if not 0 <= self.size <= MAX_TRANSFER_BYTES:
+            raise ValueError(f"size = {self.size} is outside 0..{MAX_TRANSFER_BYTES} bytes")
+        if not 1 <= self.chunk_bytes <= CHUNK_BYTES:
+            raise ValueError(f"chunk_bytes = {self.chunk_bytes} is outside 1..{CHUNK_BYTES}")
+        if self.job is not None:
+            _check(self.job, NAME, "job")
 
     @property
     def chunks(self) -> int:
@@ -132,6 +179,13 @@ class Job(Record):
     issued_at: float
     nonce: str
     signature: str = ""
+
+    def __post_init__(self) -> None:
+        _check(self.job, NAME, "job")
+        _check_device(self.device)
+        _check(self.dataset, NAME, "dataset")
+        if self.round < 1 or self.steps < 1:
+            raise ValueError(f"round = {self.round} and steps = {self.steps} must be at least 1")
 
     def signed_bytes(self) -> bytes:
         body = {key: value for key, value in self.to_dict().items() if key != "signature"}
@@ -160,6 +214,22 @@ class Event(Record):
     time: float
     detail: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        _check_device(self.device)
+        if self.job:
+            _check(self.job, NAME, "job")
+        if self.event not in EVENTS:
+            raise ValueError(f"event = {self.event[:80]!r} is not one of {', '.join(EVENTS)}")
+
+
+@dataclass(frozen=True)
+class Progress:
+    """A progress event's detail: the step reached, of how many, and its loss."""
+
+    step: int
+    steps: int
+    loss: float
+
 
 @dataclass(frozen=True)
 class Request(Record):
@@ -168,6 +238,13 @@ class Request(Record):
     kind: ClassVar[str] = "request"
     transfer: str
     indices: list[int]
+
+    def __post_init__(self) -> None:
+        _check(self.transfer, TRANSFER_ID, "transfer")
+        if len(self.indices) > MAX_REQUEST_INDICES or len(set(self.indices)) < len(self.indices):
+            raise ValueError(f"indices: {len(self.indices)} given; at most {MAX_REQUEST_INDICES}, each once")
+        if any(index < 0 for index in self.indices):
+            raise ValueError("indices: a chunk index is negative")
 
 
 @dataclass(frozen=True)
@@ -178,6 +255,11 @@ class Done(Record):
     transfer: str
     ok: bool
     reason: str = ""
+
+    def __post_init__(self) -> None:
+        _check(self.transfer, TRANSFER_ID, "transfer")
+        if len(self.reason) > MAX_TEXT:
+            raise ValueError(f"reason is {len(self.reason):,} characters, over {MAX_TEXT}")
 
 
 RECORDS: dict[str, type[Record]] = {cls.kind: cls for cls in (Status, Profile, Offer, Job, Event, Request, Done)}
@@ -237,14 +319,17 @@ class Chunk:
             raise WireError("chunk frame is cut short or lacks its magic bytes")
         (length,) = struct.unpack(">I", payload[len(FRAME_MAGIC) : start])
         try:
-            header = json.loads(payload[start : start + length])
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise WireError("chunk header is not JSON") from None
-        if not isinstance(header, dict) or header.get("schema") != WIRE_SCHEMA:
-            raise WireError(f"chunk schema {header.get('schema') if isinstance(header, dict) else None!r} is not 1")
+            header = json_object(payload[start : start + length], "chunk header")
+        except RecordError as error:
+            raise WireError(str(error)) from None
+        if header.get("schema") != WIRE_SCHEMA:
+            raise WireError(f"chunk schema {str(header.get('schema'))[:20]!r} is not {WIRE_SCHEMA}")
         data = payload[start + length :]
         if hashlib.sha256(data).hexdigest() != header.get("sha256"):
             raise WireError(f"chunk {header.get('index')} of {str(header.get('transfer'))[:12]} fails its sha256")
-        if not isinstance(header.get("index"), int) or not isinstance(header.get("transfer"), str):
-            raise WireError("chunk header lacks an integer index or a transfer id")
-        return cls(header["transfer"], header["index"], data)
+        index, transfer = header.get("index"), header.get("transfer")
+        if not isinstance(index, int) or isinstance(index, bool) or index < 0:
+            raise WireError(f"chunk header's index {str(index)[:20]!r} is not a chunk index")
+        if not isinstance(transfer, str) or not TRANSFER_ID.match(transfer):
+            raise WireError(f"chunk header's transfer {str(transfer)[:20]!r} is not a sha256")
+        return cls(transfer, index, data)

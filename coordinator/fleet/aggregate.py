@@ -1,4 +1,4 @@
-"""FedAvg over device adapters, weighted by each device's number of training examples."""
+"""A round's aggregate of device adapters: FedAvg (weighted by examples) or a robust rule, written as a result."""
 
 from __future__ import annotations
 
@@ -9,37 +9,63 @@ import torch
 from coordinator.adapters import adapter_kind
 from coordinator.adapters.files import save_adapter
 from coordinator.errors import DataError
+from coordinator.fleet.robust import AggregationRule, clip_updates, finite
 from coordinator.results import DeviceResult
 from edge_runtime import __version__
 from edge_runtime.files import atomic_directory, write_json_atomic
 from edge_runtime.manifest import RESULT_FORMAT, RESULT_SCHEMA, AggregateRecord, ResultMetrics
 from edge_runtime.trainer import ADAPTER, METRICS
 
+FEDAVG = AggregationRule()
 
-def federated_average(results: list[DeviceResult]) -> dict[str, torch.Tensor]:
-    """Σ_k n_k·w_k / Σ_k n_k over the results, n_k = the examples device k trained on (McMahan et al., 2017).
 
-    How the weights average is the adapter kind's (coordinator/adapters/); every result must be of one kind.
+def federated_average(
+    results: list[DeviceResult],
+    rule: AggregationRule = FEDAVG,
+    start: dict[str, torch.Tensor] | None = None,
+    clip_norm: float | None = None,
+) -> dict[str, torch.Tensor]:
+    """The results combined by `rule`; FedAvg is Σ_k n_k·w_k / Σ_k n_k, n_k = the examples device k trained on
+    (McMahan et al., 2017), averaged as the adapter kind says (coordinator/adapters/). With `clip_norm`, each
+    device's update from `start` (the round's starting adapter) is first clipped to that L2 norm.
+
+    Every result must be of one kind and hold finite values.
     """
     if not results:
         raise DataError("no device returned a result this round: nothing to aggregate")
     kinds = sorted({result.metrics.adapter_kind for result in results})
     if len(kinds) > 1:
         raise DataError(f"device adapters are of different kinds {kinds}: they were trained from different bundles")
+    weights = [result.weights for result in results]
+    if not all(finite(result) for result in weights):
+        raise DataError("a device adapter holds NaN or infinite values; refuse it before aggregating")
+    if clip_norm is not None:
+        if start is None:
+            raise DataError("clipping updates needs the round's starting adapter")
+        weights = clip_updates(weights, start, clip_norm)
     total = sum(result.metrics.examples for result in results)
+    if total < 1:
+        raise DataError("the device results count no training examples between them: nothing to weigh them by")
     shares = [result.metrics.examples / total for result in results]
-    return adapter_kind(kinds[0]).average([result.weights for result in results], shares)
+    return rule.combine(weights, shares, adapter_kind(kinds[0]).average)
 
 
-def write_aggregate(results: list[DeviceResult], out: Path, round_: int) -> ResultMetrics:
-    """Write the average as a result folder (adapter.safetensors + metrics.json) that `plug`/`evaluate` read."""
-    weights = federated_average(results)
+def write_aggregate(
+    results: list[DeviceResult],
+    out: Path,
+    round_: int,
+    rule: AggregationRule = FEDAVG,
+    start: dict[str, torch.Tensor] | None = None,
+    clip_norm: float | None = None,
+) -> ResultMetrics:
+    """Write the aggregate as a result folder (adapter.safetensors + metrics.json) that `plug`/`evaluate` read."""
+    weights = federated_average(results, rule, start, clip_norm)
     runs = [result.metrics for result in results]
     metrics = ResultMetrics(
         format=RESULT_FORMAT,
         schema=RESULT_SCHEMA,
         tool_version=__version__,
-        aggregate=AggregateRecord("fedavg", round_, len(results)),
+        aggregate=AggregateRecord(rule.label(), round_, len(results), clip_norm),
         model=runs[0].model,
         emulator=runs[0].emulator,
         backend=",".join(sorted({run.backend for run in runs})),

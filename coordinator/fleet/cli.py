@@ -38,6 +38,14 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     dispatch.add_argument("--devices", help="comma-separated device ids (default: every online device with it)")
     dispatch.add_argument("--test", type=Path, help="held-out data the aggregate is scored on after each round")
     dispatch.add_argument("--limit-test", type=int, help="score only the first N test examples")
+    dispatch.add_argument(
+        "--aggregate",
+        default="fedavg",
+        metavar="RULE",
+        help="how a round's device adapters combine: fedavg (weighted by examples), or a rule one bad device cannot "
+        "steer: median, trimmed-mean:0.2 (cut 20%% at each end), krum:f=1 (needs 2f+3 devices)",
+    )
+    dispatch.add_argument("--clip-norm", type=float, help="clip each device's update to this L2 norm first")
     dispatch.add_argument("--wait", action="store_true", help="wait until the job is done, then print its results")
     status = actions.add_parser("status", help="jobs and their rounds (one job with JOB)")
     status.add_argument("job", nargs="?")
@@ -162,6 +170,8 @@ def fleet(args: argparse.Namespace) -> None:
             args.devices.split(",") if args.devices else None,
             test=str(args.test.resolve()) if args.test else None,
             limit_test=args.limit_test,
+            aggregate=args.aggregate,
+            clip_norm=args.clip_norm,
         )
         job = registry.add_job(spec.to_dict())
         print(f"queued {job}: {args.rounds} rounds of {args.steps} steps on {args.dataset}", flush=True)

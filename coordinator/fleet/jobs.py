@@ -8,6 +8,7 @@ from typing import Any
 
 from coordinator.bundles.request import BundleRequest
 from coordinator.errors import ConfigError
+from coordinator.fleet.robust import AggregationRule
 from edge_runtime.records import from_dict, to_dict
 
 
@@ -15,7 +16,8 @@ from edge_runtime.records import from_dict, to_dict
 class JobSpec:
     """One federated job: every device trains `bundle`'s adapter on its dataset `dataset`, `rounds` times.
 
-    Each round runs `bundle.training.steps` steps per device; the aggregate is scored on `test` after each round.
+    Each round runs `bundle.training.steps` steps per device; the aggregate (by `aggregate`, each device's
+    update first clipped to `clip_norm` when given) is scored on `test` after each round.
     """
 
     dataset: str
@@ -24,14 +26,23 @@ class JobSpec:
     devices: list[str] | None = None  # default: every online device that has the dataset
     test: str | None = None
     limit_test: int | None = None
+    aggregate: str = "fedavg"  # coordinator/fleet/robust.py: fedavg, median, trimmed-mean:BETA, krum:f=F
+    clip_norm: float | None = None
 
     def __post_init__(self) -> None:
         if self.rounds < 1:
             raise ConfigError(f"rounds={self.rounds} must be at least 1")
         if self.limit_test is not None and self.limit_test < 1:
             raise ConfigError(f"--limit-test {self.limit_test} must be at least 1")
+        AggregationRule.parse(self.aggregate)
+        if self.clip_norm is not None and not self.clip_norm > 0:
+            raise ConfigError(f"--clip-norm {self.clip_norm} must be a positive L2 norm")
         if self.test is not None and not Path(self.test).is_file():
             raise ConfigError(f"--test {self.test} is not a file; give the held-out data the aggregate is scored on")
+
+    @property
+    def rule(self) -> AggregationRule:
+        return AggregationRule.parse(self.aggregate)
 
     @property
     def steps(self) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import queue
@@ -15,18 +16,33 @@ from typing import Any
 from coordinator.errors import ConfigError, DataError
 from coordinator.fleet.jobs import JobSpec
 from coordinator.fleet.registry import JOB_DONE, TASK_DONE, Registry
-from coordinator.fleet.work import Workshop, finish_round, prepare_job
+from coordinator.fleet.work import Workshop, check_result_adapter, finish_round, prepare_job, result_limit
 from device_profiles import ProfileError
-from edge_runtime.errors import OffsiteError
+from edge_runtime.errors import OffsiteError, refusal
 from edge_runtime.manifest import read_metrics
 from edge_runtime.mqtt import BrokerAddress, Connection
-from edge_runtime.trainer import METRICS
+from edge_runtime.records import RecordError, from_dict
+from edge_runtime.trainer import ADAPTER, METRICS
 from edge_runtime.transfer import Download, Outbox, offer_for, unpack_archive
-from edge_runtime.wire import Chunk, Done, Event, Job, Offer, Profile, Request, Status, Topics, WireError, decode
+from edge_runtime.wire import (
+    Chunk,
+    Done,
+    Event,
+    Job,
+    Offer,
+    Profile,
+    Progress,
+    Request,
+    Status,
+    Topics,
+    WireError,
+    decode,
+)
 
 log = logging.getLogger(__name__)
 RESEND_SECONDS = 15.0  # a job not yet answered is sent again (freshly signed) this often
 TICK_SECONDS = 0.5
+KEPT_REJECTIONS = 100  # the latest refusals kept for `rejections`; `refused` counts them all
 
 
 def wire_job_id(job: str, round_: int) -> str:
@@ -60,7 +76,8 @@ class FleetService:
         self.last_sent: dict[tuple[str, int, str], float] = {}
         self.traffic: dict[str, list[int]] = {}
         self.baseline: dict[tuple[str, int, str], list[int]] = {}
-        self.rejections: list[str] = []
+        self.rejections: collections.deque[str] = collections.deque(maxlen=KEPT_REJECTIONS)
+        self.refused = 0
         channels = ("status", "profile", "events", "acks")
         subscriptions = [topics.all_devices(channel) for channel in channels] + [topics.all_devices("results/+")]
         self.connection = Connection(address, f"coordinator-{secrets.token_hex(3)}", subscriptions, self._queue)
@@ -80,6 +97,11 @@ class FleetService:
     def _reject(self, reason: str) -> None:
         log.warning("rejected: %s", reason)
         self.rejections.append(reason)
+        self.refused += 1
+
+    def _refuse(self, error: Exception, what: str) -> None:
+        """Count any failure of handling `what` as a refusal; the service goes on serving (a handler is total)."""
+        self._reject(refusal(error, what, log))
 
     # -- messages -------------------------------------------------------------------------------------------
 
@@ -131,15 +153,12 @@ class FleetService:
         if task["state"] in TASK_DONE:
             return
         if event.event == "progress":
-            log.info(
-                "%s %s: step %d/%d loss %.4f",
-                device,
-                event.job,
-                event.detail["step"],
-                event.detail["steps"],
-                event.detail["loss"],
-            )
-            self.registry.set_task(job, round_, device, "training", **event.detail)
+            try:
+                progress = from_dict(Progress, event.detail, "progress event detail")
+            except RecordError as error:
+                raise WireError(f"{device}: {error}") from None
+            log.info("%s %s: step %d/%d loss %.4f", device, event.job, progress.step, progress.steps, progress.loss)
+            self.registry.set_task(job, round_, device, "training", **dataclasses.asdict(progress))
         elif event.event in ("rejected", "failed"):
             log.warning("%s skips %s: %s", device, event.job, event.detail.get("reason"))
             self.registry.set_task(job, round_, device, "skipped", reason=event.detail.get("reason", event.event))
@@ -154,6 +173,9 @@ class FleetService:
             return
         if offer.transfer in self.downloads:
             return
+        limit = result_limit(Path(task["bundle"]))
+        if offer.size > limit:
+            raise WireError(f"{device} offers a {offer.size:,}-byte result of {wire_job}; results are under {limit:,}")
         inbox = self.work / "incoming" / device
 
         def ask(indices: list[int]) -> None:
@@ -180,6 +202,8 @@ class FleetService:
         expected = self.registry.job(job)["detail"].get("model_sha256")
         if metrics.model.sha256 != expected:
             raise DataError(f"{device}'s result for {job} round {round_} is not for this job's model")
+        task = self.registry.task(job, round_, device) or {}
+        check_result_adapter(folder / ADAPTER, Path(task["bundle"]), f"{device}'s result for {job} round {round_}")
         sent, received = self.traffic.get(device, [0, 0])
         start_sent, start_received = self.baseline.get((job, round_, device), [0, 0])
         self.registry.task_result(job, round_, device, folder, metrics, sent - start_sent, received - start_received)
@@ -264,10 +288,10 @@ class FleetService:
 
     def _tick(self) -> None:
         for job in self.registry.jobs("pending"):
-            spec = JobSpec.from_dict(job["spec"])
             try:
+                spec = JobSpec.from_dict(job["spec"])
                 targets = self._targets(spec)
-            except ConfigError as error:
+            except (ConfigError, RecordError) as error:
                 self.registry.set_job(job["id"], "failed", reason=str(error))
                 continue
             self.registry.set_job(job["id"], "preparing", devices=sorted(targets))
@@ -293,8 +317,8 @@ class FleetService:
         for transfer, download in list(self.downloads.items()):
             try:
                 download.tick()
-            except OffsiteError as error:
-                self._reject(str(error))
+            except Exception as error:  # counted and logged by _refuse
+                self._refuse(error, f"transfer {transfer[:12]}…")
             if download.done:
                 self.downloads.pop(transfer)
 
@@ -313,8 +337,8 @@ class FleetService:
                 break
             try:
                 self._handle(topic, payload)
-            except OffsiteError as error:
-                self._reject(str(error))
+            except Exception as error:  # every handler is total: counted, logged, refused
+                self._refuse(error, f"a message on {topic[:200]!r}")
         self._tick()
 
     def run(self, stop: threading.Event) -> None:

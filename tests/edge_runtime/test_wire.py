@@ -84,7 +84,7 @@ def test_jobs_verify_only_with_the_signing_key_and_untouched() -> None:
 
 
 def test_chunk_frames_check_their_hash() -> None:
-    chunk = Chunk("t" * 64, 3, b"payload bytes")
+    chunk = Chunk("c" * 64, 3, b"payload bytes")
     frame = chunk.encode()
     assert Chunk.is_frame(frame) and Chunk.decode(frame) == chunk
     corrupted = frame[:-1] + bytes([frame[-1] ^ 1])
