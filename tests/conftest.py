@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
@@ -21,6 +22,9 @@ from transformers import (
 
 from edge_runtime.data import Example
 from edge_runtime.memory import ModelShape
+
+if TYPE_CHECKING:
+    from coordinator.results import DeviceResult
 
 GOOD = ["great", "good", "wonderful", "moving", "brilliant", "fun"]
 BAD = ["bad", "awful", "boring", "dull", "terrible", "weak"]
@@ -147,3 +151,29 @@ def assert_same_adapter(got: dict[str, np.ndarray], expected: dict[str, np.ndarr
 def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """One tiny bundle shared by the tests that only read it."""
     return make_bundle(tmp_path_factory.mktemp("tiny-bundle"))
+
+
+def device_result(weights: dict[str, torch.Tensor], examples: int, kind: str = "layers") -> DeviceResult:
+    """A device result of a tiny model holding `weights`, trained on `examples` examples, of adapter `kind`."""
+    import json
+
+    from coordinator.results import DeviceResult
+    from edge_runtime.manifest import RESULT_FORMAT, RESULT_SCHEMA, read_metrics
+
+    metrics = {
+        "format": RESULT_FORMAT,
+        "schema": RESULT_SCHEMA,
+        "model": {"name": "tiny", "sha256": "0" * 64, "num_layers": 6},
+        "emulator": {"recipe": "uniform", "source_num_layers": 6, "layer_map": [0, 5], "bottom": 1, "top": 1},
+        "backend": "ort",
+        "steps": 1,
+        "samples": 8,
+        "examples": examples,
+        "first_loss": 1.0,
+        "final_loss": 0.5,
+        "loss_curve": [1.0],
+        "wall_seconds": 1.0,
+        "peak_memory_bytes": 1,
+        "adapter_kind": kind,
+    }
+    return DeviceResult(weights, read_metrics(json.dumps(metrics)))

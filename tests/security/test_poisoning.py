@@ -19,30 +19,14 @@ from coordinator.fleet.registry import Registry
 from coordinator.fleet.robust import AggregationRule, clip_updates
 from coordinator.fleet.work import Workshop, _capped, check_result_adapter
 from coordinator.results import DeviceResult
-from edge_runtime.manifest import RESULT_FORMAT, RESULT_SCHEMA, read_metrics
+from tests.conftest import device_result
 
 START = {"w": torch.zeros(64), "b": torch.zeros(8)}
 ROBUST = ["median", "trimmed-mean:0.2", "krum:f=1"]
 
 
 def _result(weights: dict[str, torch.Tensor], examples: int = 40) -> DeviceResult:
-    metrics = {
-        "format": RESULT_FORMAT,
-        "schema": RESULT_SCHEMA,
-        "model": {"name": "tiny", "sha256": "0" * 64, "num_layers": 6},
-        "emulator": {"recipe": "uniform", "source_num_layers": 6, "layer_map": [0, 5], "bottom": 1, "top": 1},
-        "backend": "ort",
-        "steps": 1,
-        "samples": 8,
-        "examples": examples,
-        "first_loss": 1.0,
-        "final_loss": 0.5,
-        "loss_curve": [1.0],
-        "wall_seconds": 1.0,
-        "peak_memory_bytes": 1,
-        "adapter_kind": "lora",
-    }
-    return DeviceResult(weights, read_metrics(json.dumps(metrics)))
+    return device_result(weights, examples, "lora")
 
 
 def _fleet(attack: str) -> tuple[list[DeviceResult], dict[str, torch.Tensor]]:

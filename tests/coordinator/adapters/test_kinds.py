@@ -1,6 +1,5 @@
 """Adapter kinds: the registry, what each kind trains, and how it averages across a fleet."""
 
-import json
 from dataclasses import replace
 
 import pytest
@@ -15,34 +14,13 @@ from coordinator.cli import main as coordinator
 from coordinator.emulator import Split, build_emulator
 from coordinator.errors import ConfigError, DataError
 from coordinator.fleet.aggregate import federated_average
-from coordinator.results import DeviceResult
 from coordinator.tasks import ClassificationTask
 from coordinator.train import TrainConfig, train
 from edge_runtime.low_rank import load_causal_lm
-from edge_runtime.manifest import LANGUAGE_MODEL, RESULT_FORMAT, RESULT_SCHEMA, read_metrics
+from edge_runtime.manifest import LANGUAGE_MODEL
 from edge_runtime.memory import estimate
 from edge_runtime.torch_graph import TrainingGraph
-from tests.conftest import make_bundle, make_model, sentiment_examples
-
-
-def _result(weights: dict[str, torch.Tensor], examples: int, kind: str = "layers") -> DeviceResult:
-    metrics = {
-        "format": RESULT_FORMAT,
-        "schema": RESULT_SCHEMA,
-        "model": {"name": "tiny", "sha256": "0" * 64, "num_layers": 6},
-        "emulator": {"recipe": "uniform", "source_num_layers": 6, "layer_map": [0, 5], "bottom": 1, "top": 1},
-        "backend": "ort",
-        "steps": 1,
-        "samples": 8,
-        "examples": examples,
-        "first_loss": 1.0,
-        "final_loss": 0.5,
-        "loss_curve": [1.0],
-        "wall_seconds": 1.0,
-        "peak_memory_bytes": 1,
-        "adapter_kind": kind,
-    }
-    return DeviceResult(weights, read_metrics(json.dumps(metrics)))
+from tests.conftest import device_result, make_bundle, make_model, sentiment_examples
 
 
 def test_layers_trains_every_parameter_of_the_adapter_layers_of_each_family(family):
@@ -85,7 +63,7 @@ def test_export_refuses_an_unknown_adapter_kind_before_building_anything(tmp_pat
 def test_fedavg_of_layers_weighs_each_device_by_its_examples():
     one = {"w": torch.tensor([1.0, 2.0]), "b": torch.tensor([0.0])}
     two = {"w": torch.tensor([4.0, -1.0]), "b": torch.tensor([3.0])}
-    average = federated_average([_result(one, 10), _result(two, 30)])
+    average = federated_average([device_result(one, 10), device_result(two, 30)])
     torch.testing.assert_close(average["w"], torch.tensor([0.25 * 1 + 0.75 * 4, 0.25 * 2 + 0.75 * -1]))
     torch.testing.assert_close(average["b"], torch.tensor([2.25]))
     assert average["w"].dtype == torch.float32
@@ -93,9 +71,9 @@ def test_fedavg_of_layers_weighs_each_device_by_its_examples():
 
 def test_fedavg_refuses_results_of_different_tensors_or_kinds():
     with pytest.raises(DataError, match="name different tensors"):
-        federated_average([_result({"w": torch.zeros(1)}, 1), _result({"v": torch.zeros(1)}, 1)])
+        federated_average([device_result({"w": torch.zeros(1)}, 1), device_result({"v": torch.zeros(1)}, 1)])
     with pytest.raises(DataError, match="different kinds"):
-        federated_average([_result({"w": torch.zeros(1)}, 1), _result({"w": torch.zeros(1)}, 1, "lora")])
+        federated_average([device_result({"w": torch.zeros(1)}, 1), device_result({"w": torch.zeros(1)}, 1, "lora")])
     with pytest.raises(DataError, match="nothing to aggregate"):
         federated_average([])
 
@@ -162,7 +140,7 @@ def test_lora_needs_a_target_the_layers_have_and_aggregates_a_and_b_each():
     assert names["model.layers.0.self_attn.q_proj.lora_A"].shape == (2, 32)
     one = {"a": torch.ones(2, 3), "b": torch.zeros(3, 2)}
     two = {"a": torch.zeros(2, 3), "b": torch.ones(3, 2)}
-    average = federated_average([_result(one, 1, "lora"), _result(two, 3, "lora")])
+    average = federated_average([device_result(one, 1, "lora"), device_result(two, 3, "lora")])
     torch.testing.assert_close(average["a"], torch.full((2, 3), 0.25))
     torch.testing.assert_close(average["b"], torch.full((3, 2), 0.75))
 
@@ -202,7 +180,7 @@ def test_an_untrained_prompt_computes_what_its_starting_text_would_and_comes_out
 
 def test_a_prompt_averages_vector_by_vector_and_plans_for_its_tokens():
     one, two = {"model.soft_prompt": torch.zeros(2, 3)}, {"model.soft_prompt": torch.ones(2, 3)}
-    average = federated_average([_result(one, 1, "prompt"), _result(two, 3, "prompt")])
+    average = federated_average([device_result(one, 1, "prompt"), device_result(two, 3, "prompt")])
     torch.testing.assert_close(average["model.soft_prompt"], torch.full((2, 3), 0.75))
     emulator = build_emulator(make_model("llama", num_layers=6), Split(1, 1, keep=2))
     plain = model_shape(emulator, adapter_kind("bias").attach(emulator, 1, 1))
