@@ -1,9 +1,11 @@
-"""Fleet benchmark: N simulated devices (tiny model, one process) on loopback, embedded amqtt vs Mosquitto.
+"""Fleet benchmark: N simulated devices (tiny model, one process) on loopback; embedded amqtt vs Mosquitto, each
+without and with TLS.
 
-    python -m bench.fleet [--devices 50] [--rounds 2] [--steps 5]
+    python -m bench.fleet [--devices 50] [--rounds 2] [--steps 5] [--repeats 2]
 
-Measures, per broker in the same run: seconds from dispatch to every round aggregated, messages and bytes on
-the wire (every client's count), results lost (must be 0). Writes a table and a plot of results arriving.
+Measures, per broker and transport in the same run (plain and TLS interleaved, `repeats` pairs each): seconds from
+dispatch to every round aggregated, messages and bytes on the wire (every client's count), results lost (must be
+0). Writes a table with TLS's cost as a ratio to plain, and a plot of results arriving.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import argparse
 import getpass
 import shutil
 import socket
+import statistics
 import subprocess
 import tempfile
 import threading
@@ -23,6 +26,7 @@ from bench.markdown import machine_line, write_section
 from coordinator.bundles.request import BundleRequest
 from coordinator.datasets import write_jsonl
 from coordinator.fleet.broker import EmbeddedBroker, free_port
+from coordinator.fleet.broker_access import BrokerAccess
 from coordinator.fleet.jobs import JobSpec
 from coordinator.fleet.registry import Registry
 from coordinator.fleet.service import FleetService
@@ -30,22 +34,44 @@ from coordinator.train import TrainConfig
 from device_profiles import load_profile
 from edge_runtime.daemon import DaemonConfig, EdgeDaemon
 from edge_runtime.files import atomic_path, write_json_atomic
-from edge_runtime.mqtt import BrokerAddress
+from edge_runtime.identity import device_key, public_pem
+from edge_runtime.mqtt import BrokerAddress, TlsFiles
 from edge_runtime.wire import Topics
+from tests.certificates import Pki, make_pki
 from tests.conftest import make_model, make_tokenizer, sentiment_examples
 
 REPO = Path(__file__).resolve().parent.parent
 OUT = REPO / "bench" / "results" / "fleet.json"
+BROKERS = ("amqtt", "mosquitto")
+
+
+class _Embedded:
+    """The embedded broker as `coordinator serve` runs it: enrolled devices only, TLS with `pki`."""
+
+    def __init__(self, directory: Path, pki: Pki | None) -> None:
+        self.enrolled: dict[str, str] = {}
+        tls = (pki.server, pki.server_key) if pki else None
+        self.broker = EmbeddedBroker(BrokerAccess(self.enrolled.get), port=free_port(), tls=tls).start()
+        self.pki = pki
+
+    def address(self, user: str) -> BrokerAddress:
+        if user == "coordinator":
+            return self.broker.coordinator_address(self.pki.ca if self.pki else None)
+        return BrokerAddress("127.0.0.1", self.broker.port, tls=TlsFiles(self.pki.ca) if self.pki else None)
+
+    def stop(self) -> None:
+        self.broker.stop()
 
 
 class _Mosquitto:
-    """Mosquitto (anonymous, loopback) on a free port, or None if it is not installed."""
+    """Mosquitto (any login, loopback) on a free port; TLS only with `pki` (server certificate, no client's)."""
 
-    def __init__(self, directory: Path) -> None:
-        self.port = free_port()
-        config = directory / "mosquitto.conf"
+    def __init__(self, directory: Path, pki: Pki | None) -> None:
+        self.port, self.pki = free_port(), pki
+        tls = f"certfile {pki.server}\nkeyfile {pki.server_key}\ntls_version tlsv1.2\n" if pki else ""
+        config = directory / f"mosquitto-{self.port}.conf"
         config.write_text(
-            f"listener {self.port} 127.0.0.1\nallow_anonymous true\nuser {getpass.getuser()}\nlog_dest none\n"
+            f"listener {self.port} 127.0.0.1\n{tls}allow_anonymous true\nuser {getpass.getuser()}\nlog_dest none\n"
         )
         self.process = subprocess.Popen([shutil.which("mosquitto") or "/usr/sbin/mosquitto", "-c", str(config)])
         for _ in range(100):
@@ -56,9 +82,9 @@ class _Mosquitto:
                 time.sleep(0.05)
         raise RuntimeError("mosquitto did not start")
 
-    @property
-    def url(self) -> str:
-        return f"mqtt://127.0.0.1:{self.port}"
+    def address(self, user: str) -> BrokerAddress:
+        tls = TlsFiles(self.pki.ca) if self.pki else None
+        return BrokerAddress("127.0.0.1", self.port, "coordinator" if user == "coordinator" else None, None, tls)
 
     def stop(self) -> None:
         self.process.kill()
@@ -79,30 +105,35 @@ def _files(root: Path, devices: int) -> dict[str, Any]:
     return {"model": root / "tiny-llama", "keys": root / "keys", "shards": shards}
 
 
-def run_fleet(url: str, files: dict[str, Any], root: Path, rounds: int, steps: int) -> dict[str, Any]:
-    """One federated job over all devices; returns timings and every client's traffic."""
-    address = BrokerAddress.parse(url)
+def run_fleet(broker: _Embedded | _Mosquitto, files: dict[str, Any], root: Path, rounds: int, steps: int) -> dict:
+    """One federated job over all devices (each enrolled, signing what it sends); timings and every client's
+    traffic."""
     stop = threading.Event()
+    registry = Registry(root / "coordinator")
     service = FleetService(
-        Registry(root / "coordinator"), address, files["keys"] / "coordinator.key", root / "files", Topics()
+        registry, broker.address("coordinator"), files["keys"] / "coordinator.key", root / "files", Topics()
     )
     threads = [threading.Thread(target=service.run, args=(stop,), daemon=True)]
     daemons = []
     for i, shard in enumerate(files["shards"]):
+        device, state = f"sim-{i:03d}", root / f"device-{i}"
+        pem = public_pem(device_key(state))
+        registry.enroll(device, pem)
+        if isinstance(broker, _Embedded):
+            broker.enrolled[device] = pem
         config = DaemonConfig(
-            f"sim-{i:03d}",
+            device,
             load_profile("laptop-16gb"),
             {"reviews": shard},
             files["keys"] / "coordinator.pub",
-            root / f"device-{i}",
+            state,
             threads=1,
             isolate=False,  # simulated devices train in this one process, not a child each
         )
-        daemons.append(EdgeDaemon(config, address))
+        daemons.append(EdgeDaemon(config, broker.address(device)))
         threads.append(threading.Thread(target=daemons[-1].run, args=(stop,), daemon=True))
     for thread in threads:
         thread.start()
-    registry = service.registry
     while len([d for d in registry.devices() if d["profile"]]) < len(daemons):
         time.sleep(0.1)
     training = TrainConfig(steps, 1e-3, batch_size=8, max_length=32)
@@ -123,7 +154,6 @@ def run_fleet(url: str, files: dict[str, Any], root: Path, rounds: int, steps: i
         "devices": len(daemons),
         "results_expected": len(daemons) * rounds,
         "results_received": sum(t["state"] == "received" for t in tasks),
-        "aggregated_devices": [r["state"] for r in registry.rounds(job)],
         "arrivals": sorted(t["finished"] - started for t in tasks if t["state"] == "received"),
         "messages": sum(c.sent_messages + c.received_messages for c in clients),
         "bytes": sum(c.sent_bytes + c.received_bytes for c in clients),
@@ -131,38 +161,64 @@ def run_fleet(url: str, files: dict[str, Any], root: Path, rounds: int, steps: i
     }
 
 
-def measure(devices: int, rounds: int, steps: int) -> dict[str, Any]:
+def measure(devices: int, rounds: int, steps: int, repeats: int) -> dict[str, Any]:
+    """Per broker, `repeats` pairs of (plain, TLS) runs, interleaved so drift hits both alike."""
     results: dict[str, Any] = {"machine": machine_line(), "devices": devices, "rounds": rounds, "steps": steps}
+    have_mosquitto = shutil.which("mosquitto") or Path("/usr/sbin/mosquitto").exists()
+    runs: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as temporary:
         root = Path(temporary)
-        files = _files(root, devices)
-        with EmbeddedBroker(port=free_port()) as broker:
-            results["amqtt"] = run_fleet(broker.url, files, root / "amqtt", rounds, steps)
-        if shutil.which("mosquitto") or Path("/usr/sbin/mosquitto").exists():
-            mosquitto = _Mosquitto(root)
-            try:
-                results["mosquitto"] = run_fleet(mosquitto.url, files, root / "mosquitto", rounds, steps)
-            finally:
-                mosquitto.stop()
+        files, pki = _files(root, devices), make_pki(root / "pki")
+        for repeat in range(repeats):
+            for name in BROKERS if have_mosquitto else BROKERS[:1]:
+                for tls in (False, True):
+                    kind = _Embedded if name == "amqtt" else _Mosquitto
+                    broker = kind(root, pki if tls else None)
+                    folder = root / f"{name}-{'tls' if tls else 'plain'}-{repeat}"
+                    try:
+                        run = run_fleet(broker, files, folder, rounds, steps)
+                    finally:
+                        broker.stop()
+                    runs.append(run | {"broker": name, "tls": tls, "repeat": repeat})
+                    print(f"{name} {'TLS' if tls else 'plain'} #{repeat + 1}: {run['state']} in {run['seconds']:.1f} s")
+    results["runs"] = runs
     return results
 
 
+def _runs(results: dict[str, Any], broker: str, tls: bool) -> list[dict[str, Any]]:
+    return [r for r in results["runs"] if r["broker"] == broker and r["tls"] == tls]
+
+
 def report(results: dict[str, Any]) -> str:
-    brokers = [name for name in ("amqtt", "mosquitto") if name in results]
     lines = [
-        "| broker | state | dispatch → all aggregated | messages | MB on the wire | results lost | rejected |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| broker | transport | state | dispatch → all aggregated (median) | messages | MB on the wire | results lost "
+        "| rejected | TLS ÷ plain time (median of pairs, range) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for name in brokers:
-        r = results[name]
-        lost = r["results_expected"] - r["results_received"]
-        lines.append(
-            f"| {name} | {r['state']} | {r['seconds']:.1f} s | {r['messages']:,} | {r['bytes'] / 1e6:,.1f} | {lost} | "
-            f"{r['rejections']} |"
+    for name in BROKERS:
+        for tls in (False, True):
+            runs = _runs(results, name, tls)
+            if not runs:
+                continue
+            ratio = ""
+            if tls:
+                pairs = [t["seconds"] / p["seconds"] for p, t in zip(_runs(results, name, False), runs, strict=True)]
+                ratio = f"**{statistics.median(pairs):.2f}×** ({min(pairs):.2f}–{max(pairs):.2f})"
+            lost = sum(r["results_expected"] - r["results_received"] for r in runs)
+            states = ", ".join(sorted({r["state"] for r in runs}))
+            lines.append(
+                f"| {name} | {'TLS' if tls else 'plain'} | {states} | "
+                f"{statistics.median(r['seconds'] for r in runs):.1f} s | "
+                f"{statistics.median(r['messages'] for r in runs):,.0f} | "
+                f"{statistics.median(r['bytes'] for r in runs) / 1e6:,.1f} | {lost} | "
+                f"{sum(r['rejections'] for r in runs)} | {ratio} |"
+            )
+    plain = {name: _runs(results, name, False) for name in BROKERS}
+    if all(plain.values()):
+        ratio = statistics.median(r["seconds"] for r in plain["amqtt"]) / statistics.median(
+            r["seconds"] for r in plain["mosquitto"]
         )
-    if len(brokers) == 2:
-        ratio = results["amqtt"]["seconds"] / results["mosquitto"]["seconds"]
-        lines.append(f"\namqtt ÷ Mosquitto time: **{ratio:.2f}×**.")
+        lines.append(f"\namqtt ÷ Mosquitto time (plain): **{ratio:.2f}×**.")
     return "\n".join(lines)
 
 
@@ -173,10 +229,14 @@ def _plot(results: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, axis = plt.subplots(figsize=(7, 4))
-    for name in ("amqtt", "mosquitto"):
-        if name in results:
-            arrivals = results[name]["arrivals"]
-            axis.step(arrivals, range(1, len(arrivals) + 1), where="post", label=name)
+    for name in BROKERS:
+        for tls in (False, True):
+            for run in _runs(results, name, tls)[:1]:  # the first of each: the repeats look alike
+                arrivals = run["arrivals"]
+                label = f"{name} {'TLS' if tls else 'plain'}"
+                axis.step(
+                    arrivals, range(1, len(arrivals) + 1), where="post", label=label, linestyle="--" if tls else "-"
+                )
     axis.set_xlabel("seconds since dispatch")
     axis.set_ylabel("results received")
     axis.set_title(f"{results['devices']} simulated devices, {results['rounds']} rounds of {results['steps']} steps")
@@ -192,34 +252,38 @@ def main() -> None:
     parser.add_argument("--devices", type=int, default=50)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=2, help="pairs of (plain, TLS) runs per broker")
     args = parser.parse_args()
-    results = measure(args.devices, args.rounds, args.steps)
+    results = measure(args.devices, args.rounds, args.steps, args.repeats)
     write_json_atomic(OUT, results)
     publish(results)
 
 
 def publish(results: dict[str, Any]) -> None:
     """Plot, print and write the BENCHMARKS.md section from measured `results`."""
+    repeats = 1 + max(r["repeat"] for r in results["runs"])
     args = argparse.Namespace(devices=results["devices"], rounds=results["rounds"], steps=results["steps"])
     _plot(results, OUT.with_suffix(".png"))
     table = report(results)
     print(table)
     body = "\n".join(
         [
-            "## Fleet over MQTT: simulated devices on loopback, embedded broker vs Mosquitto",
+            "## Fleet over MQTT: simulated devices on loopback, embedded broker vs Mosquitto, plain vs TLS",
             "",
-            f"Command: `python -m bench.fleet --devices {args.devices} --rounds {args.rounds} --steps {args.steps}` "
-            "(part of `make bench-studies`).",
+            f"Command: `python -m bench.fleet --devices {args.devices} --rounds {args.rounds} --steps {args.steps} "
+            f"--repeats {repeats}` (part of `make bench-studies`).",
             f"Machine: {results['machine']}.",
             "",
             f"{args.devices} edge daemons (a tiny 6-layer LLaMA bundle, ONNX Runtime, 1 thread each, training in the "
             "daemon's own process rather than a child: lightweight simulated devices) and the "
             "coordinator service run in one process, each with its own MQTT client, against the embedded amqtt "
-            "broker and then Mosquitto 2.0. One federated job: export, signed jobs, bundle download in chunks, "
-            f"{args.steps} training steps per device per round, results back in chunks, FedAvg, next round from the "
-            "aggregate. Time = from `dispatch` to the last round aggregated. Messages and bytes count every client's "
-            "sends and receipts (so a message through the broker counts twice). Lost = results dispatched but never "
-            "aggregated.",
+            "broker (enrolled devices only, per-device topics) and Mosquitto 2.0, each over plain MQTT and over TLS "
+            "(TLS 1.2 or later, a test CA's certificate; the runs interleaved plain, TLS, plain, TLS, … and the ratio "
+            f"is the median of the {repeats} paired ratios). One federated job: export, signed jobs, every record "
+            f"signed by its sender, bundle download in chunks, {args.steps} training steps per device per round, "
+            "results back in chunks, FedAvg, next round from the aggregate. Time = from `dispatch` to the last round "
+            "aggregated. Messages and bytes count every client's sends and receipts (so a message through the broker "
+            "counts twice). Lost = results dispatched but never aggregated.",
             "",
             table,
             "",

@@ -1,4 +1,5 @@
-"""`edge-runtime` command line (device side; torch only with --backend torch): info, profile, verify, train, run."""
+"""`edge-runtime` command line (device side; torch only with --backend torch): info, profile, keys, verify, train,
+run."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from device_profiles import GIB, ProfileError
 from edge_runtime import __version__
 from edge_runtime.backends import BACKENDS, installed_backends
 from edge_runtime.errors import OffsiteError
+from edge_runtime.mqtt import add_tls_options
 
 
 def machine_info() -> dict[str, object]:
@@ -42,6 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
     profile.add_argument("--out", type=Path, required=True, help="where to write the profile, e.g. my-device.yaml")
     profile.add_argument("--name", help="profile name (default: from the host name)")
 
+    keys = commands.add_parser("keys", help="make (once) and show this device's key, for the operator to enroll")
+    keys.add_argument("--device-id", required=True, help="this device's name on the wire")
+    keys.add_argument("--state", type=Path, help="the run command's --state (default ~/.local/state/offsite-edge/ID)")
+
     verify = commands.add_parser("verify", help="check a bundle's signature and every file's sha256")
     verify.add_argument("bundle", type=Path)
     verify.add_argument("--trust", type=Path, required=True, help="the coordinator's public key (coordinator.pub)")
@@ -59,20 +65,21 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--quiet", action="store_true", help="no progress bar")
 
     run = commands.add_parser("run", help="serve training jobs from a coordinator over MQTT until stopped")
-    run.add_argument("--broker", default="mqtt://127.0.0.1:1883", help="mqtt://[USER[:PASSWORD]@]HOST[:PORT]")
+    run.add_argument("--broker", default="mqtt://127.0.0.1:1883", help="mqtt[s]://[USER[:PASSWORD]@]HOST[:PORT]")
     run.add_argument("--device-id", required=True, help="this device's name on the wire (and its MQTT user)")
     run.add_argument("--profile", required=True, help="a profile name, alias or YAML path (edge-runtime profile)")
     run.add_argument(
         "--dataset", action="append", required=True, metavar="NAME=PATH", help="private data a job may name; repeat"
     )
     run.add_argument("--trust", type=Path, required=True, help="the coordinator's public key (coordinator.pub)")
-    run.add_argument("--state", type=Path, help="job state folder (default ~/.local/state/offsite-edge/DEVICE)")
-    run.add_argument("--username", help="MQTT user (default: the device id if a password is given)")
+    run.add_argument("--state", type=Path, help="job state and device key (default ~/.local/state/offsite-edge/ID)")
+    run.add_argument("--username", help="MQTT user (default: the device id, logged in by its key)")
     run.add_argument("--password-env", default="OFFSITE_EDGE_MQTT_PASSWORD", help="env variable with the password")
     run.add_argument("--prefix", default="offsite", help="topic prefix shared with the coordinator")
     run.add_argument("--threads", type=int, help="compute threads (default: all cores)")
     run.add_argument("--backend", choices=sorted(BACKENDS), help="default: the bundle's first backend")
     run.add_argument("--budget-gb", type=float, help="memory budget (default: the profile's, capped by free memory)")
+    add_tls_options(run)
     return parser
 
 
@@ -84,6 +91,24 @@ def _profile(args: argparse.Namespace) -> None:
     write_text_atomic(args.out, profile.to_yaml())
     print(profile.to_yaml(), end="")
     print(f"profile -> {args.out}")
+
+
+def _state(args: argparse.Namespace) -> Path:
+    return args.state or Path.home() / ".local" / "state" / "offsite-edge" / args.device_id
+
+
+def _keys(args: argparse.Namespace) -> None:
+    from edge_runtime.identity import DEVICE_PUBLIC_KEY, device_key, public_pem
+    from edge_runtime.wire import check_device_id
+
+    check_device_id(args.device_id)
+    state = _state(args)
+    key = device_key(state)
+    print(public_pem(key), end="")
+    print(
+        f"{args.device_id}'s public key -> {state / DEVICE_PUBLIC_KEY}; the operator enrolls it with\n"
+        f"  coordinator fleet enroll {args.device_id} --key {DEVICE_PUBLIC_KEY}"
+    )
 
 
 def _verify(args: argparse.Namespace) -> None:
@@ -129,13 +154,14 @@ def _run(args: argparse.Namespace) -> None:
 
     from device_profiles import load_profile
     from edge_runtime.daemon import DaemonConfig, EdgeDaemon
-    from edge_runtime.mqtt import BrokerAddress
+    from edge_runtime.mqtt import BrokerAddress, tls_from_args
     from edge_runtime.wire import Topics
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     password = os.environ.get(args.password_env)
-    address = BrokerAddress.parse(args.broker, args.username or (args.device_id if password else None), password)
-    state = args.state or Path.home() / ".local" / "state" / "offsite-edge" / args.device_id
+    user = args.username or (args.device_id if password else None)
+    address = BrokerAddress.parse(args.broker, user, password, tls_from_args(args))
+    state = _state(args)
     budget = None if args.budget_gb is None else int(args.budget_gb * GIB)
     config = DaemonConfig(
         args.device_id,
@@ -151,8 +177,13 @@ def _run(args: argparse.Namespace) -> None:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    print(f"edge-runtime {args.device_id}: serving jobs from {address} (state in {state}); Ctrl-C stops", flush=True)
-    EdgeDaemon(config, address).run(stop)
+    daemon = EdgeDaemon(config, address)
+    print(
+        f"edge-runtime {args.device_id}: serving jobs from {address} (state and key in {state}; the operator "
+        f"enrolls {state / 'device.pub'}); Ctrl-C stops",
+        flush=True,
+    )
+    daemon.run(stop)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -163,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
             json.dump(machine_info(), sys.stdout, indent=2)
             print()
         else:
-            {"profile": _profile, "verify": _verify, "train": _train, "run": _run}[args.command](args)
+            commands = {"profile": _profile, "keys": _keys, "verify": _verify, "train": _train, "run": _run}
+            commands[args.command](args)
     except (OffsiteError, ProfileError) as error:
         print(f"edge-runtime {args.command}: error: {error}", file=sys.stderr)
         return 2

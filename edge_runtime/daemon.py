@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import logging
 import queue
@@ -18,7 +19,8 @@ from edge_runtime.backends import installed_backends
 from edge_runtime.bundle import load_public_key
 from edge_runtime.data import load_examples
 from edge_runtime.errors import OffsiteError, refusal
-from edge_runtime.files import write_json_atomic
+from edge_runtime.files import atomic_directory, write_json_atomic
+from edge_runtime.identity import device_key, login_password
 from edge_runtime.isolated import TrainingInterrupted, train_isolated
 from edge_runtime.mqtt import BrokerAddress, BrokerUnreachable, Connection
 from edge_runtime.records import RecordError, from_dict
@@ -33,6 +35,7 @@ from edge_runtime.wire import (
     Job,
     Offer,
     Profile,
+    Record,
     Request,
     Status,
     Topics,
@@ -54,7 +57,8 @@ KEPT_REJECTIONS = 100  # the latest refusals kept for `rejections`; `refused` co
 
 @dataclass(frozen=True)
 class DaemonConfig:
-    """One device: who it is, what it may train on, whose jobs it trusts, where it keeps its state."""
+    """One device: who it is, what it may train on, whose jobs it trusts, where it keeps its state (and its own
+    key, `state/device.key`, made on first start: the operator enrolls `state/device.pub`)."""
 
     device_id: str
     profile: DeviceProfile
@@ -86,6 +90,10 @@ class EdgeDaemon:
         self.config = config
         self.topics = config.topics
         self.key = load_public_key(config.trusted_key)
+        self.identity = device_key(config.state)
+        if address.username is None:  # the embedded broker's login: the device id and a signature only its key makes
+            address = dataclasses.replace(address, username=config.device_id,
+                                          password=login_password(self.identity, config.device_id))  # fmt: skip
         self.jobs_dir = config.state / "jobs"
         self.bundles_dir = config.state / "bundles"
         self.downloads_dir = config.state / "downloads"
@@ -108,7 +116,7 @@ class EdgeDaemon:
             f"edge-{me}",
             [self.topics.device(me, "jobs"), self.topics.device(me, "transfer")],
             lambda topic, payload: self.inbox.put((topic, payload)),
-            will=(self.topics.device(me, "status"), Status(me, "offline", time.time()).encode()),
+            will=(self.topics.device(me, "status"), Status(me, "offline", time.time()).signed(self.identity).encode()),
             on_connect=self._announce,
         )
 
@@ -117,13 +125,16 @@ class EdgeDaemon:
     def _publish(self, channel: str, payload: bytes, job: str | None = None, retain: bool = False) -> None:
         self.connection.publish(self.topics.device(self.config.device_id, channel, job), payload, retain)
 
+    def _send(self, channel: str, record: Record, job: str | None = None, retain: bool = False) -> None:
+        """Publish `record` signed with this device's key (the coordinator reads nothing else from it)."""
+        self._publish(channel, record.signed(self.identity).encode(), job, retain)
+
     def _event(self, job: str, event: str, **detail: Any) -> None:
-        self._publish("events", Event(self.config.device_id, job, event, time.time(), detail).encode())
+        self._send("events", Event(self.config.device_id, job, event, time.time(), detail))
 
     def _set_status(self, state: str) -> None:
         self.state = state
-        status = Status(self.config.device_id, state, time.time(), self.current)
-        self._publish("status", status.encode(), retain=True)
+        self._send("status", Status(self.config.device_id, state, time.time(), self.current), retain=True)
 
     def _announce(self) -> None:
         """On every (re)connect: retained status and profile (dataset names and sizes only, never content)."""
@@ -131,7 +142,7 @@ class EdgeDaemon:
         profile = Profile(
             self.config.device_id, self.config.profile.to_dict(), self.dataset_sizes, backends, time.time()
         )
-        self._publish("profile", profile.encode(), retain=True)
+        self._send("profile", profile, retain=True)
         self._set_status(self.state)
 
     def _reject(self, reason: str, job: str = "") -> None:
@@ -157,7 +168,6 @@ class EdgeDaemon:
 
     def _take_job(self, job: Job) -> None:
         """Check a job (signature, addressee, age, nonce, dataset) and queue it; a re-sent known job is answered."""
-        job.verify(self.key)
         if job.device != self.config.device_id:
             raise WireError(f"job {job.job!r} is for device {job.device!r}, not {self.config.device_id!r}")
         age = time.time() - job.issued_at
@@ -173,23 +183,25 @@ class EdgeDaemon:
         cutoff = time.time() - MAX_JOB_AGE_SECONDS - CLOCK_SKEW_SECONDS
         nonces = {nonce: t for nonce, t in nonces.items() if t > cutoff} | {job.nonce: job.issued_at}
         write_json_atomic(self.nonces_file, nonces)
-        if (self._job_dir(job.job) / "job.json").exists():
+        if (self._job_dir(job.job) / "state.json").exists():
             state = self._job_state(job.job)
             self._event(job.job, state["state"], **{k: v for k, v in state.items() if k != "state"})
             return
-        write_json_atomic(self._job_dir(job.job) / "job.json", job.to_dict())
-        if job.dataset not in self.config.datasets:
-            reason = f"no dataset named {job.dataset!r} here (configured: {', '.join(sorted(self.config.datasets))})"
-            self._set_job_state(job.job, "rejected", reason=reason)
+        known = job.dataset in self.config.datasets
+        reason = f"no dataset named {job.dataset!r} here (configured: {', '.join(sorted(self.config.datasets))})"
+        state = {"state": "downloading"} if known else {"state": "rejected", "reason": reason}
+        with atomic_directory(self._job_dir(job.job)) as folder:  # the job and its first state appear together
+            for name, record in (("job.json", job.to_dict()), ("state.json", state)):
+                write_json_atomic(folder / name, record)
+        if known:
+            self._event(job.job, "queued")
+        else:
             self._reject(reason, job.job)
-            return
-        self._set_job_state(job.job, "downloading")
-        self._event(job.job, "queued")
 
     def _next_job(self) -> str | None:
         """The oldest job not yet finished (jobs survive restarts on disk)."""
         pending = []
-        for folder in self.jobs_dir.glob("*") if self.jobs_dir.exists() else []:
+        for folder in self.jobs_dir.glob("[!.]*") if self.jobs_dir.exists() else []:  # not a half-made '.' folder
             if (folder / "state.json").exists() and self._job_state(folder.name)["state"] not in TERMINAL:
                 record = json.loads((folder / "job.json").read_text(encoding="utf-8"))
                 pending.append((record["issued_at"], folder.name))
@@ -207,10 +219,10 @@ class EdgeDaemon:
         if offer.transfer not in self.downloads:
 
             def ask(indices: list[int], transfer: str = offer.transfer) -> None:
-                self._publish("acks", Request(transfer, indices).encode())
+                self._send("acks", Request(transfer, indices))
 
             def finished(path: Path, transfer: str = offer.transfer) -> None:
-                self._publish("acks", Done(transfer, True).encode())
+                self._send("acks", Done(transfer, True))
 
             self.downloads[offer.transfer] = Download(offer, self.downloads_dir, ask, finished)
             self.downloads[offer.transfer].start()
@@ -243,7 +255,7 @@ class EdgeDaemon:
             if offer is None:  # hash the result once, not at every re-offer
                 metrics = json.loads((folder / "result" / "metrics.json").read_text(encoding="utf-8"))
                 offer = self.outbox.add(archive, offer_for(archive, "result", job_id, metrics, self.config.chunk_bytes))
-            self._publish("results", offer.encode(), job_id)
+            self._send("results", offer, job_id)
 
     def _train(self, job: Job, folder: Path) -> None:
         bundle = self.bundles_dir / job.bundle["transfer"]
@@ -302,6 +314,7 @@ class EdgeDaemon:
             self.downloads[chunk.transfer].receive(chunk)
             return
         record = decode(payload)
+        record.verify(self.key, "the trusted coordinator")
         if isinstance(record, Job) and channel == "jobs":
             self._take_job(record)
         elif isinstance(record, Request) and channel == "transfer":

@@ -1,4 +1,5 @@
-"""Atomic writes: a reader sees the old file or the whole new one, never a half-written one."""
+"""Atomic, durable writes: a reader sees the old file or the whole new one, never a half-written one, and once a
+write returns it survives a power cut (the data is synced before the rename, the folder's entry after it)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,15 @@ def _umask() -> int:
     return current
 
 
+def _sync(path: Path) -> None:
+    """fsync a file or a folder (a folder's sync makes the names in it, a rename's result, durable)."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it is renamed onto `path`, on error removed."""
@@ -27,7 +37,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
     try:
         yield Path(temporary)
+        _sync(Path(temporary))
         os.replace(temporary, path)
+        _sync(path.parent)
     finally:
         if os.path.exists(temporary):
             os.unlink(temporary)
@@ -42,10 +54,15 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
     os.chmod(temporary, 0o777 & ~_umask())
     try:
         yield temporary
+        for inner in sorted(temporary.rglob("*"), reverse=True):  # files, then their folders, deepest first
+            if not inner.is_symlink():
+                _sync(inner)
+        _sync(temporary)
         retired = path.with_name(f".{path.name}.old-{os.getpid()}") if path.exists() else None
         if retired is not None:
             os.replace(path, retired)
         os.replace(temporary, path)
+        _sync(path.parent)
         if retired is not None:
             shutil.rmtree(retired)
     finally:

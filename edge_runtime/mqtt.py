@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
+import ssl
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 import paho.mqtt.client as paho
@@ -15,6 +18,7 @@ from edge_runtime.errors import ConfigError
 
 log = logging.getLogger(__name__)
 DEFAULT_PORT = 1883
+DEFAULT_TLS_PORT = 8883
 V5_ANSWER_SECONDS = 3.0  # a broker that has MQTT 5 answers a local CONNECT well within this
 
 
@@ -23,30 +27,78 @@ class BrokerUnreachable(ConfigError):
 
 
 @dataclass(frozen=True)
+class TlsFiles:
+    """TLS to the broker: the CA that signed its certificate (None: the system's CAs) and, for mutual TLS, this
+    client's certificate and key (PEM files)."""
+
+    ca: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+
+    def __post_init__(self) -> None:
+        if (self.cert is None) != (self.key is None):
+            raise ConfigError(
+                "a client certificate needs its key and a key its certificate: pass --cert and --cert-key"
+            )
+        for what, path in (("--ca", self.ca), ("--cert", self.cert), ("--cert-key", self.key)):
+            if path is not None and not Path(path).is_file():
+                raise ConfigError(f"{what} {path} is not a file")
+
+    def context(self) -> ssl.SSLContext:
+        """Verifies the broker's certificate and host name, TLS 1.2 or later."""
+        context = ssl.create_default_context(cafile=str(self.ca) if self.ca else None)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        if self.cert is not None:
+            context.load_cert_chain(str(self.cert), str(self.key))
+        return context
+
+
+def add_tls_options(parser: argparse.ArgumentParser) -> None:
+    """--ca, --cert and --cert-key, for an mqtts:// broker (the same on every command that connects to one)."""
+    parser.add_argument("--ca", type=Path, help="for mqtts://: the CA certificate that signed the broker's (PEM)")
+    parser.add_argument("--cert", type=Path, help="for mutual TLS: this client's certificate (PEM)")
+    parser.add_argument("--cert-key", type=Path, help="for mutual TLS: this client's private key (PEM)")
+
+
+def tls_from_args(args: argparse.Namespace) -> TlsFiles | None:
+    if args.ca is None and args.cert is None and args.cert_key is None:
+        return None
+    return TlsFiles(args.ca, args.cert, args.cert_key)
+
+
+@dataclass(frozen=True)
 class BrokerAddress:
-    """Where the broker listens and who we are to it."""
+    """Where the broker listens, who we are to it, and (for mqtts://) how its certificate is checked."""
 
     host: str
     port: int = DEFAULT_PORT
     username: str | None = None
     password: str | None = None
+    tls: TlsFiles | None = None
 
     @classmethod
-    def parse(cls, url: str, username: str | None = None, password: str | None = None) -> BrokerAddress:
-        """`mqtt://[user[:password]@]host[:port]`; explicit `username`/`password` win over the URL's."""
+    def parse(
+        cls, url: str, username: str | None = None, password: str | None = None, tls: TlsFiles | None = None
+    ) -> BrokerAddress:
+        """`mqtt[s]://[user[:password]@]host[:port]`; explicit `username`/`password` win over the URL's.
+
+        mqtts:// speaks TLS (with `tls`'s CA and client certificate, else the system's CAs); port 8883 by default.
+        """
         parsed = urlparse(url if "://" in url else f"mqtt://{url}")
-        if parsed.scheme != "mqtt" or not parsed.hostname:
-            raise ConfigError(f"broker {url!r} is not mqtt://HOST[:PORT] (TLS brokers are not supported yet)")
+        if parsed.scheme not in ("mqtt", "mqtts") or not parsed.hostname:
+            raise ConfigError(f"broker {url!r} is not mqtt://HOST[:PORT] or mqtts://HOST[:PORT] (TLS)")
+        if parsed.scheme == "mqtt" and tls is not None:
+            raise ConfigError(f"--ca or --cert given for {url!r}, which is not TLS; use mqtts://")
         try:
-            port = parsed.port or DEFAULT_PORT
+            port = parsed.port or (DEFAULT_TLS_PORT if parsed.scheme == "mqtts" else DEFAULT_PORT)
         except ValueError:
             raise ConfigError(f"broker {url!r} has a bad port; use e.g. mqtt://127.0.0.1:1883") from None
         user = username or (unquote(parsed.username) if parsed.username else None)
         secret = password or (unquote(parsed.password) if parsed.password else None)
-        return cls(parsed.hostname, port, user, secret)
+        return cls(parsed.hostname, port, user, secret, (tls or TlsFiles()) if parsed.scheme == "mqtts" else None)
 
     def __str__(self) -> str:
-        return f"mqtt://{self.host}:{self.port}"
+        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
 
 
 @dataclass
@@ -90,6 +142,8 @@ class Connection:
         client = paho.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=protocol)
         if self.address.username is not None:
             client.username_pw_set(self.address.username, self.address.password)
+        if self.address.tls is not None:
+            client.tls_set_context(self.address.tls.context())
         if self.will is not None:
             client.will_set(self.will[0], self.will[1], qos=1, retain=True)
         client.reconnect_delay_set(min_delay=1, max_delay=16)
@@ -110,6 +164,11 @@ class Connection:
             self._refused = None
             try:
                 self.client.connect(self.address.host, self.address.port, keepalive=30)
+            except ssl.SSLError as error:  # a certificate that does not verify will not verify next time either
+                raise ConfigError(
+                    f"TLS with the MQTT broker at {self.address} failed ({error.reason or error}); check --ca (the CA "
+                    "that signed the broker's certificate) and the host name in the URL"
+                ) from None
             except OSError as error:
                 raise BrokerUnreachable(f"cannot reach the MQTT broker at {self.address}: {error}") from None
             self.client.loop_start()

@@ -15,6 +15,21 @@ from edge_runtime.errors import DataError
 from edge_runtime.manifest import CLASSIFICATION, TaskRecord
 
 IGNORE_INDEX = -100
+# A language-model text is tokenized this many characters at a time (cut before a whitespace, where the
+# pre-tokenizer splits anyway, so the ids are the whole text's): a 50 MB line no longer costs gigabytes at once.
+PIECE_CHARACTERS = 1 << 16
+
+
+def pieces(text: str, size: int = PIECE_CHARACTERS) -> Iterator[str]:
+    """`text` in consecutive parts of at most `size` characters, each (but the first) starting at a whitespace
+    where there is one in reach."""
+    start = 0
+    while len(text) - start > size:
+        cut = max(text.rfind(" ", start + 1, start + size), text.rfind("\n", start + 1, start + size))
+        end = cut if cut > start else start + size
+        yield text[start:end]
+        start = end
+    yield text[start:]
 
 
 @dataclass(frozen=True)
@@ -80,11 +95,13 @@ class TaskEncoder:
             keep = self.kept_characters  # cut first: a huge line must not be tokenized whole
             rows = [self._ids(template.format(text=e.text[-keep:]))[-self.max_length :] for e in examples]
             return [(ids, label_ids[e.label]) for ids, e in zip(rows, examples, strict=True)]
-        stream: list[int] = []
+        parts = []
         for example in examples:
-            stream += [*self._ids(example.text), self.task.eos_token_id]
+            parts += [np.asarray(self._ids(part), dtype=np.int32) for part in pieces(example.text)]
+            parts.append(np.array([self.task.eos_token_id], dtype=np.int32))
+        stream = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)  # 4 bytes a token, not 36
         blocks = [stream[i : i + self.max_length] for i in range(0, len(stream), self.max_length)]
-        return [(block, 0) for block in blocks if len(block) > 1]
+        return [(block, 0) for block in blocks if len(block) > 1]  # type: ignore[misc]  (int32 views of the stream)
 
     def collate(self, rows: Sequence[tuple[list[int], int]]) -> Batch:
         ids, mask = _pad([row for row, _ in rows], self.pad_id)

@@ -7,7 +7,7 @@ import json
 import re
 import struct
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -89,15 +89,37 @@ class Topics:
 
 @dataclass(frozen=True)
 class Record:
-    """Base of every JSON wire record: `kind` names the type, `schema` the wire version."""
+    """Base of every JSON wire record: `kind` names the type, `schema` the wire version, `signature` its sender.
+
+    Every record is signed by the side that sends it (the coordinator's key, or the device's enrolled key) over
+    its canonical JSON without the signature; the receiver checks it against the key of whoever the topic says
+    sent it. Chunks are not signed: each belongs to a transfer whose sha256 arrived in a signed record.
+    """
 
     kind: ClassVar[str] = ""
+    signature: str = field(default="", kw_only=True)
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "schema": WIRE_SCHEMA} | dataclasses.asdict(self)
 
     def encode(self) -> bytes:
         return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":")).encode()
+
+    def signed_bytes(self) -> bytes:
+        body = {key: value for key, value in self.to_dict().items() if key != "signature"}
+        return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+
+    def signed(self, key: Ed25519PrivateKey) -> Self:
+        return dataclasses.replace(self, signature=base64.b64encode(key.sign(self.signed_bytes())).decode())
+
+    def verify(self, key: Ed25519PublicKey, sender: str) -> None:
+        """WireError unless `sender`'s `key` signed this record."""
+        if not self.signature:
+            raise WireError(f"a {self.kind} record is unsigned; only records signed by {sender} are read")
+        try:
+            key.verify(base64.b64decode(self.signature, validate=True), self.signed_bytes())
+        except (InvalidSignature, ValueError):
+            raise WireError(f"a {self.kind} record has a bad signature: not from {sender}") from None
 
 
 @dataclass(frozen=True)
@@ -178,7 +200,6 @@ class Job(Record):
     start_adapter: dict[str, Any] | None
     issued_at: float
     nonce: str
-    signature: str = ""
 
     def __post_init__(self) -> None:
         _check(self.job, NAME, "job")
@@ -186,21 +207,6 @@ class Job(Record):
         _check(self.dataset, NAME, "dataset")
         if self.round < 1 or self.steps < 1:
             raise ValueError(f"round = {self.round} and steps = {self.steps} must be at least 1")
-
-    def signed_bytes(self) -> bytes:
-        body = {key: value for key, value in self.to_dict().items() if key != "signature"}
-        return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
-
-    def signed(self, key: Ed25519PrivateKey) -> "Job":
-        return dataclasses.replace(self, signature=base64.b64encode(key.sign(self.signed_bytes())).decode())
-
-    def verify(self, key: Ed25519PublicKey) -> None:
-        if not self.signature:
-            raise WireError(f"job {self.job!r} is unsigned; only jobs signed by the trusted coordinator run")
-        try:
-            key.verify(base64.b64decode(self.signature, validate=True), self.signed_bytes())
-        except (InvalidSignature, ValueError):
-            raise WireError(f"job {self.job!r} has a bad signature: not from the trusted coordinator") from None
 
 
 @dataclass(frozen=True)

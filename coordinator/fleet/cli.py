@@ -1,4 +1,5 @@
-"""`coordinator serve` and `coordinator fleet devices|dispatch|status|results`: thin commands over the registry."""
+"""`coordinator serve` and `coordinator fleet enroll|devices|dispatch|status|results`: thin commands over the
+registry."""
 
 from __future__ import annotations
 
@@ -11,8 +12,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from coordinator.errors import ConfigError
 from coordinator.fleet.registry import JOB_DONE, Registry, default_state_directory
 from coordinator.options import add_request_options, request_from_args
+from edge_runtime.mqtt import add_tls_options
 
 MIB = 2**20
 
@@ -20,16 +23,23 @@ MIB = 2**20
 def add_commands(commands: argparse._SubParsersAction) -> None:
     """Register `serve` and `fleet` on the `coordinator` parser."""
     serve = commands.add_parser("serve", help="run the fleet service (an embedded MQTT broker unless --broker)")
-    serve.add_argument("--broker", help="mqtt://[USER[:PASSWORD]@]HOST:PORT of a running broker")
+    serve.add_argument("--broker", help="mqtt[s]://[USER[:PASSWORD]@]HOST:PORT of a running broker")
     serve.add_argument("--listen", type=int, default=1883, help="port of the embedded broker (loopback only)")
+    serve.add_argument("--tls-cert", type=Path, help="the embedded broker speaks only TLS, with this certificate")
+    serve.add_argument("--tls-key", type=Path, help="the private key of --tls-cert")
     serve.add_argument("--username", help="MQTT user (with the password from --password-env)")
     serve.add_argument("--password-env", default="OFFSITE_EDGE_MQTT_PASSWORD", help="env variable with the password")
     serve.add_argument("--key", type=Path, help="signing key (default: coordinator.key where `keys init` put it)")
     serve.add_argument("--prefix", default="offsite", help="topic prefix shared with the devices")
     serve.add_argument("--state", type=Path, help=f"registry and files (default {default_state_directory()})")
+    add_tls_options(serve)
 
     fleet = commands.add_parser("fleet", help="the fleet registry: devices, dispatch, status, results")
     actions = fleet.add_subparsers(dest="fleet_command", required=True)
+    enroll = actions.add_parser("enroll", help="trust a device's key: only enrolled devices are heard")
+    enroll.add_argument("device", help="the device id it runs with (edge-runtime run --device-id)")
+    enroll.add_argument("--key", type=Path, help="its device.pub (edge-runtime keys prints where)")
+    enroll.add_argument("--remove", action="store_true", help="forget the device's key: it is no longer heard")
     devices = actions.add_parser("devices", help="devices that announced themselves, with profile and datasets")
     dispatch = actions.add_parser("dispatch", help="queue a federated job for `coordinator serve` to run")
     add_request_options(dispatch, steps=50, steps_help="training steps per device per round")
@@ -46,32 +56,55 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         "steer: median, trimmed-mean:0.2 (cut 20%% at each end), krum:f=1 (needs 2f+3 devices)",
     )
     dispatch.add_argument("--clip-norm", type=float, help="clip each device's update to this L2 norm first")
+    dispatch.add_argument(
+        "--deadline", type=float, metavar="SECONDS", help="a round waits this long for its devices, then goes on "
+        "with those that answered (default: until every device answers or refuses)"
+    )  # fmt: skip
+    dispatch.add_argument("--quorum", type=int, default=1, help="fewest results a round aggregates (default 1)")
     dispatch.add_argument("--wait", action="store_true", help="wait until the job is done, then print its results")
     status = actions.add_parser("status", help="jobs and their rounds (one job with JOB)")
     status.add_argument("job", nargs="?")
     status.add_argument("--wait", action="store_true", help="wait until the job is done or failed")
     results = actions.add_parser("results", help="per-device results of a job and each round's aggregate")
     results.add_argument("job")
-    for action in (devices, dispatch, status, results):
+    for action in (enroll, devices, dispatch, status, results):
         action.add_argument("--state", type=Path, help=f"the service's --state (default {default_state_directory()})")
+
+
+def _embedded_tls(args: argparse.Namespace) -> tuple[Path, Path] | None:
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise ConfigError("--tls-cert and --tls-key go together: the embedded broker needs both")
+    if args.tls_cert is not None and args.broker:
+        raise ConfigError("--tls-cert/--tls-key configure the embedded broker; with --broker, TLS is that broker's")
+    for path in (args.tls_cert, args.tls_key):
+        if path is not None and not path.is_file():
+            raise ConfigError(f"{path} is not a file")
+    return (args.tls_cert, args.tls_key) if args.tls_cert else None
 
 
 def serve(args: argparse.Namespace) -> None:
     from coordinator.fleet.broker import EmbeddedBroker
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    state = args.state or default_state_directory()
-    broker = None if args.broker else EmbeddedBroker(port=args.listen).start()  # first: devices may be waiting
-
-    from coordinator.fleet.service import FleetService
-    from edge_runtime.mqtt import BrokerAddress
+    from coordinator.fleet.broker_access import BrokerAccess
+    from coordinator.fleet.service import FleetService, lock_state
+    from edge_runtime.mqtt import BrokerAddress, tls_from_args
     from edge_runtime.wire import Topics
     from exporters.bundle import PRIVATE_KEY, default_key_directory
 
-    url = args.broker or broker.url  # type: ignore[union-attr]
-    address = BrokerAddress.parse(url, args.username, os.environ.get(args.password_env))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    state = args.state or default_state_directory()
+    lock = lock_state(state)  # noqa: F841 (held until this process ends)
+    registry, topics, tls = Registry(state), Topics(args.prefix), _embedded_tls(args)
+    broker = None
+    if args.broker:
+        address = BrokerAddress.parse(
+            args.broker, args.username, os.environ.get(args.password_env), tls_from_args(args)
+        )
+    else:  # first: devices may be waiting
+        broker = EmbeddedBroker(BrokerAccess(registry.enrolled_key, topics), port=args.listen, tls=tls).start()
+        address = broker.coordinator_address(args.ca)
     key = args.key or default_key_directory() / PRIVATE_KEY
-    service = FleetService(Registry(state), address, key, state / "files", Topics(args.prefix))
+    service = FleetService(registry, address, key, state / "files", topics)
+    url = str(address)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
@@ -154,10 +187,34 @@ def format_results(registry: Registry, job: str) -> str:
     return "\n".join(lines)
 
 
+def enroll(registry: Registry, device: str, key: Path | None, remove: bool) -> str:
+    """Record (or with `remove`, forget) `device`'s public key; only enrolled devices' messages are read."""
+    from edge_runtime.identity import parse_public_key
+    from edge_runtime.wire import WireError, check_device_id
+
+    try:
+        check_device_id(device)
+    except WireError as error:
+        raise ConfigError(str(error)) from None
+    if device == "coordinator":
+        raise ConfigError("'coordinator' is the service's own broker user; give the device another id")
+    if remove:
+        return f"{device} removed" if registry.unenroll(device) else f"{device} was not enrolled"
+    if key is None or not key.is_file():
+        raise ConfigError(f"--key {key} is not a file; give the device.pub that `edge-runtime keys` printed")
+    pem = key.read_text(encoding="ascii", errors="replace")
+    parse_public_key(pem, str(key))
+    registry.enroll(device, pem)
+    return f"{device} enrolled; its signed messages are heard from now on"
+
+
 def fleet(args: argparse.Namespace) -> None:
     from coordinator.fleet.jobs import JobSpec
 
     registry = Registry(args.state or default_state_directory())
+    if args.fleet_command == "enroll":
+        print(enroll(registry, args.device, args.key, args.remove))
+        return
     if args.fleet_command == "devices":
         print(format_devices(registry))
         return
@@ -172,6 +229,8 @@ def fleet(args: argparse.Namespace) -> None:
             limit_test=args.limit_test,
             aggregate=args.aggregate,
             clip_norm=args.clip_norm,
+            deadline_s=args.deadline,
+            quorum=args.quorum,
         )
         job = registry.add_job(spec.to_dict())
         print(f"queued {job}: {args.rounds} rounds of {args.steps} steps on {args.dataset}", flush=True)

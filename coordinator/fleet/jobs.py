@@ -17,7 +17,9 @@ class JobSpec:
     """One federated job: every device trains `bundle`'s adapter on its dataset `dataset`, `rounds` times.
 
     Each round runs `bundle.training.steps` steps per device; the aggregate (by `aggregate`, each device's
-    update first clipped to `clip_norm` when given) is scored on `test` after each round.
+    update first clipped to `clip_norm` when given) is scored on `test` after each round. A round waits at most
+    `deadline_s` seconds for its devices (default: as long as it takes), then goes on with those that answered,
+    if they are at least `quorum`.
     """
 
     dataset: str
@@ -28,6 +30,8 @@ class JobSpec:
     limit_test: int | None = None
     aggregate: str = "fedavg"  # coordinator/fleet/robust.py: fedavg, median, trimmed-mean:BETA, krum:f=F
     clip_norm: float | None = None
+    deadline_s: float | None = None
+    quorum: int = 1
 
     def __post_init__(self) -> None:
         if self.rounds < 1:
@@ -37,6 +41,11 @@ class JobSpec:
         AggregationRule.parse(self.aggregate)
         if self.clip_norm is not None and not self.clip_norm > 0:
             raise ConfigError(f"--clip-norm {self.clip_norm} must be a positive L2 norm")
+        if self.deadline_s is not None and not self.deadline_s > 0:
+            raise ConfigError(f"--deadline {self.deadline_s} must be a positive number of seconds per round")
+        if self.quorum < 1 or (self.devices is not None and self.quorum > len(self.devices)):
+            most = f" and at most the {len(self.devices)} devices named" if self.devices is not None else ""
+            raise ConfigError(f"--quorum {self.quorum} must be at least 1{most}")
         if self.test is not None and not Path(self.test).is_file():
             raise ConfigError(f"--test {self.test} is not a file; give the held-out data the aggregate is scored on")
 

@@ -7,6 +7,8 @@ import secrets
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +16,9 @@ from coordinator.errors import ConfigError
 from edge_runtime.manifest import ResultMetrics
 
 SCHEMA = """
+CREATE TABLE IF NOT EXISTS enrolled (
+    device TEXT PRIMARY KEY, public_key TEXT NOT NULL, enrolled REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS devices (
     id TEXT PRIMARY KEY, state TEXT NOT NULL, profile TEXT, datasets TEXT, backends TEXT, last_seen REAL NOT NULL
 );
@@ -68,6 +73,37 @@ class Registry:
             rows = self.db.execute(sql, args).fetchall()
         return [_row(row) for row in rows]  # type: ignore[misc]
 
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """One read-then-write as a unit: this process's other threads wait on the lock, other processes (the fleet
+        commands, a second worker) on SQLite's write lock, taken at the start (BEGIN IMMEDIATE)."""
+        with self.lock:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self.db
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+            self.db.execute("COMMIT")
+
+    # enrolment: the operator's record of each device's public key
+    def enroll(self, device: str, public_key_pem: str) -> None:
+        self._exec(
+            "INSERT INTO enrolled VALUES (?, ?, ?) ON CONFLICT(device) DO UPDATE SET "
+            "public_key = excluded.public_key, enrolled = excluded.enrolled",
+            device,
+            public_key_pem,
+            time.time(),
+        )
+
+    def enrolled_key(self, device: str) -> str | None:
+        rows = self._exec("SELECT public_key FROM enrolled WHERE device = ?", device)
+        return rows[0]["public_key"] if rows else None
+
+    def unenroll(self, device: str) -> bool:
+        with self._transaction() as db:
+            return db.execute("DELETE FROM enrolled WHERE device = ?", (device,)).rowcount > 0
+
     # devices
     def device_status(self, device: str, state: str) -> None:
         self._exec(
@@ -117,17 +153,14 @@ class Registry:
         return self._exec("SELECT * FROM jobs WHERE state = ? ORDER BY created", state)
 
     def set_job(self, job: str, state: str, round_: int | None = None, **detail: Any) -> None:
-        current = self.job(job)
-        merged = current["detail"] | detail
-        round_ = current["round"] if round_ is None else round_
-        self._exec(
-            "UPDATE jobs SET state = ?, round = ?, detail = ?, updated = ? WHERE id = ?",
-            state,
-            round_,
-            json.dumps(merged),
-            time.time(),
-            job,
-        )
+        self.job(job)  # a clear error for an unknown job
+        with self._transaction() as db:
+            current = _row(db.execute("SELECT round, detail FROM jobs WHERE id = ?", (job,)).fetchone())
+            round_ = current["round"] if round_ is None else round_  # type: ignore[index]
+            db.execute(
+                "UPDATE jobs SET state = ?, round = ?, detail = ?, updated = ? WHERE id = ?",
+                (state, round_, json.dumps(current["detail"] | detail), time.time(), job),  # type: ignore[index]
+            )
 
     # tasks
     def add_task(self, job: str, round_: int, device: str, bundle: str) -> None:
@@ -151,19 +184,18 @@ class Registry:
         return rows[0] if rows else None
 
     def set_task(self, job: str, round_: int, device: str, state: str, **detail: Any) -> None:
-        current = self.task(job, round_, device)
-        if current is None:
-            return
-        finished = time.time() if state in TASK_DONE else None
-        self._exec(
-            "UPDATE tasks SET state = ?, detail = ?, finished = ? WHERE job = ? AND round = ? AND device = ?",
-            state,
-            json.dumps(current["detail"] | detail),
-            finished,
-            job,
-            round_,
-            device,
-        )
+        key = (job, round_, device)
+        with self._transaction() as db:
+            current = _row(
+                db.execute("SELECT detail FROM tasks WHERE job = ? AND round = ? AND device = ?", key).fetchone()
+            )
+            if current is None:
+                return
+            finished = time.time() if state in TASK_DONE else None
+            db.execute(
+                "UPDATE tasks SET state = ?, detail = ?, finished = ? WHERE job = ? AND round = ? AND device = ?",
+                (state, json.dumps(current["detail"] | detail), finished, *key),
+            )
 
     def task_result(
         self, job: str, round_: int, device: str, result: Path, metrics: ResultMetrics, sent: int, received: int

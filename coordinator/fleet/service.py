@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import fcntl
 import logging
+import os
 import queue
 import secrets
 import threading
@@ -19,11 +21,12 @@ from coordinator.fleet.registry import JOB_DONE, TASK_DONE, Registry
 from coordinator.fleet.work import Workshop, check_result_adapter, finish_round, prepare_job, result_limit
 from device_profiles import ProfileError
 from edge_runtime.errors import OffsiteError, refusal
+from edge_runtime.identity import parse_public_key
 from edge_runtime.manifest import read_metrics
 from edge_runtime.mqtt import BrokerAddress, Connection
 from edge_runtime.records import RecordError, from_dict
-from edge_runtime.trainer import ADAPTER, METRICS
-from edge_runtime.transfer import Download, Outbox, offer_for, unpack_archive
+from edge_runtime.trainer import ADAPTER, METRICS, bundle_id
+from edge_runtime.transfer import Download, Outbox, offer_for, sha256_file, unpack_archive
 from edge_runtime.wire import (
     Chunk,
     Done,
@@ -32,6 +35,7 @@ from edge_runtime.wire import (
     Offer,
     Profile,
     Progress,
+    Record,
     Request,
     Status,
     Topics,
@@ -43,6 +47,25 @@ log = logging.getLogger(__name__)
 RESEND_SECONDS = 15.0  # a job not yet answered is sent again (freshly signed) this often
 TICK_SECONDS = 0.5
 KEPT_REJECTIONS = 100  # the latest refusals kept for `rejections`; `refused` counts them all
+
+
+def lock_state(state: Path) -> object:
+    """Hold `state/serve.lock` for as long as the returned handle lives: one service per state folder (two would
+    send every job twice and race on the files)."""
+    state.mkdir(parents=True, exist_ok=True)
+    handle = (state / "serve.lock").open("a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        owner = handle.read().strip() or "?"
+        handle.close()
+        raise ConfigError(f"another `coordinator serve` (pid {owner}) is serving {state}; stop it or pass another "
+                          "--state") from None  # fmt: skip
+    handle.truncate(0)
+    handle.write(str(os.getpid()))
+    handle.flush()
+    return handle
 
 
 def wire_job_id(job: str, round_: int) -> str:
@@ -70,6 +93,8 @@ class FleetService:
         self.inbox: queue.Queue[tuple[str, bytes]] = queue.Queue()
         self.outbox = Outbox()
         self.offers: dict[Path, Offer] = {}
+        self.offered_to: dict[str, set[str]] = {}  # transfer → the devices that were sent a job naming it
+        self.device_keys: dict[str, Any] = {}  # enrolled PEM → its parsed key
         self.downloads: dict[str, Download] = {}
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fleet-work")
         self.pending: dict[str, Future] = {}
@@ -93,6 +118,19 @@ class FleetService:
     def _publish(self, device: str, channel: str, payload: bytes) -> None:
         self._count(device, sent=len(payload))
         self.connection.publish(self.topics.device(device, channel), payload)
+
+    def _send(self, device: str, channel: str, record: Record) -> None:
+        self._publish(device, channel, record.signed(self.key).encode())
+
+    def _check_sender(self, device: str, record: Record) -> None:
+        """WireError unless `record` is signed by the key the operator enrolled for `device`."""
+        pem = self.registry.enrolled_key(device)
+        if pem is None:
+            raise WireError(f"device {device!r} is not enrolled; enroll it with `coordinator fleet enroll {device} "
+                            "--key DEVICE_STATE/device.pub`")  # fmt: skip
+        if pem not in self.device_keys:
+            self.device_keys[pem] = parse_public_key(pem, f"{device}'s enrolled key")
+        record.verify(self.device_keys[pem], f"device {device!r}'s enrolled key")
 
     def _reject(self, reason: str) -> None:
         log.warning("rejected: %s", reason)
@@ -120,6 +158,7 @@ class FleetService:
             self.downloads[chunk.transfer].receive(chunk)
             return
         record = decode(payload)
+        self._check_sender(device, record)
         if getattr(record, "device", device) != device:
             raise WireError(f"a {record.kind} record for {record.device!r} arrived on {device!r}'s topic")  # type: ignore[attr-defined]
         if isinstance(record, Status) and channel == "status":
@@ -129,6 +168,8 @@ class FleetService:
         elif isinstance(record, Event) and channel == "events":
             self._on_event(device, record)
         elif isinstance(record, Request) and channel == "acks":
+            if device not in self.offered_to.get(record.transfer, ()):
+                raise WireError(f"{device} asks for {record.transfer[:12]}…, which no job sent to it names")
             for chunk in self.outbox.chunks(record.transfer, record.indices):
                 self._publish(device, "transfer", chunk.encode())
         elif isinstance(record, Done) and channel == "acks":
@@ -168,8 +209,10 @@ class FleetService:
 
     def _on_result_offer(self, device: str, wire_job: str, offer: Offer) -> None:
         job, round_, task = self._task_of(device, wire_job)
-        if task["state"] == "received":  # already counted: just say so again
-            self._publish(device, "transfer", Done(offer.transfer, True).encode())
+        if offer.job != wire_job:  # the job is under the device's signature, the topic is not
+            raise WireError(f"{device} offers a result of {str(offer.job)[:80]!r} on {wire_job!r}'s topic")
+        if task["state"] in TASK_DONE:  # already counted, or skipped (past the deadline): the device may stop offering
+            self._send(device, "transfer", Done(offer.transfer, True))
             return
         if offer.transfer in self.downloads:
             return
@@ -179,15 +222,18 @@ class FleetService:
         inbox = self.work / "incoming" / device
 
         def ask(indices: list[int]) -> None:
-            self._publish(device, "transfer", Request(offer.transfer, indices).encode())
+            self._send(device, "transfer", Request(offer.transfer, indices))
 
         def finished(path: Path) -> None:
+            if (self.registry.task(job, round_, device) or {}).get("state") in TASK_DONE:  # skipped while it came
+                self._send(device, "transfer", Done(offer.transfer, True))
+                return
             try:
                 self._store_result(device, job, round_, path)
             except OffsiteError as error:  # arrived whole but unusable: skip this device's result, say so once
                 self._reject(str(error))
                 self.registry.set_task(job, round_, device, "skipped", reason=str(error))
-            self._publish(device, "transfer", Done(offer.transfer, True).encode())
+            self._send(device, "transfer", Done(offer.transfer, True))
 
         log.info("%s offers its result of %s (%.1f MB)", device, wire_job, offer.size / 1e6)
         self.downloads[offer.transfer] = Download(offer, inbox, ask, finished)
@@ -202,8 +248,13 @@ class FleetService:
         expected = self.registry.job(job)["detail"].get("model_sha256")
         if metrics.model.sha256 != expected:
             raise DataError(f"{device}'s result for {job} round {round_} is not for this job's model")
-        task = self.registry.task(job, round_, device) or {}
-        check_result_adapter(folder / ADAPTER, Path(task["bundle"]), f"{device}'s result for {job} round {round_}")
+        bundle = Path((self.registry.task(job, round_, device) or {})["bundle"])
+        start = self._start(job, round_)
+        origin = bundle_id(bundle.parent / "bundle") + (f"+{sha256_file(start)}" if start else "")
+        if metrics.bundle != origin:
+            raise DataError(f"{device}'s result for {job} round {round_} was not trained from the bundle and start "
+                            f"adapter sent to it ({str(metrics.bundle)[:24]}…, sent {origin[:24]}…)")  # fmt: skip
+        check_result_adapter(folder / ADAPTER, bundle, f"{device}'s result for {job} round {round_}")
         sent, received = self.traffic.get(device, [0, 0])
         start_sent, start_received = self.baseline.get((job, round_, device), [0, 0])
         self.registry.task_result(job, round_, device, folder, metrics, sent - start_sent, received - start_received)
@@ -216,15 +267,19 @@ class FleetService:
             self.offers[path] = self.outbox.add(path, offer_for(path, name))
         return self.offers[path]
 
+    def _start(self, job: str, round_: int) -> Path | None:
+        """The adapter round `round_` starts from: the round before's aggregate (None in round 1)."""
+        return self.work / "jobs" / job / f"round-{round_ - 1}" / "aggregate" / ADAPTER if round_ > 1 else None
+
     def _send_job(self, job: str, round_: int, device: str) -> None:
         spec = JobSpec.from_dict(self.registry.job(job)["spec"])
         task = self.registry.task(job, round_, device)
         bundle = self._offer(Path(task["bundle"]), "bundle")
-        start = None
-        if round_ > 1:
-            start = self._offer(
-                self.work / "jobs" / job / f"round-{round_ - 1}" / "aggregate" / "adapter.safetensors", "adapter"
-            )
+        start_path = self._start(job, round_)
+        start = self._offer(start_path, "adapter") if start_path else None
+        for offer in (bundle, start):
+            if offer is not None:
+                self.offered_to.setdefault(offer.transfer, set()).add(device)
         record = Job(
             wire_job_id(job, round_),
             device,
@@ -235,8 +290,8 @@ class FleetService:
             dataclasses.asdict(start) if start else None,
             time.time(),
             secrets.token_hex(16),
-        ).signed(self.key)
-        self._publish(device, "jobs", record.encode())
+        )
+        self._send(device, "jobs", record)
         self.last_sent[(job, round_, device)] = time.monotonic()
 
     def _start_round(self, job: str, round_: int, bundles: dict[str, str]) -> None:
@@ -259,6 +314,8 @@ class FleetService:
             raise ConfigError(f"devices {lacking} have no dataset named {spec.dataset!r}")
         if not chosen:
             raise ConfigError(f"no online device has dataset {spec.dataset!r}; start `edge-runtime run` on one")
+        if len(chosen) < spec.quorum:
+            raise ConfigError(f"--quorum {spec.quorum} is more than the {len(chosen)} devices this job can go to")
         return {d: devices[d] for d in chosen}
 
     def _on_work_done(self, job: str, future: Future) -> None:
@@ -301,19 +358,10 @@ class FleetService:
                 self.pending.pop(job_id)
                 self._on_work_done(job_id, future)
         for job in self.registry.jobs("running"):
-            round_ = job["round"]
-            tasks = self.registry.tasks(job["id"], round_)
-            for task in tasks:
-                key = (job["id"], round_, task["device"])
-                if task["state"] == "sent" and time.monotonic() - self.last_sent.get(key, 0) > RESEND_SECONDS:
-                    self._send_job(job["id"], round_, task["device"])
-            if tasks and all(task["state"] in TASK_DONE for task in tasks):
-                if not any(task["state"] == "received" for task in tasks):
-                    self.registry.set_job(job["id"], "failed", reason=f"every device skipped round {round_}")
-                    continue
-                self.registry.set_job(job["id"], "aggregating")
-                spec = JobSpec.from_dict(job["spec"])
-                self.pending[job["id"]] = self.worker.submit(finish_round, self.workshop, job["id"], round_, spec)
+            try:
+                self._tick_round(job)
+            except (OffsiteError, RecordError) as error:  # one job's bad spec fails that job, not the service
+                self.registry.set_job(job["id"], "failed", reason=str(error))
         for transfer, download in list(self.downloads.items()):
             try:
                 download.tick()
@@ -321,6 +369,35 @@ class FleetService:
                 self._refuse(error, f"transfer {transfer[:12]}…")
             if download.done:
                 self.downloads.pop(transfer)
+
+    def _tick_round(self, job: dict[str, Any]) -> None:
+        """Send unanswered jobs again; past the deadline, skip the devices still out; aggregate a finished round
+        (or fail the job when fewer than its quorum answered)."""
+        round_, spec = job["round"], JobSpec.from_dict(job["spec"])
+        tasks = self.registry.tasks(job["id"], round_)
+        late = (
+            spec.deadline_s is not None and tasks and time.time() - min(t["started"] for t in tasks) > spec.deadline_s
+        )
+        for task in tasks:
+            key = (job["id"], round_, task["device"])
+            if late and task["state"] not in TASK_DONE:
+                reason = f"no result within the round's {spec.deadline_s:g} s deadline"
+                log.warning("%s round %d: %s skipped: %s", job["id"], round_, task["device"], reason)
+                self.registry.set_task(*key, "skipped", reason=reason)
+                task["state"] = "skipped"
+            elif task["state"] == "sent" and time.monotonic() - self.last_sent.get(key, 0) > RESEND_SECONDS:
+                self._send_job(job["id"], round_, task["device"])
+        if not tasks or not all(task["state"] in TASK_DONE for task in tasks):
+            return
+        received = sum(task["state"] == "received" for task in tasks)
+        if received < spec.quorum:
+            reason = (
+                f"{received} of {len(tasks)} devices answered round {round_}; the job needs {spec.quorum} (--quorum)"
+            )
+            self.registry.set_job(job["id"], "failed", reason=reason)
+            return
+        self.registry.set_job(job["id"], "aggregating")
+        self.pending[job["id"]] = self.worker.submit(finish_round, self.workshop, job["id"], round_, spec)
 
     def _resume(self) -> None:
         """After a restart: jobs cut off while preparing or aggregating start that step again."""

@@ -5,14 +5,17 @@
 Every part runs as its own process, exactly as on a real fleet (swap the loopback broker for yours):
 
     coordinator keys init --out KEYS
-    coordinator serve --state STATE --listen PORT --key KEYS/coordinator.key                  # broker + service
-    edge-runtime run --broker mqtt://127.0.0.1:PORT --device-id dev-1 --profile laptop-16gb \\
-        --dataset reviews=shard-1.jsonl --trust KEYS/coordinator.pub --threads 1               # on each device
+    edge-runtime keys --device-id dev-1 --state DEV1                                  # on each device: its key
+    coordinator fleet enroll dev-1 --key DEV1/device.pub --state STATE                # the operator trusts it
+    coordinator serve --state STATE --listen PORT --key KEYS/coordinator.key          # broker + service
+    edge-runtime run --broker mqtt://127.0.0.1:PORT --device-id dev-1 --state DEV1 --profile laptop-16gb \\
+        --dataset reviews=shard-1.jsonl --trust KEYS/coordinator.pub --threads 1       # on each device
     coordinator fleet dispatch --state STATE --dataset reviews --rounds 2 --steps 40 --test test.jsonl
     coordinator fleet results JOB --state STATE
 
-Each device gets its own private shard of the training data; only adapters cross the wire. Prints the fleet
-table, then the five-setting table with the fleet's aggregate adapter as the offsite adapter.
+Each device gets its own private shard of the training data; only adapters cross the wire. The embedded broker
+lets in only enrolled devices, each on its own topics, and every record on the wire is signed by its sender.
+Prints the fleet table, then the five-setting table with the fleet's aggregate adapter as the offsite adapter.
 """
 
 from __future__ import annotations
@@ -114,6 +117,12 @@ def main(argv: list[str] | None = None) -> None:
             ),
         )
         _wait_for_port(port, processes[0], args.out / "logs" / "coordinator.log")
+        for i in range(1, args.devices + 1):  # each device makes its key; the operator enrolls it
+            device, folder = f"device-{i}", str(args.out / f"device-{i}")
+            subprocess.run(_command("edge_runtime.cli", "keys", "--device-id", device, "--state", folder),
+                           check=True, capture_output=True)  # fmt: skip
+            enroll = ("fleet", "enroll", device, "--key", f"{folder}/device.pub", "--state", str(state))
+            subprocess.run(_command("coordinator.cli", *enroll), check=True, capture_output=True)
         for i, shard in enumerate(shards, 1):
             start(
                 f"device-{i}",

@@ -71,3 +71,23 @@ def test_a_trainer_started_by_a_large_process_reports_its_own_peak_not_its_paren
     child = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
     assert int(child.stdout) < 256 * 2**20, f"the child reported {int(child.stdout) >> 20} MiB"
     del held
+
+
+def test_atomic_writes_sync_the_data_before_the_rename_and_the_folder_after(tmp_path, monkeypatch):
+    """Without the syncs, a power cut right after the rename can leave the new name pointing at empty data."""
+    from pathlib import Path
+
+    from edge_runtime import files
+
+    calls: list[str] = []
+    sync, replace = os.fsync, os.replace
+    monkeypatch.setattr(files.os, "fsync", lambda fd: (calls.append(os.readlink(f"/proc/self/fd/{fd}")), sync(fd)))
+    monkeypatch.setattr(files.os, "replace", lambda a, b: (calls.append(f"rename {Path(b).name}"), replace(a, b)))
+    files.write_text_atomic(tmp_path / "state.json", "{}")
+    assert len(calls) == 3 and calls[1] == "rename state.json"
+    assert Path(calls[0]).name.startswith(".state.json.") and calls[2] == str(tmp_path)
+    calls.clear()
+    with files.atomic_directory(tmp_path / "job") as staging:
+        (staging / "a.txt").write_text("a")
+    assert f"{tmp_path}/job" not in calls[:-2] and calls[-2:] == ["rename job", str(tmp_path)]
+    assert any(call.endswith("/a.txt") for call in calls[: calls.index("rename job")])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -69,18 +70,22 @@ def test_malformed_messages_are_refused_with_the_reason(payload: bytes, reason: 
         decode(payload)
 
 
-def test_jobs_verify_only_with_the_signing_key_and_untouched() -> None:
+def test_records_verify_only_with_the_signing_key_and_untouched() -> None:
     key = Ed25519PrivateKey.generate()
     signed = _job().signed(key)
     decoded = decode(signed.encode())
     assert isinstance(decoded, Job)
-    decoded.verify(key.public_key())
-    with pytest.raises(WireError, match="unsigned"):
-        _job().verify(key.public_key())
+    decoded.verify(key.public_key(), "the coordinator")
+    with pytest.raises(WireError, match="unsigned; only records signed by the coordinator"):
+        _job().verify(key.public_key(), "the coordinator")
+    with pytest.raises(WireError, match="bad signature: not from the coordinator"):
+        _job(steps=10_000, signature=signed.signature).verify(key.public_key(), "the coordinator")
     with pytest.raises(WireError, match="bad signature"):
-        _job(steps=10_000, signature=signed.signature).verify(key.public_key())
+        signed.verify(Ed25519PrivateKey.generate().public_key(), "the coordinator")
+    status = Status("a", "online", 1.0).signed(key)  # every kind signs the same way
+    decode(status.encode()).verify(key.public_key(), "device 'a'")
     with pytest.raises(WireError, match="bad signature"):
-        signed.verify(Ed25519PrivateKey.generate().public_key())
+        dataclasses.replace(status, state="offline").verify(key.public_key(), "device 'a'")
 
 
 def test_chunk_frames_check_their_hash() -> None:

@@ -17,14 +17,17 @@ import pytest
 from coordinator.bundles.request import BundleRequest
 from coordinator.datasets import write_jsonl
 from coordinator.fleet.broker import EmbeddedBroker, free_port
+from coordinator.fleet.broker_access import BrokerAccess
 from coordinator.fleet.jobs import JobSpec
 from coordinator.fleet.registry import Registry
 from coordinator.fleet.service import FleetService
 from coordinator.train import TrainConfig
 from device_profiles import load_profile
 from edge_runtime.daemon import DaemonConfig, EdgeDaemon
-from edge_runtime.mqtt import BrokerAddress
+from edge_runtime.identity import device_key, login_password, public_pem
+from edge_runtime.mqtt import BrokerAddress, TlsFiles
 from edge_runtime.wire import Topics
+from tests.certificates import Pki
 from tests.conftest import make_model, make_tokenizer, sentiment_examples
 
 USERS = ("coordinator", "a", "b", "c")
@@ -51,11 +54,15 @@ def wait_for(condition: Callable[[], object], timeout: float = 60.0, what: str =
 
 
 class Mosquitto:
-    """Mosquitto on a free loopback port with its own config, password file and ACL; can be killed and restarted."""
+    """Mosquitto on a free loopback port with its own config, password file and ACL; can be killed and restarted.
+
+    With `pki` it listens only for TLS with `pki.server` (and with `client_certificates`, demands a client
+    certificate `pki.ca` signed); `address` then carries `pki.ca` and the client's certificate.
+    """
 
     name = "mosquitto"
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, pki: Pki | None = None, client_certificates: bool = False) -> None:
         binary = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
         if binary is None:
             message = "mosquitto is not installed (apt-get install -y mosquitto; `make test` does it where it can)"
@@ -79,8 +86,14 @@ class Mosquitto:
                 capture_output=True,
             )
         (directory / "acl").write_text(ACL)
+        tls = ""
+        self.tls = None
+        if pki is not None:
+            tls = (f"cafile {pki.ca}\ncertfile {pki.server}\nkeyfile {pki.server_key}\ntls_version tlsv1.2\n"
+                   f"require_certificate {'true' if client_certificates else 'false'}\n")  # fmt: skip
+            self.tls = TlsFiles(pki.ca, pki.client, pki.client_key)
         (directory / "mosquitto.conf").write_text(
-            f"listener {self.port} 127.0.0.1\nallow_anonymous false\npassword_file {passwords}\n"
+            f"listener {self.port} 127.0.0.1\n{tls}allow_anonymous false\npassword_file {passwords}\n"
             f"acl_file {directory / 'acl'}\npersistence false\nuser {getpass.getuser()}\n"
             f"log_dest file {directory / 'mosquitto.log'}\n"
         )
@@ -109,16 +122,20 @@ class Mosquitto:
             self.process.wait()
 
     def address(self, user: str) -> BrokerAddress:
-        return BrokerAddress("127.0.0.1", self.port, user, f"{user}-secret")
+        return BrokerAddress("127.0.0.1", self.port, user, f"{user}-secret", self.tls)
+
+    def enroll(self, device: str, pem: str) -> None:
+        """Mosquitto's logins are its password file's."""
 
 
 class Amqtt:
-    """The embedded broker `coordinator serve` starts by default (anonymous, loopback)."""
+    """The embedded broker `coordinator serve` starts by default: enrolled devices only, each on its own topics."""
 
     name = "amqtt"
 
     def __init__(self, directory: Path) -> None:
-        self.broker = EmbeddedBroker(port=free_port())
+        self.enrolled: dict[str, str] = {}
+        self.broker = EmbeddedBroker(BrokerAccess(self.enrolled.get), port=free_port())
 
     def start(self) -> Amqtt:
         self.broker.start()
@@ -128,7 +145,13 @@ class Amqtt:
         self.broker.stop()
 
     def address(self, user: str) -> BrokerAddress:
-        return BrokerAddress("127.0.0.1", self.broker.port)
+        """The coordinator's login; a device logs in by its key (the daemon makes its password)."""
+        return (
+            self.broker.coordinator_address() if user == "coordinator" else BrokerAddress("127.0.0.1", self.broker.port)
+        )
+
+    def enroll(self, device: str, pem: str) -> None:
+        self.enrolled[device] = pem
 
 
 @pytest.fixture
@@ -213,8 +236,25 @@ class Fleet:
         }
         return DaemonConfig(**(values | change))
 
+    def enroll(self, device: str, state: Path | None = None) -> str:
+        """Make `device`'s key in its state folder and enroll it, as `edge-runtime keys` and `fleet enroll` do."""
+        pem = public_pem(device_key(state or self.root / f"device-{device}"))
+        self.service.registry.enroll(device, pem)
+        self.broker.enroll(device, pem)
+        return pem
+
+    def device_address(self, device: str) -> BrokerAddress:
+        """How `device` logs in: Mosquitto's password, or on the embedded broker the password its key makes."""
+        address = self.broker.address(device)
+        if address.username is None:
+            password = login_password(device_key(self.root / f"device-{device}"), device)
+            address = BrokerAddress(address.host, address.port, device, password)
+        return address
+
     def start_daemon(self, device: str, **change: object) -> EdgeDaemon:
-        daemon = EdgeDaemon(self.daemon_config(device, **change), self.broker.address(device))
+        config = self.daemon_config(device, **change)
+        self.enroll(device, config.state)
+        daemon = EdgeDaemon(config, self.broker.address(device))
         self.daemons[device] = daemon
         self._thread(daemon.run, f"device-{device}")
         wait_for(lambda: (self.service.registry.device(device) or {}).get("profile"), 30, f"{device} to announce")

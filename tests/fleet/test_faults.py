@@ -77,6 +77,7 @@ def test_a_daemon_killed_mid_training_resumes_and_completes(mosquitto, make_flee
     fleet = make_fleet(mosquitto)
     registry = fleet.service.registry
     fleet.start_service()
+    fleet.enroll("a")
     process = _daemon_process(fleet, "a")
     try:
         wait_for(lambda: (registry.device("a") or {}).get("profile"), 60, "the daemon to announce itself")

@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from paho.mqtt.enums import CallbackAPIVersion
 from safetensors.torch import load_file
 
-from edge_runtime.mqtt import Connection
+from edge_runtime.mqtt import BrokerAddress, Connection
 from edge_runtime.transfer import sha256_file
 from edge_runtime.wire import MAX_MESSAGE_BYTES, Chunk, Job, Offer, Status, Topics
 from exporters.bundle import load_private_key
@@ -99,9 +99,11 @@ def test_a_device_that_cannot_fit_the_job_says_so_and_is_skipped(broker, make_fl
     assert states["b"][0] == "skipped" and "budget is 1 MiB" in states["b"][1]
 
 
-def _raw_client(broker, user: str) -> paho.Client:
-    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"raw-{secrets.token_hex(3)}", protocol=paho.MQTTv311)
-    address = broker.address(user)
+def _raw_client(broker, user: str, address: BrokerAddress | None = None) -> paho.Client:
+    """A plain paho client as `user` (client id edge-USER:…, as the embedded broker lets a device in)."""
+    client_id = f"edge-{user}:{secrets.token_hex(3)}"
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv311)
+    address = address or broker.address(user)
     if address.username:
         client.username_pw_set(address.username, address.password)
     client.connect(address.host, address.port)
@@ -151,8 +153,8 @@ def test_bad_inputs_are_rejected_and_logged_while_both_sides_keep_serving(broker
     wait_for(lambda: any("fails its sha256" in r for r in daemon.rejections), 10, "the corrupted chunk's rejection")
     coordinator.disconnect()
 
-    device = _raw_client(broker, "a")
-    offer = Offer("2" * 64, "result", 10, 10, "job-unknown-r1")
+    device = _raw_client(broker, "a", fleet.device_address("a"))
+    offer = Offer("2" * 64, "result", 10, 10, "job-unknown-r1").signed(daemon.identity)
     device.publish(TOPICS.device("a", "results", "job-unknown-r1"), offer.encode(), qos=1).wait_for_publish(5)
     wait_for(lambda: any("never sent to it" in r for r in fleet.service.rejections), 10, "the coordinator's rejection")
     device.disconnect()
@@ -162,15 +164,17 @@ def test_bad_inputs_are_rejected_and_logged_while_both_sides_keep_serving(broker
     assert _finished(fleet, job_id)["state"] == "done"
 
 
-def test_a_device_cannot_write_another_devices_topics(mosquitto) -> None:
+def test_a_device_cannot_write_another_devices_topics(broker, make_fleet) -> None:
+    fleet = make_fleet(broker)
+    fleet.enroll("a"), fleet.enroll("b")
     seen: list[tuple[str, bytes]] = []
     watcher = Connection(
-        mosquitto.address("coordinator"),
-        "watcher",
+        broker.address("coordinator"),
+        "coordinator-watcher",
         [TOPICS.all_devices("status")],
         lambda topic, payload: seen.append((topic, payload)),
     ).start()
-    intruder = _raw_client(mosquitto, "b")
+    intruder = _raw_client(broker, "b", fleet.device_address("b"))
     forged = Status("a", "offline", time.time()).encode()
     intruder.publish(TOPICS.device("a", "status"), forged, qos=1).wait_for_publish(5)
     own = Status("b", "online", time.time()).encode()
@@ -194,8 +198,10 @@ def test_a_daemon_started_before_its_broker_waits_for_it(fleet_files, tmp_path) 
     import threading
 
     from coordinator.fleet.broker import EmbeddedBroker, free_port
+    from coordinator.fleet.broker_access import BrokerAccess
     from device_profiles import load_profile
     from edge_runtime.daemon import DaemonConfig, EdgeDaemon
+    from edge_runtime.identity import public_pem
     from edge_runtime.mqtt import BrokerAddress
 
     port = free_port()
@@ -208,7 +214,8 @@ def test_a_daemon_started_before_its_broker_waits_for_it(fleet_files, tmp_path) 
     thread.start()
     time.sleep(1.5)  # refused at least once
     assert not daemon.connection.connected.is_set()
-    with EmbeddedBroker(port=port):
+    enrolled = {"a": public_pem(daemon.identity)}
+    with EmbeddedBroker(BrokerAccess(enrolled.get), port=port):
         wait_for(daemon.connection.connected.is_set, 30, "the daemon to connect once the broker is up")
         stop.set()
         thread.join(timeout=10)

@@ -1,8 +1,10 @@
 """Fuzz: thousands of random and mutated records thrown at the coordinator service and at a daemon over a real
-broker (seeded, bounded in count); both keep serving, and a real job completes afterwards."""
+broker (seeded, bounded in count); both keep serving, and a real job completes afterwards. Half the mutated records
+are signed by the key their receiver trusts, so they get past the signature check to the handlers."""
 
 from __future__ import annotations
 
+import base64
 import json
 import random
 import secrets
@@ -10,9 +12,11 @@ import time
 from collections.abc import Iterator
 
 import paho.mqtt.client as paho
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edge_runtime.wire import WIRE_SCHEMA, Chunk
+from exporters.bundle import load_private_key
 from tests.fleet.conftest import Amqtt, tiny_spec, wait_for
 
 RECORDS = 3000  # half at the service, half at daemon `a`
@@ -38,7 +42,7 @@ def _value(rng: random.Random) -> object:
     return rng.choice([*ODD_VALUES, rng.randint(-(2**40), 2**40), rng.random(), secrets.token_hex(rng.randint(0, 40))])
 
 
-def _mutated(rng: random.Random) -> bytes:
+def _mutated(rng: random.Random, signer: Ed25519PrivateKey) -> bytes:
     record = dict(rng.choice(BASES)) | {"schema": WIRE_SCHEMA}
     for _ in range(rng.randint(1, 3)):
         key = rng.choice(list(record))
@@ -49,13 +53,16 @@ def _mutated(rng: random.Random) -> bytes:
             record[key] = _value(rng)
         else:
             record[secrets.token_hex(3)] = _value(rng)
+    if rng.random() < 0.5:  # signed as Record.signed signs (it holds when the mutation kept the record's form)
+        body = json.dumps({k: v for k, v in record.items() if k != "signature"}, sort_keys=True, separators=(",", ":"))
+        record["signature"] = base64.b64encode(signer.sign(body.encode())).decode()
     payload = json.dumps(record).encode()
     if rng.random() < 0.2:  # cut or corrupted bytes
         payload = payload[: rng.randint(0, len(payload))] + bytes(rng.randrange(256) for _ in range(rng.randint(0, 4)))
     return payload
 
 
-def _message(rng: random.Random) -> bytes:
+def _message(rng: random.Random, signer: Ed25519PrivateKey) -> bytes:
     roll = rng.random()
     if roll < 0.1:
         return bytes(rng.randrange(256) for _ in range(rng.randint(0, 300)))
@@ -64,7 +71,7 @@ def _message(rng: random.Random) -> bytes:
     if roll < 0.25:
         depth = rng.randint(30, 3000)
         return b'{"kind":"event","detail":' + b"[" * depth + b"]" * depth + b"}"
-    return _mutated(rng)
+    return _mutated(rng, signer)
 
 
 def _service_topic(rng: random.Random) -> str:
@@ -75,15 +82,16 @@ def _service_topic(rng: random.Random) -> str:
     return f"offsite/devices/{device}/{channel}"
 
 
-def _messages(seed: int) -> Iterator[tuple[str, bytes]]:
+def _messages(seed: int, coordinator: Ed25519PrivateKey, device: Ed25519PrivateKey) -> Iterator[tuple[str, bytes]]:
+    """To the service as device `a` would sign, to daemon `a` as the coordinator would."""
     rng = random.Random(seed)
     for index in range(RECORDS):
         topic = _service_topic(rng) if index % 2 else f"offsite/devices/a/{rng.choice(['jobs', 'transfer'])}"
-        yield topic, _message(rng)
+        yield topic, _message(rng, device if index % 2 else coordinator)
 
 
 def test_thousands_of_hostile_records_leave_the_service_and_a_daemon_serving(make_fleet, tmp_path) -> None:
-    broker = Amqtt(tmp_path / "broker").start()  # anonymous: one client may write every topic
+    broker = Amqtt(tmp_path / "broker").start()  # the attacker logs in as the coordinator: it may write every topic
     try:
         fleet = make_fleet(broker)
         service = fleet.service
@@ -91,9 +99,12 @@ def test_thousands_of_hostile_records_leave_the_service_and_a_daemon_serving(mak
         daemon = fleet.start_daemon("a")
         fleet.start_daemon("b")
         attacker = paho.Client(CallbackAPIVersion.VERSION2, client_id="fuzz", protocol=paho.MQTTv311)
+        login = broker.address("coordinator")
+        attacker.username_pw_set(login.username, login.password)
         attacker.connect("127.0.0.1", broker.broker.port)
         attacker.loop_start()
-        sent = [attacker.publish(topic, payload, qos=1) for topic, payload in _messages(seed=7)]
+        messages = _messages(7, load_private_key(fleet.files["key"]), daemon.identity)
+        sent = [attacker.publish(topic, payload, qos=1) for topic, payload in messages]
         for message in sent:
             message.wait_for_publish(timeout=30)
         attacker.loop_stop()

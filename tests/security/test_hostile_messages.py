@@ -16,18 +16,31 @@ from coordinator.fleet.registry import Registry
 from coordinator.fleet.service import FleetService
 from device_profiles import load_profile
 from edge_runtime.daemon import DaemonConfig, EdgeDaemon
+from edge_runtime.identity import public_pem
 from edge_runtime.mqtt import BrokerAddress
+from edge_runtime.records import RecordError, from_dict
 from edge_runtime.transfer import pack_directory
-from edge_runtime.wire import FRAME_MAGIC, WIRE_SCHEMA, Chunk, Event, Job, Topics
+from edge_runtime.wire import FRAME_MAGIC, RECORDS, WIRE_SCHEMA, Chunk, Event, Job, Topics
 from exporters.bundle import load_private_key
+from tests.conftest import device_result
 from tests.fleet.conftest import tiny_spec
 
 SHA = "ab" * 32
 DEEP = b'{"kind":"event","schema":1,"detail":' + b"[" * 50_000 + b"]" * 50_000 + b"}"
 
 
-def _record(kind: str, **fields: object) -> bytes:
-    return json.dumps({"kind": kind, "schema": WIRE_SCHEMA, **fields}).encode()
+DEVICE_KEY = Ed25519PrivateKey.generate()  # device a's, enrolled by the service fixture
+OTHER_KEY = Ed25519PrivateKey.generate()  # device b's, enrolled too
+
+
+def _record(kind: str, signer: Ed25519PrivateKey = DEVICE_KEY, **fields: object) -> bytes:
+    """A record as `signer` would send it: signed when it reads as a record (a refusal past the signature check),
+    else the raw fields (refused before any signature is read)."""
+    data = {"kind": kind, "schema": WIRE_SCHEMA, **fields}
+    try:
+        return from_dict(RECORDS[kind], data).signed(signer).encode()
+    except (KeyError, RecordError):
+        return json.dumps(data).encode()
 
 
 def _frame(header: dict, data: bytes = b"x") -> bytes:
@@ -52,12 +65,15 @@ def service(fleet_files, tmp_path):
         tmp_path / "coordinator" / "files",
         Topics(),
     )
+    made.registry.enroll("a", public_pem(DEVICE_KEY))
+    made.registry.enroll("b", public_pem(OTHER_KEY))
     job = made.registry.add_job(tiny_spec(fleet_files, rounds=1))
     folder = tmp_path / "coordinator" / "files" / "bundles" / "one"  # as prepare_job lays a bundle out
     (folder / "bundle").mkdir(parents=True)
     (folder / "bundle" / "adapter.safetensors").write_bytes(b"\0" * 1000)
+    (folder / "bundle" / "manifest.json").write_text('{"stand-in": "a signed manifest"}')
     pack_directory(folder / "bundle", folder / "bundle.tar")
-    made.registry.set_job(job, "running", 1)
+    made.registry.set_job(job, "running", 1, model_sha256="0" * 64)
     made.registry.add_task(job, 1, "a", str(folder / "bundle.tar"))
     made.wire_job = f"{job}-r1"  # type: ignore[attr-defined]
     yield made
@@ -67,13 +83,15 @@ def service(fleet_files, tmp_path):
 def _service_cases(wire_job: str) -> dict[str, tuple[str, bytes, str]]:
     """name -> (topic, payload, what the refusal says)."""
     events, results = "offsite/devices/a/events", f"offsite/devices/a/results/{wire_job}"
-    progress = Event("a", wire_job, "progress", time.time(), {"step": 1}).encode()
+    progress = Event("a", wire_job, "progress", time.time(), {"step": 1}).signed(DEVICE_KEY).encode()
     offer = {"transfer": SHA, "name": "result", "size": 10, "chunk_bytes": 4, "job": wire_job}
     return {
         "a progress event without its steps and loss": (events, progress, "lacks its 'steps' field"),
         "a progress event whose loss is a string": (
             events,
-            Event("a", wire_job, "progress", time.time(), {"step": 1, "steps": 2, "loss": "x"}).encode(),
+            Event("a", wire_job, "progress", time.time(), {"step": 1, "steps": 2, "loss": "x"})
+            .signed(DEVICE_KEY)
+            .encode(),
             "loss = 'x' is not float",
         ),
         "an offer with a zero chunk size": (results, _record("offer", **offer | {"chunk_bytes": 0}), "chunk_bytes = 0"),
@@ -112,8 +130,34 @@ def _service_cases(wire_job: str) -> dict[str, tuple[str, bytes, str]]:
         ),
         "an event for a job never sent to this device": (
             events,
-            Event("a", "job-0-r1", "trained", time.time(), {}).encode(),
+            Event("a", "job-0-r1", "trained", time.time(), {}).signed(DEVICE_KEY).encode(),
             "never sent to it",
+        ),
+        "an unsigned record": (events, Event("a", wire_job, "queued", 1.0).encode(), "is unsigned"),
+        "a record signed by another device's key": (
+            events,
+            Event("a", wire_job, "trained", 1.0).signed(OTHER_KEY).encode(),
+            "bad signature: not from device 'a'",
+        ),
+        "a record from a device never enrolled": (
+            "offsite/devices/z/status",
+            _record("status", Ed25519PrivateKey.generate(), device="z", state="online", time=1.0),
+            "'z' is not enrolled",
+        ),
+        "a result offered for another device's task": (
+            f"offsite/devices/b/results/{wire_job}",
+            _record("offer", OTHER_KEY, **offer),
+            "never sent to it",
+        ),
+        "a result offer replayed on another job's topic": (
+            results,
+            _record("offer", **offer | {"job": "job-0-r1"}),
+            "offers a result of 'job-0-r1'",
+        ),
+        "a request for a transfer no job sent to this device names": (
+            "offsite/devices/a/acks",
+            _record("request", transfer=SHA, indices=[0]),
+            "which no job sent to it names",
         ),
         "a status of another device on this one's topic": (
             "offsite/devices/a/status",
@@ -143,6 +187,26 @@ def test_a_pending_job_with_a_spec_that_no_longer_reads_fails_alone(service):
     service.step(wait=0.01)
     assert service.registry.job(job)["state"] == "failed"
     assert "job spec" in service.registry.job(job)["detail"]["reason"]
+
+
+@pytest.mark.parametrize("origin", ["another bundle", "the bundle sent"])
+def test_a_result_is_refused_unless_trained_from_the_bundle_sent_to_its_device(service, tmp_path, origin):
+    from coordinator.errors import DataError
+    from edge_runtime.trainer import bundle_id
+
+    bundle = Path(service.registry.task(service.wire_job.rsplit("-r", 1)[0], 1, "a")["bundle"]).parent / "bundle"
+    metrics = device_result({}, 10).metrics.to_dict()
+    metrics["bundle"] = "f" * 64 if origin == "another bundle" else bundle_id(bundle)
+    (tmp_path / "result").mkdir()
+    (tmp_path / "result" / "metrics.json").write_text(json.dumps(metrics))
+    archive = pack_directory(tmp_path / "result", tmp_path / "result.tar")
+    job = service.wire_job.rsplit("-r", 1)[0]
+    with pytest.raises(DataError) as refused:
+        service._store_result("a", job, 1, archive)
+    if origin == "another bundle":
+        assert "was not trained from the bundle and start adapter sent to it" in str(refused.value)
+    else:  # past the origin check, on to the adapter's own
+        assert "has no adapter.safetensors" in str(refused.value)
 
 
 @pytest.fixture
@@ -181,6 +245,11 @@ def _daemon_cases(key: Ed25519PrivateKey) -> dict[str, tuple[str, bytes, str]]:
         "a request repeating one index": (transfer, _record("request", transfer=SHA, indices=[1, 1]), "each once"),
         "a done whose transfer id is a path": (transfer, _record("done", transfer="../x", ok=True), "sha256"),
         "a chunk of a transfer never asked for": (transfer, Chunk(SHA, 0, b"x").encode(), "did not ask for"),
+        "an acknowledgement signed by a device, not the coordinator": (
+            transfer,
+            _record("done", DEVICE_KEY, transfer=SHA, ok=True),
+            "bad signature: not from the trusted coordinator",
+        ),
         "a JSON array 50,000 deep": (jobs, DEEP, "nests deeper than 32 levels"),
         "bytes that are not JSON": (jobs, b"\x00\x01", "not JSON"),
     }
