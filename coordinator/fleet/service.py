@@ -271,15 +271,20 @@ class FleetService:
         """The adapter round `round_` starts from: the round before's aggregate (None in round 1)."""
         return self.work / "jobs" / job / f"round-{round_ - 1}" / "aggregate" / ADAPTER if round_ > 1 else None
 
-    def _send_job(self, job: str, round_: int, device: str) -> None:
-        spec = JobSpec.from_dict(self.registry.job(job)["spec"])
-        task = self.registry.task(job, round_, device)
-        bundle = self._offer(Path(task["bundle"]), "bundle")
+    def _offers_for(self, job: str, round_: int, device: str, bundle_path: str) -> tuple[Offer, Offer | None]:
+        """The bundle and start adapter `device` pulls this round, offered: a device pulls only what its jobs name."""
+        bundle = self._offer(Path(bundle_path), "bundle")
         start_path = self._start(job, round_)
         start = self._offer(start_path, "adapter") if start_path else None
         for offer in (bundle, start):
             if offer is not None:
                 self.offered_to.setdefault(offer.transfer, set()).add(device)
+        return bundle, start
+
+    def _send_job(self, job: str, round_: int, device: str) -> None:
+        spec = JobSpec.from_dict(self.registry.job(job)["spec"])
+        task = self.registry.task(job, round_, device)
+        bundle, start = self._offers_for(job, round_, device, task["bundle"])
         record = Job(
             wire_job_id(job, round_),
             device,
@@ -400,10 +405,15 @@ class FleetService:
         self.pending[job["id"]] = self.worker.submit(finish_round, self.workshop, job["id"], round_, spec)
 
     def _resume(self) -> None:
-        """After a restart: jobs cut off while preparing or aggregating start that step again."""
+        """After a restart: jobs cut off while preparing or aggregating start that step again, and the files of
+        running rounds are offered again (a device in the middle of a download goes on asking for chunks)."""
         for job in self.registry.jobs():
             if job["state"] in ("preparing", "aggregating"):
                 self.registry.set_job(job["id"], "pending" if job["state"] == "preparing" else "running")
+            if job["state"] in ("running", "aggregating"):
+                for task in self.registry.tasks(job["id"], job["round"]):
+                    if task["state"] not in TASK_DONE:
+                        self._offers_for(job["id"], job["round"], task["device"], task["bundle"])
 
     def step(self, wait: float = TICK_SECONDS) -> None:
         deadline = time.monotonic() + wait

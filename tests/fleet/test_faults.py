@@ -101,3 +101,49 @@ def test_a_daemon_killed_mid_training_resumes_and_completes(mosquitto, make_flee
     metrics = registry.tasks(job)[0]["metrics"]
     assert metrics["steps"] == 1500
     assert 100 <= metrics["resumed_from_step"] <= killed_at + 100  # resumed from a checkpoint, not from scratch
+
+
+def test_a_service_restarted_in_the_middle_of_a_bundle_download_completes_the_job(
+    mosquitto, make_fleet, monkeypatch
+) -> None:
+    """The new service offers the running round's files again, so the device's pending chunk requests are answered."""
+    import threading
+
+    from coordinator.fleet import service as service_module
+    from coordinator.fleet.registry import Registry
+    from coordinator.fleet.service import FleetService
+    from edge_runtime.wire import Topics
+
+    monkeypatch.setattr(transfer, "STALL_SECONDS", 1.0)
+    small = service_module.offer_for
+    monkeypatch.setattr(service_module, "offer_for", lambda path, name: small(path, name, chunk_bytes=4096))
+    receive = transfer.Download.receive
+
+    def slow_link(self: transfer.Download, chunk: object) -> None:  # ~10 ms per 4 KiB chunk: a download of seconds
+        time.sleep(0.01)
+        receive(self, chunk)
+
+    monkeypatch.setattr(transfer.Download, "receive", slow_link)
+    fleet = make_fleet(mosquitto)
+    first_stop = threading.Event()
+    first = threading.Thread(target=fleet.service.run, args=(first_stop,), daemon=True)
+    first.start()
+    wait_for(fleet.service.connection.connected.is_set, 30, "the first service to connect")
+    fleet.start_daemon("a")
+    job = fleet.service.registry.add_job(tiny_spec(fleet.files, rounds=1, devices=["a"]))
+    downloads = fleet.root / "device-a" / "downloads"
+    wait_for(lambda: len(list(downloads.glob(".*.parts/*"))) >= 20, 60, "the bundle download under way")
+    first_stop.set()
+    first.join(timeout=30)
+    whole = [path for path in downloads.iterdir() if path.is_file() and not path.name.startswith(".")]
+    assert not whole, "the bundle arrived whole before the service stopped"
+    second = FleetService(
+        Registry(fleet.root / "coordinator"),
+        mosquitto.address("coordinator"),
+        fleet.files["key"],
+        fleet.root / "coordinator" / "files",
+        Topics(),
+    )
+    fleet._thread(second.run, "second service")
+    wait_for(lambda: second.registry.job(job)["state"] in ("done", "failed"), 120, "the job after the restart")
+    assert second.registry.job(job)["state"] == "done", second.registry.job(job)["detail"]
