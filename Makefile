@@ -55,6 +55,7 @@ bench-studies: setup
 	$(BIN)/python -m bench.adapter_kinds
 	$(BIN)/python -m bench.poisoning
 	$(BIN)/python -m bench.fleet
+	$(BIN)/python -m bench.privacy
 	$(BIN)/python -m bench.compression
 	$(BIN)/python -m bench.fidelity
 	$(BIN)/python -m bench.utility

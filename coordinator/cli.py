@@ -194,7 +194,7 @@ def _plan(args: argparse.Namespace) -> None:
     split.check(loaded.model.config.num_hidden_layers)
     emulator = make_emulator(loaded.model, split, request.recipe(), loaded.tokenizer)
     shape = model_shape(emulator, request.adapter().attach(emulator, split.bottom, split.top))
-    backend = args.backend or profile.backends[0]
+    backend = args.backend or request.backends_for(profile)[0]  # with --dp: torch
     training = request.training
     print(format_plan(make_plan(shape, profile, backend, training.batch_size, training.max_length, request.task.kind)))
 
@@ -221,6 +221,12 @@ def _export(args: argparse.Namespace) -> None:
         f"micro-batch {plan.micro_batch} of {plan.batch_size}, predicted peak "
         f"{plan.predicted['total'] / 2**20:,.0f} MiB of {plan.budget_bytes / 2**20:,.0f} MiB"
     )
+    if manifest.privacy is not None:
+        dp = manifest.privacy
+        print(
+            f"differentially private: each device spends at most ε = {dp.epsilon:g} at δ = {dp.delta:g}, each "
+            f"example's gradient clipped to {dp.clip:g}; the device sets the noise for its own example count"
+        )
 
 
 def _plug(args: argparse.Namespace) -> None:

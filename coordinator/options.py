@@ -11,6 +11,7 @@ from coordinator.defaults import DEFAULT_EMULATOR, DEFAULT_KEEP, DEFAULT_LR
 from coordinator.tasks import DEFAULT_LABEL_WORDS, DEFAULT_TEMPLATE
 from coordinator.train import TrainConfig
 from edge_runtime.manifest import TASK_KINDS
+from edge_runtime.privacy import parse_dp
 
 
 def pair(text: str) -> tuple[int, int]:
@@ -111,6 +112,13 @@ def add_request_options(command: argparse.ArgumentParser, steps: int = 100, step
     command.add_argument("--lr", type=float, default=DEFAULT_LR, help="adapter learning rate")
     command.add_argument("--seed", type=int, default=0, help="data order seed")
     command.add_argument("--checkpoint-every", type=int, default=10, help="steps between device checkpoints")
+    command.add_argument(
+        "--dp",
+        type=parse_dp,
+        metavar="epsilon=E[,delta=D][,clip=C]",
+        help="differentially private training on the device (DP-SGD: per-example clipping to C, Gaussian noise the "
+        "device sets for its own example count so the run spends at most (E, D)); bias or lora adapters, PyTorch",
+    )
     add_window_option(command)
 
 
@@ -135,4 +143,5 @@ def request_from_args(args: argparse.Namespace, backends: tuple[str, ...] = ()) 
         checkpoint_every=args.checkpoint_every,
         layer_window=args.layer_window,
         backends=backends,
+        dp=args.dp,
     )

@@ -79,8 +79,25 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--threads", type=int, help="compute threads (default: all cores)")
     run.add_argument("--backend", choices=sorted(BACKENDS), help="default: the bundle's first backend")
     run.add_argument("--budget-gb", type=float, help="memory budget (default: the profile's, capped by free memory)")
+    run.add_argument(
+        "--privacy-budget",
+        type=_epsilon,
+        metavar="epsilon=E",
+        help="lifetime differential-privacy budget: only DP jobs run, and none once their ε would add up past E "
+        "(kept in --state across restarts)",
+    )
     add_tls_options(run)
     return parser
+
+
+def _epsilon(text: str) -> float:
+    key, _, value = text.partition("=")
+    try:
+        if key == "epsilon":
+            return float(value)
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"{text!r} is not epsilon=E, e.g. --privacy-budget epsilon=8")
 
 
 def _profile(args: argparse.Namespace) -> None:
@@ -173,6 +190,7 @@ def _run(args: argparse.Namespace) -> None:
         args.threads,
         args.backend,
         budget,
+        privacy_budget=args.privacy_budget,
     )
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

@@ -23,6 +23,7 @@ from edge_runtime.files import atomic_directory, write_json_atomic
 from edge_runtime.identity import device_key, login_password
 from edge_runtime.isolated import TrainingInterrupted, train_isolated
 from edge_runtime.mqtt import BrokerAddress, BrokerUnreachable, Connection
+from edge_runtime.privacy import PrivacyLedger
 from edge_runtime.records import RecordError, from_dict
 from edge_runtime.trainer import TrainOptions, plan_training, train_bundle
 from edge_runtime.transfer import Download, Outbox, offer_for, pack_directory, unpack_archive
@@ -71,6 +72,7 @@ class DaemonConfig:
     budget_bytes: int | None = None
     chunk_bytes: int = CHUNK_BYTES
     isolate: bool = True  # train each job in a child process (memory returned, daemon keeps serving)
+    privacy_budget: float | None = None  # lifetime ε: only DP jobs run, until their ε adds up to it
 
     def __post_init__(self) -> None:
         check_device_id(self.device_id)
@@ -98,6 +100,8 @@ class EdgeDaemon:
         self.bundles_dir = config.state / "bundles"
         self.downloads_dir = config.state / "downloads"
         self.nonces_file = config.state / "nonces.json"
+        budget = config.privacy_budget
+        self.ledger = PrivacyLedger(config.state / "privacy.json", budget) if budget is not None else None
         self.inbox: queue.Queue[tuple[str, bytes]] = queue.Queue()
         self.outbox = Outbox()
         self.downloads: dict[str, Download] = {}
@@ -266,7 +270,9 @@ class EdgeDaemon:
         )
         try:
             plan = plan_training(bundle, data, self.config.trusted_key, options)
-        except OffsiteError as error:  # a bundle that fails verification or does not fit: say so, skip the job
+            if self.ledger is not None:  # charged before training: a crash mid-job cannot hide what it spent
+                self.ledger.charge(job.job, plan.privacy)
+        except OffsiteError as error:  # fails verification, does not fit, or is over the privacy budget: skip it
             self._set_job_state(job.job, "rejected", reason=str(error))
             self._reject(str(error), job.job)
             return

@@ -6,6 +6,7 @@ signature verifies) and `read_metrics` are the only ways in, and a malformed fie
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -190,6 +191,24 @@ class FileDigest:
 
 
 @dataclass(frozen=True)
+class DPTarget:
+    """A job's differential-privacy ask: train within (epsilon, delta)-DP, each example's gradient clipped to
+    `clip` (L2). The device sets the noise for its own example count (edge_runtime/privacy.py)."""
+
+    epsilon: float
+    delta: float = 1e-5
+    clip: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.epsilon) and self.epsilon > 0):
+            raise ValueError(f"epsilon = {self.epsilon} must be a positive number (smaller is more private)")
+        if not 0 < self.delta < 1:
+            raise ValueError(f"delta = {self.delta} must be in (0, 1), well under 1/examples (e.g. 1e-5)")
+        if not (math.isfinite(self.clip) and self.clip > 0):
+            raise ValueError(f"clip = {self.clip} must be a positive L2 norm")
+
+
+@dataclass(frozen=True)
 class Manifest:
     """Everything a device reads from a bundle; `signer` and `files` are filled in when the bundle is sealed."""
 
@@ -207,6 +226,7 @@ class Manifest:
     training: TrainingRecord
     backends: list[str]
     export_check: dict[str, Any] | None = None
+    privacy: DPTarget | None = None  # differentially private training (DP-SGD) when set
     signer: str = ""
     files: dict[str, FileDigest] = field(default_factory=dict)
 
@@ -229,10 +249,14 @@ class PrivacyRecord:
     """How the adapter's training was privatized; every field empty while training is not differentially private."""
 
     mechanism: str | None = None
-    epsilon: float | None = None
+    epsilon: float | None = None  # spent, by the accountant
     delta: float | None = None
     noise_multiplier: float | None = None
     clip_norm: float | None = None
+    steps: int | None = None
+    sampling_rate: float | None = None
+    accountant: str | None = None
+    target_epsilon: float | None = None
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -109,6 +110,21 @@ class TaskEncoder:
             return Batch(ids, mask, np.array([target for _, target in rows], dtype=np.int64))
         labels = np.where(mask[:, 1:] == 1, ids[:, 1:], IGNORE_INDEX).reshape(-1)
         return Batch(ids, mask, labels.astype(np.int64))
+
+
+def poisson_batches(encoder: TaskEncoder, rows: list[tuple[list[int], int]], rate: float) -> Iterator[Batch]:
+    """Endless DP-SGD batches: each row in each batch with probability `rate`, independently (Poisson sampling, as
+    the accountant assumes), drawn from the OS's randomness; a batch may be empty (zero rows)."""
+    if not rows:
+        raise DataError("the training data holds no usable example")
+    generator = np.random.default_rng(np.random.SeedSequence(int.from_bytes(os.urandom(16), "little")))
+    while True:
+        chosen = np.flatnonzero(generator.random(len(rows)) < rate)
+        if len(chosen):
+            yield encoder.collate([rows[i] for i in chosen])
+        else:
+            empty = np.zeros((0, 1), dtype=np.int64)
+            yield Batch(empty, empty, np.zeros(0, dtype=np.int64))
 
 
 def training_batches(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import statistics
@@ -24,11 +25,19 @@ from edge_runtime.bundle import MANIFEST, TOKENIZER_FILE, verify_bundle, write_a
 from edge_runtime.data import load_examples
 from edge_runtime.errors import ConfigError, DataError
 from edge_runtime.files import atomic_directory, write_json_atomic
-from edge_runtime.manifest import RESULT_FORMAT, RESULT_SCHEMA, Manifest, ResultMetrics, TrainedWindow
+from edge_runtime.manifest import (
+    RESULT_FORMAT,
+    RESULT_SCHEMA,
+    Manifest,
+    PrivacyRecord,
+    ResultMetrics,
+    TrainedWindow,
+)
 from edge_runtime.memory import MIB, MemoryEstimate, choose_micro_batch
 from edge_runtime.monitor import PeakMemory, peak_rss_bytes
+from edge_runtime.privacy import ORT_REFUSAL, DPPlan
 from edge_runtime.schedule import learning_rate_factor
-from edge_runtime.text import TaskEncoder, training_batches
+from edge_runtime.text import TaskEncoder, poisson_batches, training_batches
 from edge_runtime.transfer import sha256_file
 from edge_runtime.windows import bundle_windows, window_at
 
@@ -105,6 +114,7 @@ class TrainingPlan:
     sequence: int
     micro_batch: int
     predicted: MemoryEstimate
+    privacy: DPPlan | None = None  # DP-SGD's noise and sampling rate for this device's example count
 
 
 def plan_training(bundle: Path, data: Path, trusted_key: Path, options: TrainOptions) -> TrainingPlan:
@@ -131,7 +141,14 @@ def plan_training(bundle: Path, data: Path, trusted_key: Path, options: TrainOpt
         budget,
         PLAN_MARGIN,
     )
-    return TrainingPlan(manifest, encoder, rows, backend, steps, every, budget, sequence, micro_batch, predicted)
+    privacy = None
+    if manifest.privacy is not None:
+        if backend != "torch":
+            raise ConfigError(ORT_REFUSAL)
+        privacy = DPPlan.make(manifest.privacy, training.batch_size, len(rows), steps)
+    return TrainingPlan(
+        manifest, encoder, rows, backend, steps, every, budget, sequence, micro_batch, predicted, privacy
+    )
 
 
 def _starting_weights(path: Path, manifest: Manifest) -> dict[str, np.ndarray]:
@@ -191,9 +208,12 @@ def train_bundle(
         backend = open_backend(backend_name, bundle, manifest, threads, found[0] if found else None)
         if start is not None and found is None:
             backend.load(start)
-        batches = training_batches(plan.encoder, plan.rows, batch_size, training.seed)
-        for _ in range(progress["step"]):
-            next(batches)
+        if plan.privacy is None:
+            batches = training_batches(plan.encoder, plan.rows, batch_size, training.seed)
+            for _ in range(progress["step"]):
+                next(batches)
+        else:  # each step draws each row with probability q, from the OS's randomness (the analysis needs it secret)
+            batches = poisson_batches(plan.encoder, plan.rows, plan.privacy.sampling_rate)
         resumed_from = progress["step"]
         with tqdm(
             total=steps, initial=resumed_from, desc=f"train ({backend_name})", unit="step", disable=not options.progress
@@ -204,9 +224,13 @@ def train_bundle(
                 tick = time.perf_counter()
                 lr = training.lr * learning_rate_factor(step, steps, training.warmup_ratio)
                 backend.select_window(window_at(step, steps, len(windows)))
-                loss = backend.step(batch.split(micro_batch), lr)
+                if plan.privacy is None:
+                    loss = backend.step(batch.split(micro_batch), lr)
+                else:
+                    loss = backend.private_step(batch.split(micro_batch) if len(batch) else [], lr, plan.privacy)
                 progress["step_seconds"].append(round(time.perf_counter() - tick, 4))
-                progress["losses"].append(loss)
+                if math.isfinite(loss):  # a DP step may draw no row: it only adds noise, and has no loss
+                    progress["losses"].append(loss)
                 progress["samples"] += len(batch)
                 progress["step"] = step + 1
                 if monitor.window_peak > budget and micro_batch > 1:  # this step went over: halve, never exceed again
@@ -249,6 +273,7 @@ def train_bundle(
         predicted_peak_bytes=plan.predicted.total,
         peak_memory_bytes=max(monitor.peak, peak_rss_bytes()),
         peak_memory_sampled_bytes=monitor.peak,
+        privacy=plan.privacy.record() if plan.privacy is not None else PrivacyRecord(),
         layer_windows=(
             [TrainedWindow(w.layers, w.exit) for w in manifest.adapter.windows] if manifest.adapter.windows else None
         ),

@@ -170,6 +170,7 @@ def export_bundle(
         ),
         training=_training_record(request),
         backends=list(backends),
+        privacy=request.dp,
     )
     contents = BundleContents(
         manifest,

@@ -19,7 +19,7 @@ from coordinator.tasks import DEFAULT_LABEL_WORDS, DEFAULT_TEMPLATE, Classificat
 from coordinator.train import TrainConfig
 from device_profiles import DeviceProfile
 from edge_runtime.backends import BACKENDS
-from edge_runtime.manifest import CLASSIFICATION, LANGUAGE_MODEL, TASK_KINDS
+from edge_runtime.manifest import CLASSIFICATION, LANGUAGE_MODEL, TASK_KINDS, DPTarget
 from edge_runtime.records import from_dict, to_dict
 
 
@@ -46,6 +46,9 @@ class TaskSpec:
         return ClassificationTask(tokenizer, self.label_words, self.template, max_length)
 
 
+DP_KINDS = ("bias", "lora")  # the adapter kinds DP-SGD trains (edge_runtime/backends/per_sample.py)
+
+
 @dataclass(frozen=True)
 class BundleRequest:
     """A bundle to export: model, adapter split, emulator recipe, adapter kind, task, device training defaults.
@@ -65,7 +68,8 @@ class BundleRequest:
     training: TrainConfig = field(default_factory=lambda: TrainConfig(lr=DEFAULT_LR))
     checkpoint_every: int = 10
     layer_window: int | None = None  # adaptive layer tuning: train this many adapter layers at a time
-    backends: tuple[str, ...] = ()  # empty: the profile's preferred backend
+    backends: tuple[str, ...] = ()  # empty: the profile's preferred backend (with `dp`: torch)
+    dp: DPTarget | None = None  # differentially private training on the device (DP-SGD)
 
     def __post_init__(self) -> None:
         if self.checkpoint_every < 1:
@@ -75,6 +79,14 @@ class BundleRequest:
             raise ConfigError(f"backends {unknown} are not among {', '.join(BACKENDS)}")
         check_layer_window(self.layer_window, self.adapter())  # a bad adapter kind fails here, with its own message
         self.recipe()  # and a bad recipe spec
+        if self.dp is not None and self.adapter().name not in DP_KINDS:
+            raise ConfigError(
+                f"--dp trains {' or '.join(DP_KINDS)} adapters (per-example gradients without a backward per "
+                f"example), not {self.adapter().name!r}; pass --adapter-kind bias or --adapter-kind lora"
+            )
+        if self.dp is not None and self.backends and self.backends != ("torch",):
+            raise ConfigError(f"--dp runs on the PyTorch backend only (ONNX Runtime's graphs give no per-example "
+                              f"gradients); pass --backends torch, not {','.join(self.backends)}")  # fmt: skip
 
     def adapter(self) -> AdapterKind:
         """The adapter kind (coordinator/adapters/) this request names."""
@@ -91,8 +103,9 @@ class BundleRequest:
         return self.recipe().split_for(Split(*self.adapter_layers, keep=self.keep))
 
     def backends_for(self, profile: DeviceProfile) -> tuple[str, ...]:
-        """The backends to export for `profile`: the requested ones, else the profile's preferred one."""
-        return self.backends or profile.backends[:1]
+        """The backends to export for `profile`: the requested ones, else the profile's preferred one (with `dp`,
+        PyTorch: the only backend with per-example gradients)."""
+        return self.backends or (("torch",) if self.dp is not None else profile.backends[:1])
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)

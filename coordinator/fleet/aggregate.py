@@ -13,7 +13,7 @@ from coordinator.fleet.robust import AggregationRule, clip_updates, finite
 from coordinator.results import DeviceResult
 from edge_runtime import __version__
 from edge_runtime.files import atomic_directory, write_json_atomic
-from edge_runtime.manifest import RESULT_FORMAT, RESULT_SCHEMA, AggregateRecord, ResultMetrics
+from edge_runtime.manifest import RESULT_FORMAT, RESULT_SCHEMA, AggregateRecord, PrivacyRecord, ResultMetrics
 from edge_runtime.trainer import ADAPTER, METRICS
 
 FEDAVG = AggregationRule()
@@ -50,6 +50,15 @@ def federated_average(
     return rule.combine(weights, shares, adapter_kind(kinds[0]).average)
 
 
+def aggregate_privacy(runs: list[ResultMetrics]) -> PrivacyRecord:
+    """The privacy of an aggregate of device runs on disjoint data: that of its least private run (the largest ε),
+    if every run was differentially private; else none. (Across rounds, a device's ε adds up: its ledger keeps it.)"""
+    records = [run.privacy for run in runs]
+    if not records or any(record.epsilon is None for record in records):
+        return PrivacyRecord()
+    return max(records, key=lambda record: record.epsilon or 0.0)
+
+
 def write_aggregate(
     results: list[DeviceResult],
     out: Path,
@@ -80,6 +89,7 @@ def write_aggregate(
         layer_windows=runs[0].layer_windows,
         adapter_kind=runs[0].adapter_kind,
         adapter_options=runs[0].adapter_options,
+        privacy=aggregate_privacy(runs),
     )
     with atomic_directory(out) as staging:
         save_adapter(weights, staging / ADAPTER, {"model": runs[0].model.name, "aggregate_round": round_})

@@ -155,6 +155,14 @@ def _mib(value: Any) -> str:
     return f"{value / MIB:,.0f}" if value else "-"
 
 
+def _epsilon(metrics: dict[str, Any]) -> str:
+    """A run's ε spent ("∞": trained without differential privacy; "-": no result)."""
+    if not metrics:
+        return "-"
+    epsilon = (metrics.get("privacy") or {}).get("epsilon")
+    return "∞" if epsilon is None else f"{epsilon:.2f}"
+
+
 def format_results(registry: Registry, job: str) -> str:
     """The fleet table: per device and round, what it trained and what crossed the wire."""
     rows = []
@@ -172,9 +180,11 @@ def format_results(registry: Registry, job: str) -> str:
                 f"{m['wall_seconds']:.0f}" if m else "-",
                 f"{t['bytes_sent'] / 1e6:,.1f}",
                 f"{t['bytes_received'] / 1e6:,.2f}",
+                _epsilon(m),
             ]
         )
     header = ["device", "round", "state", "steps", "examples", "loss", "peak MiB", "wall s", "MB sent", "MB received"]
+    header.append("ε")
     lines = [_table(rows, header), ""]
     for r in registry.rounds(job):
         evaluation = r["evaluation"]

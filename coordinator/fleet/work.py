@@ -16,7 +16,7 @@ from coordinator.adapters import plugged_in
 from coordinator.adapters.files import load_adapter
 from coordinator.adapters.layers import adapter_exits
 from coordinator.bundles.export import export_bundle
-from coordinator.errors import DataError
+from coordinator.errors import ConfigError, DataError
 from coordinator.fleet.aggregate import write_aggregate
 from coordinator.fleet.jobs import JobSpec
 from coordinator.fleet.registry import Registry
@@ -57,7 +57,13 @@ def prepare_job(shop: Workshop, job: str, spec: JobSpec, targets: dict[str, dict
     for device, row in targets.items():
         profile = validate(row["profile"], f"the profile {device} announced")
         announced = row["backends"] or profile.backends
-        request = replace(spec.bundle, backends=tuple(b for b in profile.backends if b in announced)[:1])
+        backends = tuple(b for b in profile.backends if b in announced)[:1]
+        if spec.bundle.dp is not None:  # DP-SGD has per-example gradients on PyTorch only
+            if "torch" not in announced:
+                raise ConfigError(f"--dp needs the PyTorch backend, which {device} does not have (it announced "
+                                  f"{', '.join(announced)}); leave it out with --devices")  # fmt: skip
+            backends = ("torch",)
+        request = replace(spec.bundle, backends=backends)
         folder = shop.work / "bundles" / request.cache_key(sha, profile)
         archive = folder / "bundle.tar"
         if not archive.exists():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -10,11 +11,14 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from edge_runtime.adapter_modules import add_adapter
+from edge_runtime.backends.per_sample import PerSampleGradients, clipped_sum, noised_mean
 from edge_runtime.bundle import ADAPTER_FILE, TORCH_DIRECTORY
+from edge_runtime.errors import ConfigError
 from edge_runtime.low_rank import load_causal_lm
-from edge_runtime.manifest import Manifest
+from edge_runtime.manifest import CLASSIFICATION, Manifest
+from edge_runtime.privacy import DPPlan
 from edge_runtime.text import Batch
-from edge_runtime.torch_graph import TrainingGraph, graph_loss, truncated
+from edge_runtime.torch_graph import IGNORE_INDEX, TrainingGraph, graph_loss, truncated
 from edge_runtime.windows import bundle_windows
 
 CHECKPOINT = "torch_state.safetensors"
@@ -36,6 +40,8 @@ class TorchBackend:
         names = set(manifest.adapter.parameters)
         self.whole = TrainingGraph(model, self.architecture.backbone, self.architecture.head, self.kind)
         self.trainable = {name: p for name, p in self.whole.named_parameters() if name in names}
+        self.per_sample = PerSampleGradients(self.whole, self.trainable) if manifest.privacy is not None else None
+        self.noise = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little"))
         self.window: int | None = None
         self.select_window(0)
         optimizer = manifest.training.optimizer
@@ -77,6 +83,44 @@ class TorchBackend:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return total
+
+    def _row_losses(self, batch: Batch) -> torch.Tensor:
+        """Each row's own loss ([rows]): the cross-entropy of its label word, or the mean over its next tokens."""
+        logits = self.graph(torch.from_numpy(batch.input_ids), torch.from_numpy(batch.attention_mask))
+        labels = torch.from_numpy(batch.labels)
+        losses = torch.nn.functional.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="none")
+        if self.kind == CLASSIFICATION:
+            return losses
+        per_row, counted = losses.reshape(len(batch), -1), (labels != IGNORE_INDEX).reshape(len(batch), -1)
+        return per_row.sum(dim=1) / counted.sum(dim=1).clamp(min=1)
+
+    def private_step(self, micro_batches: list[Batch], learning_rate: float, privacy: DPPlan) -> float:
+        """One DP-SGD step over the rows Poisson sampling drew (possibly none): each row's gradient clipped to C,
+        summed, Gaussian noise of std σ·C added, divided by the expected batch q·N, then AdamW. Mean row loss,
+        or NaN for an empty draw. The noise comes from torch's generator, seeded from the OS, never from the job."""
+        if self.per_sample is None:
+            raise ConfigError("this bundle is not differentially private: export it with --dp to train with DP-SGD")
+        window = {name: p for name, p in self.trainable.items() if p.requires_grad}
+        total = {name: torch.zeros_like(p) for name, p in window.items()}
+        loss_sum, rows = 0.0, 0
+        for batch in micro_batches:
+            with self.per_sample.capture():
+                losses = self._row_losses(batch)
+                losses.sum().backward()
+            summed, _ = clipped_sum(
+                {n: g for n, g in self.per_sample.grads.items() if n in window}, privacy.target.clip
+            )
+            for name, gradient in summed.items():
+                total[name] += gradient
+            loss_sum, rows = loss_sum + float(losses.detach().sum()), rows + len(batch)
+            self.optimizer.zero_grad(set_to_none=True)  # autograd's own (unclipped) sums are not used
+        for name, parameter in window.items():
+            parameter.grad = noised_mean(total[name], privacy.noise_std, privacy.expected_batch, self.noise)
+        for group in self.optimizer.param_groups:
+            group["lr"] = learning_rate
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss_sum / rows if rows else float("nan")
 
     def save(self, directory: Path) -> None:
         tensors = {}

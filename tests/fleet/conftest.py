@@ -194,12 +194,12 @@ def fleet_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 def tiny_spec(files: dict[str, Path], **change: object) -> dict[str, object]:
     """A registry job spec for the tiny fleet; `change` sets JobSpec fields, or `steps`/`checkpoint_every`/
-    `adapter_kind` of its bundle request."""
+    `adapter_kind`/`dp` of its bundle request."""
     steps, every = change.pop("steps", 10), change.pop("checkpoint_every", 5)
-    kind = str(change.pop("adapter_kind", "layers"))
+    kind, dp = str(change.pop("adapter_kind", "layers")), change.pop("dp", None)
     training = TrainConfig(steps, 1e-3, batch_size=8, max_length=32)  # type: ignore[arg-type]
     request = BundleRequest(
-        str(files["model"]), (1, 1), keep=2, adapter_kind=kind, training=training, checkpoint_every=every
+        str(files["model"]), (1, 1), keep=2, adapter_kind=kind, training=training, checkpoint_every=every, dp=dp
     )
     return JobSpec("reviews", request, rounds=2, test=str(files["test"])).to_dict() | change  # type: ignore[arg-type]
 
