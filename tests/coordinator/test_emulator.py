@@ -12,7 +12,7 @@ IDS = torch.tensor([[5, 9, 3, 17, 22, 8, 41, 7], [1, 2, 3, 4, 5, 6, 7, 8]])
 
 
 def test_formula_matches_the_worked_example():
-    # DESIGN.md: for 24 layers, 2-8-2 keeps 2,5,7,10,13,16,18,21 in the middle.
+    # The worked example of uniform layer drop: for 24 layers, 2-8-2 keeps 2,5,7,10,13,16,18,21 in the middle.
     assert uniform_drop(20, 8) == [0, 3, 5, 8, 11, 14, 16, 19]
     assert Split(2, 2, keep=8).kept_layers(24) == [0, 1, 2, 5, 7, 10, 13, 16, 18, 21, 22, 23]
 
