@@ -22,12 +22,12 @@ logging.getLogger("absl").setLevel(logging.ERROR)  # dp-accounting warns for eve
 
 ACCOUNTANT = "rdp"
 MECHANISM = "dp-sgd (poisson sampling, per-example clipping, gaussian noise)"
-MAX_NOISE_MULTIPLIER = 1e4
+MAX_NOISE_MULTIPLIER = 1e4  # beyond this the search gives up: the request cannot be met with useful noise
 ORT_REFUSAL = (
     "this bundle asks for differentially private training, which needs each example's gradient; ONNX Runtime "
     "1.19's training graphs give only the batch's sum, so DP-SGD runs on the PyTorch backend: export with "
     "--backends torch and train with --backend torch"
-)  # beyond this the search gives up: the request cannot be met with useful noise
+)
 
 
 def parse_dp(text: str) -> DPTarget:
