@@ -109,7 +109,11 @@ class DPPlan:
             raise ConfigError("differentially private training needs at least one example")
         rate = min(1.0, batch_size / examples)
         sigma = noise_multiplier_for(target, rate, steps)
-        return cls(target, sigma, rate, steps, examples, epsilon_spent(sigma, rate, steps, target.delta))
+        epsilon = epsilon_spent(sigma, rate, steps, target.delta)
+        while epsilon > target.epsilon:  # never over the ask, whatever the search's tolerance left
+            sigma *= 1.001
+            epsilon = epsilon_spent(sigma, rate, steps, target.delta)
+        return cls(target, sigma, rate, steps, examples, epsilon)
 
     @property
     def expected_batch(self) -> float:
