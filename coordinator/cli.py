@@ -12,6 +12,7 @@ from coordinator.fleet.cli import add_commands as add_fleet_commands
 from coordinator.fleet.cli import fleet, serve
 from coordinator.options import (
     add_adapter_kind_option,
+    add_dp_option,
     add_emulator_options,
     add_prompt_options,
     add_request_options,
@@ -66,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
         "checkpoint by them; 0: keep the last",
     )
     evaluate.add_argument("--check-every", type=int, default=50, help="steps between validation checkpoints")
+    add_dp_option(evaluate)
     evaluate.add_argument(
         "--finetune", action="store_true", help="with several --emulator recipes: also fine-tune the full model"
     )
@@ -153,6 +155,7 @@ def _evaluate(args: argparse.Namespace) -> None:
         args.layer_window,
         args.check_every,
         args.adapter_kind,
+        args.dp,
     )
     train, test = load_examples(args.train), load_examples(args.test)[: args.limit_test]
     validation: list = []

@@ -112,14 +112,18 @@ def add_request_options(command: argparse.ArgumentParser, steps: int = 100, step
     command.add_argument("--lr", type=float, default=DEFAULT_LR, help="adapter learning rate")
     command.add_argument("--seed", type=int, default=0, help="data order seed")
     command.add_argument("--checkpoint-every", type=int, default=10, help="steps between device checkpoints")
+    add_dp_option(command)
+    add_window_option(command)
+
+
+def add_dp_option(command: argparse.ArgumentParser) -> None:
     command.add_argument(
         "--dp",
         type=parse_dp,
         metavar="epsilon=E[,delta=D][,clip=C]",
-        help="differentially private training on the device (DP-SGD: per-example clipping to C, Gaussian noise the "
-        "device sets for its own example count so the run spends at most (E, D)); bias or lora adapters, PyTorch",
+        help="differentially private training (DP-SGD: per-example clipping to C, Gaussian noise set for the "
+        "trainer's own example count so the run spends at most (E, D)); bias or lora adapters, PyTorch",
     )
-    add_window_option(command)
 
 
 def request_from_args(args: argparse.Namespace, backends: tuple[str, ...] = ()) -> BundleRequest:

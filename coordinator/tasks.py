@@ -145,6 +145,11 @@ class ClassificationTask:
         """Cross-entropy of the label word's first token over the whole vocabulary."""
         return F.cross_entropy(self.last_token_logits(model, batch), self.label_token_ids[batch.targets])
 
+    def row_losses(self, model: PreTrainedModel, batch: Batch) -> torch.Tensor:
+        """Each row's own cross-entropy [B] (DP-SGD clips each example's gradient)."""
+        logits = self.last_token_logits(model, batch)
+        return F.cross_entropy(logits, self.label_token_ids[batch.targets], reduction="none")
+
     @torch.inference_mode()
     def score(
         self, model: PreTrainedModel, examples: Sequence[Example], batch_size: int, exits: Sequence[int] = ()

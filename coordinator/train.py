@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -13,7 +17,10 @@ from transformers import PreTrainedModel
 
 from coordinator.errors import ConfigError
 from coordinator.tasks import Batch, Task
+from edge_runtime.backends.per_sample import PerSampleGradients, private_gradients
 from edge_runtime.data import Example
+from edge_runtime.manifest import DPTarget
+from edge_runtime.privacy import DPPlan
 from edge_runtime.schedule import learning_rate_factor
 from edge_runtime.windows import window_at
 
@@ -50,6 +57,7 @@ class TrainReport:
     seconds: float
     trainable_parameters: int
     losses: list[float] = field(default_factory=list)
+    privacy: dict[str, object] | None = None  # the DP-SGD run's privacy record
 
     def summary(self) -> dict[str, object]:
         """JSON-ready summary with the loss curve."""
@@ -61,7 +69,36 @@ class TrainReport:
             "first_loss": self.losses[0],
             "final_loss": self.losses[-1],
             "loss_curve": [round(loss, 5) for loss in self.losses],
+            "privacy": self.privacy,
         }
+
+
+class _PrivateSteps:
+    """DP-SGD for `train`, as the device runs it (edge_runtime/privacy.py): Poisson-sampled examples, each one's
+    gradient clipped and summed, Gaussian noise, both drawn from the OS's randomness."""
+
+    def __init__(self, model: nn.Module, trainable: list[nn.Parameter], task: Task, examples: Sequence[Example],
+                 config: TrainConfig, target: DPTarget) -> None:  # fmt: skip
+        if not hasattr(task, "row_losses"):
+            raise ConfigError("--dp on evaluate trains classification tasks; a language-model task trains DP on the "
+                              "device (export --dp), where the privacy unit is a packed block")  # fmt: skip
+        wanted = {id(parameter) for parameter in trainable}
+        self.named = {name: p for name, p in model.named_parameters() if id(p) in wanted}
+        self.per_sample = PerSampleGradients(model, self.named)
+        self.plan = DPPlan.make(target, config.batch_size, len(examples), config.steps)
+        self.task, self.examples, self.batch_size = task, examples, config.batch_size
+        self.sampler = np.random.default_rng(np.random.SeedSequence(int.from_bytes(os.urandom(16), "little")))
+        self.noise = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little"))
+
+    def gradients(self, view: nn.Module) -> tuple[float, int]:
+        """Set the trainable window's gradients for one step; its rows' mean loss (NaN if none were drawn)."""
+        chosen = np.flatnonzero(self.sampler.random(len(self.examples)) < self.plan.sampling_rate)
+        drawn = [self.examples[i] for i in chosen]
+        batches = self.task.batches(drawn, self.batch_size, seed=None) if drawn else []
+        losses = [lambda batch=batch: self.task.row_losses(view, batch) for batch in batches]  # type: ignore[attr-defined]
+        window = {name: p for name, p in self.named.items() if p.requires_grad}
+        loss_sum, rows = private_gradients(self.per_sample, window, losses, self.plan, self.noise)
+        return (loss_sum / rows if rows else math.nan), rows
 
 
 def _endless(task: Task, examples: Sequence[Example], batch_size: int, seed: int) -> Iterator[Batch]:
@@ -80,8 +117,11 @@ def train(
     description: str = "train",
     windows: Sequence[tuple[nn.Module, list[nn.Parameter]]] = (),
     on_step: Callable[[int], None] | None = None,
+    privacy: DPTarget | None = None,
 ) -> TrainReport:
     """Train only `parameters` of `model` (everything else frozen) for `config.steps` steps; seeded.
+
+    With `privacy`, DP-SGD as on the device (the data order and noise then come from the OS, not the seed).
 
     `windows` (adaptive layer tuning): (early-exit view of `model`, its window's parameters) pairs trained in equal
     phases, bottom first, as the device does (edge_runtime/windows.py); by default all parameters train at once.
@@ -100,26 +140,34 @@ def train(
         optimizer, lambda step: learning_rate_factor(step, config.steps, config.warmup_ratio)
     )
     batches = _endless(task, examples, config.batch_size, config.seed)
+    private = _PrivateSteps(model, trainable, task, examples, config, privacy) if privacy is not None else None
     report = TrainReport(0, 0, 0.0, sum(p.numel() for p in trainable))
+    if private is not None:
+        report.privacy = dataclasses.asdict(private.plan.record())
     model.train()
     start = time.perf_counter()
     with tqdm(total=config.steps, desc=description, unit="step", leave=False) as progress:
         for _ in range(config.steps):
-            batch = next(batches)
             phase = window_at(report.steps, config.steps, len(phases))
             view, window = phases[phase]
             for parameter in trainable:  # only the window gets gradients; AdamW leaves gradient-less ones alone
                 parameter.requires_grad_(id(parameter) in in_phase[phase])
-            loss = task.loss(view, batch)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(window, config.max_grad_norm)
+            if private is None:
+                batch = next(batches)
+                loss_tensor = task.loss(view, batch)
+                loss_tensor.backward()
+                torch.nn.utils.clip_grad_norm_(window, config.max_grad_norm)
+                loss, rows = loss_tensor.item(), len(batch)
+            else:
+                loss, rows = private.gradients(view)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             report.steps += 1
-            report.samples += len(batch)
-            report.losses.append(loss.item())
-            progress.set_postfix(loss=f"{report.losses[-1]:.3f}")
+            report.samples += rows
+            if math.isfinite(loss):  # a DP step may draw no example: noise alone, no loss
+                report.losses.append(loss)
+            progress.set_postfix(loss=f"{report.losses[-1]:.3f}" if report.losses else "-")
             progress.update()
             if on_step is not None:
                 paused = time.perf_counter()

@@ -26,6 +26,7 @@ from coordinator.tasks import ClassificationTask, Task
 from coordinator.train import TrainConfig, train
 from edge_runtime import __version__
 from edge_runtime.data import Example
+from edge_runtime.manifest import DPTarget
 
 RESULTS_SCHEMA = 1
 # What the five-setting results keep of a device's metrics.json.
@@ -60,6 +61,7 @@ class Experiment:
     layer_window: int | None = None  # adaptive layer tuning: train this many adapter layers at a time, then vote
     check_every: int = 50  # with a validation split: score a checkpoint every this many steps, keep the best
     adapter: str = "layers"  # the adapter kind, KIND[:KEY=VALUE,...] (coordinator/adapters/)
+    dp: DPTarget | None = None  # train the offsite adapter with DP-SGD, as a --dp bundle would on the device
 
     def __post_init__(self) -> None:
         if self.check_every < 1:
@@ -129,7 +131,7 @@ def measure_offsite(
         )
         config = experiment.adapter_training
         summary = _train_keeping_best(
-            emulator, adapter.values(), task, train_examples, config, phases, selection, "offsite"
+            emulator, adapter.values(), task, train_examples, config, phases, selection, "offsite", experiment.dp
         )
     else:
         _check_same_emulator(device, emulator)
@@ -176,10 +178,11 @@ def _train_keeping_best(
     phases: Sequence[tuple[nn.Module, list[nn.Parameter]]],
     selection: BestCheckpoint | None,
     description: str,
+    privacy: DPTarget | None = None,
 ) -> dict[str, object]:
     """Train; with a `selection`, end on its best checkpoint and add its validation curve to the summary."""
     on_step = selection.on_step if selection else None
-    report = train(model, parameters, task, examples, config, description, phases, on_step)
+    report = train(model, parameters, task, examples, config, description, phases, on_step, privacy)
     summary: dict[str, object] = report.summary()
     if selection is not None:
         selection.finish(report.steps)

@@ -10,7 +10,7 @@ Other tensors (whole layers' weights, norms' scales, soft prompts) have no rule 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -18,6 +18,7 @@ from torch import nn
 
 from edge_runtime.adapter_modules import LORA_A, LORA_B, LoRALinear
 from edge_runtime.errors import ConfigError
+from edge_runtime.privacy import DPPlan
 
 _BIAS_OWNERS = ("Linear", "Conv1D", "LayerNorm")
 
@@ -99,3 +100,30 @@ def noised_mean(
     """DP-SGD's gradient from a clipped sum: (sum + N(0, noise_std²) per coordinate) / expected rows (q·N)."""
     noise = torch.normal(0.0, noise_std, size=total.shape, generator=generator, dtype=total.dtype)
     return (total + noise) / expected_rows
+
+
+def private_gradients(
+    per_sample: PerSampleGradients,
+    window: dict[str, nn.Parameter],
+    row_losses: Iterable[Callable[[], torch.Tensor]],
+    plan: DPPlan,
+    generator: torch.Generator,
+) -> tuple[float, int]:
+    """Set each `window` parameter's `.grad` to DP-SGD's: for each micro-batch (a callable giving its rows' losses),
+    one backward, each row's gradient clipped to C and summed; then noise of std σ·C, divided by q·N. Returns the
+    rows' summed loss and their count (none: the step is noise alone)."""
+    total = {name: torch.zeros_like(parameter) for name, parameter in window.items()}
+    loss_sum, rows = 0.0, 0
+    for losses_of in row_losses:
+        with per_sample.capture():
+            losses = losses_of()
+            losses.sum().backward()
+        summed, _ = clipped_sum({n: g for n, g in per_sample.grads.items() if n in window}, plan.target.clip)
+        for name, gradient in summed.items():
+            total[name] += gradient
+        loss_sum, rows = loss_sum + float(losses.detach().sum()), rows + len(losses)
+        for parameter in window.values():  # autograd's own (unclipped) sums are not used
+            parameter.grad = None
+    for name, parameter in window.items():
+        parameter.grad = noised_mean(total[name], plan.noise_std, plan.expected_batch, generator)
+    return loss_sum, rows

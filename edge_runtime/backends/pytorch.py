@@ -11,7 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from edge_runtime.adapter_modules import add_adapter
-from edge_runtime.backends.per_sample import PerSampleGradients, clipped_sum, noised_mean
+from edge_runtime.backends.per_sample import PerSampleGradients, private_gradients
 from edge_runtime.bundle import ADAPTER_FILE, TORCH_DIRECTORY
 from edge_runtime.errors import ConfigError
 from edge_runtime.low_rank import load_causal_lm
@@ -101,21 +101,8 @@ class TorchBackend:
         if self.per_sample is None:
             raise ConfigError("this bundle is not differentially private: export it with --dp to train with DP-SGD")
         window = {name: p for name, p in self.trainable.items() if p.requires_grad}
-        total = {name: torch.zeros_like(p) for name, p in window.items()}
-        loss_sum, rows = 0.0, 0
-        for batch in micro_batches:
-            with self.per_sample.capture():
-                losses = self._row_losses(batch)
-                losses.sum().backward()
-            summed, _ = clipped_sum(
-                {n: g for n, g in self.per_sample.grads.items() if n in window}, privacy.target.clip
-            )
-            for name, gradient in summed.items():
-                total[name] += gradient
-            loss_sum, rows = loss_sum + float(losses.detach().sum()), rows + len(batch)
-            self.optimizer.zero_grad(set_to_none=True)  # autograd's own (unclipped) sums are not used
-        for name, parameter in window.items():
-            parameter.grad = noised_mean(total[name], privacy.noise_std, privacy.expected_batch, self.noise)
+        losses = [lambda batch=batch: self._row_losses(batch) for batch in micro_batches]
+        loss_sum, rows = private_gradients(self.per_sample, window, losses, privacy, self.noise)
         for group in self.optimizer.param_groups:
             group["lr"] = learning_rate
         self.optimizer.step()

@@ -15,14 +15,14 @@ from coordinator.train import TrainConfig
 from tests.conftest import make_model, sentiment_examples
 
 
-def _run(tokenizer, tmp_path, split, adapter="layers"):
+def _run(tokenizer, tmp_path, split, adapter="layers", dp=None):
     model = make_model("llama", vocab_size=len(tokenizer))
     before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
     loaded = LoadedModel("tiny-llama", model, tokenizer, tmp_path)
     task = ClassificationTask(tokenizer, {"negative": " negative", "positive": " positive"})
     training = TrainConfig(steps=40, batch_size=8, lr=1e-2)
     full = TrainConfig(steps=40, batch_size=8, lr=3e-3)
-    experiment = Experiment(split, training, full, eval_batch_size=8, adapter=adapter)
+    experiment = Experiment(split, training, full, eval_batch_size=8, adapter=adapter, dp=dp)
     results = run_five_settings(
         loaded,
         task,
@@ -48,6 +48,19 @@ def test_five_settings_are_measured_and_the_model_is_left_unchanged(tokenizer, t
     assert metadata == {"model": "tiny-llama", "bottom": 2, "top": 2}
     assert sorted({int(name.split(".")[2]) for name in weights}) == [0, 1, 4, 5]
     assert results["offsite_emulator"]["train"]["trainable_parameters"] == sum(w.numel() for w in weights.values())
+
+
+@pytest.mark.parametrize("adapter", ["bias", "lora:r=4"])
+def test_the_offsite_adapter_trains_with_dp_sgd_as_a_dp_bundle_would(tokenizer, tmp_path, adapter):
+    from edge_runtime.manifest import DPTarget
+    from edge_runtime.privacy import epsilon_spent
+
+    results = _run(tokenizer, tmp_path, Split(2, 2, keep=2), adapter, DPTarget(8.0, 1e-5, 1.0))
+    privacy = results["offsite_emulator"]["train"]["privacy"]
+    assert privacy["steps"] == 40 and privacy["sampling_rate"] == 8 / 64 and privacy["target_epsilon"] == 8.0
+    assert 0 < privacy["epsilon"] <= 8.0
+    assert privacy["epsilon"] == pytest.approx(epsilon_spent(privacy["noise_multiplier"], 8 / 64, 40, 1e-5), rel=1e-4)
+    assert 0.0 <= results["offsite_plugin"]["accuracy"] <= 1.0
 
 
 def test_without_a_drop_the_emulator_scores_as_the_full_model(tokenizer, tmp_path):
