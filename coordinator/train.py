@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -17,10 +15,10 @@ from transformers import PreTrainedModel
 
 from coordinator.errors import ConfigError
 from coordinator.tasks import Batch, Task
-from edge_runtime.backends.per_sample import PerSampleGradients, private_gradients
+from edge_runtime.backends.per_sample import PerSampleGradients, private_gradients, secret_generator
 from edge_runtime.data import Example
 from edge_runtime.manifest import DPTarget
-from edge_runtime.privacy import DPPlan
+from edge_runtime.privacy import DPPlan, poisson_draw, secret_rng
 from edge_runtime.schedule import learning_rate_factor
 from edge_runtime.windows import window_at
 
@@ -87,13 +85,11 @@ class _PrivateSteps:
         self.per_sample = PerSampleGradients(model, self.named)
         self.plan = DPPlan.make(target, config.batch_size, len(examples), config.steps)
         self.task, self.examples, self.batch_size = task, examples, config.batch_size
-        self.sampler = np.random.default_rng(np.random.SeedSequence(int.from_bytes(os.urandom(16), "little")))
-        self.noise = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little"))
+        self.sampler, self.noise = secret_rng(), secret_generator()
 
     def gradients(self, view: nn.Module) -> tuple[float, int]:
         """Set the trainable window's gradients for one step; its rows' mean loss (NaN if none were drawn)."""
-        chosen = np.flatnonzero(self.sampler.random(len(self.examples)) < self.plan.sampling_rate)
-        drawn = [self.examples[i] for i in chosen]
+        drawn = [self.examples[i] for i in poisson_draw(self.sampler, len(self.examples), self.plan.sampling_rate)]
         batches = self.task.batches(drawn, self.batch_size, seed=None) if drawn else []
         losses = [lambda batch=batch: self.task.row_losses(view, batch) for batch in batches]  # type: ignore[attr-defined]
         window = {name: p for name, p in self.named.items() if p.requires_grad}

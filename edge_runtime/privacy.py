@@ -11,8 +11,11 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from edge_runtime.errors import ConfigError
 from edge_runtime.files import write_json_atomic
@@ -28,6 +31,16 @@ ORT_REFUSAL = (
     "1.19's training graphs give only the batch's sum, so DP-SGD runs on the PyTorch backend: export with "
     "--backends torch and train with --backend torch"
 )
+
+
+def secret_rng() -> np.random.Generator:
+    """A generator seeded from the OS, never from the job: DP-SGD's analysis needs its sampling kept secret."""
+    return np.random.default_rng(np.random.SeedSequence(int.from_bytes(os.urandom(16), "little")))
+
+
+def poisson_draw(rng: np.random.Generator, count: int, rate: float) -> np.ndarray:
+    """Indices of the `count` items each taken, independently, with probability `rate` (Poisson sampling)."""
+    return np.flatnonzero(rng.random(count) < rate)
 
 
 def parse_dp(text: str) -> DPTarget:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -14,6 +13,7 @@ from tokenizers import Tokenizer
 from edge_runtime.data import Example
 from edge_runtime.errors import DataError
 from edge_runtime.manifest import CLASSIFICATION, TaskRecord
+from edge_runtime.privacy import poisson_draw, secret_rng
 
 IGNORE_INDEX = -100
 # A language-model text is tokenized this many characters at a time (cut before a whitespace, where the
@@ -117,9 +117,9 @@ def poisson_batches(encoder: TaskEncoder, rows: list[tuple[list[int], int]], rat
     the accountant assumes), drawn from the OS's randomness; a batch may be empty (zero rows)."""
     if not rows:
         raise DataError("the training data holds no usable example")
-    generator = np.random.default_rng(np.random.SeedSequence(int.from_bytes(os.urandom(16), "little")))
+    generator = secret_rng()
     while True:
-        chosen = np.flatnonzero(generator.random(len(rows)) < rate)
+        chosen = poisson_draw(generator, len(rows), rate)
         if len(chosen):
             yield encoder.collate([rows[i] for i in chosen])
         else:

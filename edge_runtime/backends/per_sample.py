@@ -10,6 +10,7 @@ Other tensors (whole layers' weights, norms' scales, soft prompts) have no rule 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 
@@ -92,6 +93,11 @@ def clipped_sum(grads: dict[str, torch.Tensor], clip: float) -> tuple[dict[str, 
     norms = torch.sqrt(sum(g.reshape(g.shape[0], -1).pow(2).sum(dim=1) for g in grads.values()))
     factors = torch.clamp(clip / (norms + 1e-6), max=1.0)
     return {name: torch.einsum("b,b...->...", factors, g) for name, g in grads.items()}, norms
+
+
+def secret_generator() -> torch.Generator:
+    """A torch generator seeded from the OS, never from the job: whoever knows DP-SGD's noise can subtract it."""
+    return torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little"))
 
 
 def noised_mean(

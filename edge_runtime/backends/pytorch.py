@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +10,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from edge_runtime.adapter_modules import add_adapter
-from edge_runtime.backends.per_sample import PerSampleGradients, private_gradients
+from edge_runtime.backends.per_sample import PerSampleGradients, private_gradients, secret_generator
 from edge_runtime.bundle import ADAPTER_FILE, TORCH_DIRECTORY
 from edge_runtime.errors import ConfigError
 from edge_runtime.low_rank import load_causal_lm
@@ -41,7 +40,7 @@ class TorchBackend:
         self.whole = TrainingGraph(model, self.architecture.backbone, self.architecture.head, self.kind)
         self.trainable = {name: p for name, p in self.whole.named_parameters() if name in names}
         self.per_sample = PerSampleGradients(self.whole, self.trainable) if manifest.privacy is not None else None
-        self.noise = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little"))
+        self.noise = secret_generator() if manifest.privacy is not None else None
         self.window: int | None = None
         self.select_window(0)
         optimizer = manifest.training.optimizer
@@ -98,7 +97,7 @@ class TorchBackend:
         """One DP-SGD step over the rows Poisson sampling drew (possibly none): each row's gradient clipped to C,
         summed, Gaussian noise of std σ·C added, divided by the expected batch q·N, then AdamW. Mean row loss,
         or NaN for an empty draw. The noise comes from torch's generator, seeded from the OS, never from the job."""
-        if self.per_sample is None:
+        if self.per_sample is None or self.noise is None:
             raise ConfigError("this bundle is not differentially private: export it with --dp to train with DP-SGD")
         window = {name: p for name, p in self.trainable.items() if p.requires_grad}
         losses = [lambda batch=batch: self._row_losses(batch) for batch in micro_batches]
