@@ -153,14 +153,16 @@ class Registry:
         return self._exec("SELECT * FROM jobs WHERE state = ? ORDER BY created", state)
 
     def set_job(self, job: str, state: str, round_: int | None = None, **detail: Any) -> None:
-        self.job(job)  # a clear error for an unknown job
         with self._transaction() as db:
             current = _row(db.execute("SELECT round, detail FROM jobs WHERE id = ?", (job,)).fetchone())
-            round_ = current["round"] if round_ is None else round_  # type: ignore[index]
-            db.execute(
-                "UPDATE jobs SET state = ?, round = ?, detail = ?, updated = ? WHERE id = ?",
-                (state, round_, json.dumps(current["detail"] | detail), time.time(), job),  # type: ignore[index]
-            )
+            if current is not None:
+                round_ = current["round"] if round_ is None else round_
+                db.execute(
+                    "UPDATE jobs SET state = ?, round = ?, detail = ?, updated = ? WHERE id = ?",
+                    (state, round_, json.dumps(current["detail"] | detail), time.time(), job),
+                )
+        if current is None:
+            self.job(job)  # raises the clear error for an unknown job (outside the lock it takes again)
 
     # tasks
     def add_task(self, job: str, round_: int, device: str, bundle: str) -> None:
