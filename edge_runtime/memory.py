@@ -47,6 +47,7 @@ class ModelShape:
     frozen_parameters: int
     trainable_parameters: int
     prefix_tokens: int = 0  # soft-prompt vectors in front of every row: the layers attend over them like tokens
+    per_example_gradients: bool = False  # DP-SGD: each row's gradient of every trainable tensor, then clipped
 
     def to_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -64,6 +65,7 @@ class MemoryEstimate:
     activations: int
     logits: int
     checkpoint: int
+    per_example_gradients: int = 0  # DP-SGD's rows' gradients, their clipped sum and the noise (a step's transient)
 
     @property
     def resident(self) -> int:
@@ -73,7 +75,7 @@ class MemoryEstimate:
     @property
     def total(self) -> int:
         """The predicted peak: resident plus the larger transient (a step, or a checkpoint being written)."""
-        return self.resident + max(self.activations + self.logits, self.checkpoint)
+        return self.resident + max(self.activations + self.logits + self.per_example_gradients, self.checkpoint)
 
     def to_dict(self) -> dict[str, int]:
         return asdict(self) | {"total": self.total}
@@ -99,6 +101,7 @@ def estimate(shape: ModelShape, micro_batch: int, sequence: int, kind: str, back
         activations=int(shape.backprop_layers * (tokens * per_token + attention) * FLOAT_BYTES),
         logits=int(LOGIT_COPIES * logit_rows * shape.vocab * FLOAT_BYTES),
         checkpoint=int(CHECKPOINT_COPIES[backend] * ((frozen if backend == "ort" else 0) + 3 * trainable)),
+        per_example_gradients=(micro_batch + 2) * trainable if shape.per_example_gradients else 0,
     )
 
 

@@ -15,8 +15,9 @@ from edge_runtime.soft_prompt import prompt_tokens
 from edge_runtime.trainer import PLAN_MARGIN
 
 
-def model_shape(emulator: PreTrainedModel, trainable: dict[str, Any]) -> ModelShape:
-    """Sizes of `emulator` with `trainable` parameters (any mapping whose values are its parameters)."""
+def model_shape(emulator: PreTrainedModel, trainable: dict[str, Any], private: bool = False) -> ModelShape:
+    """Sizes of `emulator` with `trainable` parameters (any mapping whose values are its parameters); `private`:
+    trained with DP-SGD, which holds every row's gradient for clipping."""
     config = emulator.config
     hidden = config.hidden_size
     intermediate = (
@@ -42,6 +43,7 @@ def model_shape(emulator: PreTrainedModel, trainable: dict[str, Any]) -> ModelSh
         frozen_parameters=sum(p.numel() for p in unique.values()) - trainable_count,
         trainable_parameters=trainable_count,
         prefix_tokens=prompt_tokens(emulator.get_submodule(spec.backbone)),
+        per_example_gradients=private,
     )
 
 
@@ -108,6 +110,7 @@ def format_plan(plan: Plan) -> str:
     labels = {
         "activations": "activations (a step's transient)",
         "logits": "logits (a step's transient)",
+        "per_example_gradients": "DP-SGD's per-example gradients (a step's transient)",
         "checkpoint": "checkpoint write (transient, when larger than a step's)",
         "total": "**predicted peak** = resident + the larger transient",
     }

@@ -43,3 +43,11 @@ def test_a_budget_below_one_row_is_refused_with_the_budget_it_needs():
     need = estimate(SMOLLM2_EMULATOR, 1, 128, "classification", "ort").total * 1.1 / MIB
     with pytest.raises(BudgetError, match=f"at least {need:,.0f} MiB.*budget is 256 MiB"):
         choose_micro_batch(SMOLLM2_EMULATOR, 8, 128, "classification", "ort", 256 * MIB, 0.1)
+
+
+def test_dp_sgd_adds_each_rows_gradient_and_the_clipped_sum_to_a_steps_transient():
+    private = ModelShape(**SMOLLM2_EMULATOR.to_dict() | {"per_example_gradients": True})
+    plain, dp = (estimate(shape, 4, 128, "classification", "torch") for shape in (SMOLLM2_EMULATOR, private))
+    assert plain.per_example_gradients == 0
+    assert dp.per_example_gradients == (4 + 2) * 4 * SMOLLM2_EMULATOR.trainable_parameters
+    assert dp.total - plain.total == dp.per_example_gradients  # a step's transient outweighs a torch checkpoint

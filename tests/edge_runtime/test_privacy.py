@@ -3,6 +3,7 @@ clipped to at most C; the noise has std σ·C; the ε reported is the accountant
 
 from __future__ import annotations
 
+import gc
 import json
 
 import pytest
@@ -90,6 +91,20 @@ def test_per_example_gradients_equal_one_example_at_a_time_and_clip_to_c(family,
         assert norm <= clip * (1 + 1e-5) and norm >= clip * 0.999  # clipped to C exactly, never above
 
 
+def test_bias_hooks_keep_no_layer_input_alive() -> None:
+    layer = torch.nn.Linear(4, 3)
+    layer.weight.requires_grad_(False)  # frozen, as in a bias adapter: autograd itself keeps no input to it
+    sampler = PerSampleGradients(layer, {"bias": layer.bias})
+    with sampler.capture():
+        hidden = torch.randn(2, 5, 4)
+        output, address = layer(hidden), hidden.data_ptr()
+        del hidden
+        alive = [t for t in gc.get_objects() if type(t) is torch.Tensor and t.data_ptr() == address]
+        assert not alive  # the per-example rule for a bias reads only the output gradient
+        output.sum().backward()
+    torch.testing.assert_close(sampler.grads["bias"], torch.full((2, 3), 5.0))
+
+
 def test_a_kind_without_a_per_example_rule_is_refused_by_name() -> None:
     graph, _ = _graph("llama", "bias", CLASSIFICATION)
     norm = dict(graph.named_parameters())["causal_lm.model.layers.0.input_layernorm.weight"]
@@ -144,6 +159,7 @@ def test_a_dp_bundle_trains_on_torch_and_reports_what_it_spent(tmp_path, kind) -
     bundle = make_bundle(tmp_path, "torch", "--adapter-kind", kind, "--dp", "epsilon=4,delta=1e-5,clip=0.5")
     manifest = verify_bundle(bundle["bundle"], bundle["trust"])
     assert manifest.privacy == DPTarget(4.0, 1e-5, 0.5) and manifest.backends == ["torch"]
+    assert manifest.plan.shape.per_example_gradients and manifest.plan.predicted["per_example_gradients"] > 0
     options = TrainOptions(steps=30, threads=1, progress=False)
     metrics = train_bundle(bundle["bundle"], bundle["data"], tmp_path / "out", bundle["trust"], options)
     privacy = metrics["privacy"]
