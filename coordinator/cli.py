@@ -1,4 +1,4 @@
-"""`coordinator` command line: prepare, emulator, evaluate, keys, plan, export, plug. Parse, build, run, report."""
+"""`coordinator` command line (prepare, emulator, evaluate, keys, plan, export, plug, score): parse, run, report."""
 
 from __future__ import annotations
 
@@ -10,6 +10,14 @@ from pathlib import Path
 from coordinator.defaults import DEFAULT_KEEP, DEFAULT_LR
 from coordinator.fleet.cli import add_commands as add_fleet_commands
 from coordinator.fleet.cli import fleet, serve
+from coordinator.gguf_commands import (
+    add_plug_gguf_options,
+    add_score_command,
+    check_plug_outputs,
+    score,
+    write_lora,
+    write_model,
+)
 from coordinator.options import (
     add_adapter_kind_option,
     add_dp_option,
@@ -97,7 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     plug = commands.add_parser("plug", help="plug a device-trained adapter into the full model and save it")
     plug.add_argument("--model", default="smollm2-135m", help="named model, HF folder or .gguf file")
     plug.add_argument("--adapter", type=Path, required=True, metavar="RESULT_DIR", help="a device's result folder")
-    plug.add_argument("--out", type=Path, required=True, help="folder for the tuned model (transformers format)")
+    plug.add_argument("--out", type=Path, help="folder for the tuned model (transformers format)")
+    add_plug_gguf_options(plug)
+    add_score_command(commands)
     add_fleet_commands(commands)
     return parser
 
@@ -196,7 +206,8 @@ def _plan(args: argparse.Namespace) -> None:
     split = request.split()
     split.check(loaded.model.config.num_hidden_layers)
     emulator = make_emulator(loaded.model, split, request.recipe(), loaded.tokenizer)
-    shape = model_shape(emulator, request.adapter().attach(emulator, split.bottom, split.top))
+    adapter = request.adapter().attach(emulator, split.bottom, split.top)
+    shape = model_shape(emulator, adapter, private=request.dp is not None)
     backend = args.backend or request.backends_for(profile)[0]  # with --dp: torch
     training = request.training
     print(format_plan(make_plan(shape, profile, backend, training.batch_size, training.max_length, request.task.kind)))
@@ -242,19 +253,28 @@ def _plug(args: argparse.Namespace) -> None:
     result = read_result(args.adapter, loaded)
     metrics = result.metrics
     kind = adapter_kind_of(metrics.adapter_kind, metrics.adapter_options)
+    check_plug_outputs(args, kind.name)
+    written = []
+    if args.gguf_lora:  # from the unmerged branches: llama.cpp adds them to the base GGUF at load
+        written.append(write_lora(args.gguf_lora, loaded, result.weights, float(metrics.adapter_options["alpha"])))
     kind.merge(loaded.model, result.weights, metrics.emulator.bottom, metrics.emulator.top)
-    with atomic_directory(args.out) as staging:
-        loaded.model.save_pretrained(staging)
-        loaded.tokenizer.save_pretrained(staging)
+    if args.out:
+        with atomic_directory(args.out) as staging:
+            loaded.model.save_pretrained(staging)
+            loaded.tokenizer.save_pretrained(staging)
+        written.append(f"wrote {args.out} (transformers)")
+    if args.gguf:
+        written.append(write_model(args.gguf, loaded, args.gguf_type))
     notes = {
         "lora": " (LoRA merged into the weights)",
         "prompt": " (the soft prompt is saved with it: load it with `coordinator evaluate --model`, or "
         "edge_runtime.low_rank.load_causal_lm; plain transformers drops it)",
     }
     print(
-        f"plugged {len(result.weights)} {kind.name} adapter tensors from {args.adapter} into {loaded.name} "
-        f"-> {args.out}" + notes.get(kind.name, "")
+        f"plugged {len(result.weights)} {kind.name} adapter tensors from {args.adapter} into {loaded.name}"
+        + notes.get(kind.name, "")
     )
+    print("\n".join(written))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -268,6 +288,7 @@ def main(argv: list[str] | None = None) -> int:
         "plan": _plan,
         "export": _export,
         "plug": _plug,
+        "score": score,
         "serve": serve,
         "fleet": fleet,
     }

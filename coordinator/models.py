@@ -11,7 +11,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from coordinator.architectures import spec_for
 from coordinator.errors import ModelSourceError
@@ -134,7 +141,7 @@ def _load_folder(folder: Path, name: str, dtype: torch.dtype) -> LoadedModel:
     model = load_causal_lm(folder, dtype)  # low-rank emulator folders too
     spec_for(model.config.model_type)
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    _ensure_pad_token(tokenizer, model)
+    _ensure_pad_token(tokenizer, model.config)
     model.eval()
     return LoadedModel(name=name, model=model, tokenizer=tokenizer, source=folder)
 
@@ -146,21 +153,41 @@ def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrai
     except (ValueError, OSError, KeyError) as error:
         raise ModelSourceError(f"cannot load GGUF {path}: {error}") from error
     spec_for(model.config.model_type)
-    _fix_gguf_special_tokens(tokenizer, model)
+    _fix_gguf_special_tokens(tokenizer, model.config)
     model.eval()
     return model, tokenizer
 
 
-def _fix_gguf_special_tokens(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel) -> None:
+def gguf_tokenizer(path: Path) -> PreTrainedTokenizerBase:
+    """The tokenizer a GGUF file carries, as `load_model` would set it up (its weights are not read)."""
+    try:
+        config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    except (ValueError, OSError, KeyError) as error:
+        raise ModelSourceError(f"cannot read the tokenizer of GGUF {path}: {error}") from error
+    _fix_gguf_special_tokens(tokenizer, config)
+    return tokenizer
+
+
+def source_gguf(loaded: LoadedModel) -> Path | None:
+    """The GGUF file `loaded` came from (metadata, tokenizer, chat template), or None for a Hugging Face folder."""
+    if loaded.source.is_file():
+        return loaded.source
+    record = loaded.source / "source.json"
+    name = json.loads(record.read_text()).get("name") if record.is_file() else None
+    return packaged_gguf_path(name) if name in NAMED_MODELS else None
+
+
+def _fix_gguf_special_tokens(tokenizer: PreTrainedTokenizerBase, config: PretrainedConfig) -> None:
     """GGUF tokenizers may report one token as both BOS and EOS and prepend it: take EOS from the model config."""
-    eos_id = model.config.eos_token_id
+    eos_id = config.eos_token_id
     if tokenizer.bos_token is not None and tokenizer.bos_token == tokenizer.eos_token and isinstance(eos_id, int):
         tokenizer.eos_token = tokenizer.convert_ids_to_tokens(eos_id)
         tokenizer.add_bos_token = False
-    _ensure_pad_token(tokenizer, model)
+    _ensure_pad_token(tokenizer, config)
 
 
-def _ensure_pad_token(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel) -> None:
+def _ensure_pad_token(tokenizer: PreTrainedTokenizerBase, config: PretrainedConfig) -> None:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model.config.pad_token_id = tokenizer.pad_token_id
+    config.pad_token_id = tokenizer.pad_token_id

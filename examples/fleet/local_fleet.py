@@ -15,7 +15,11 @@ Every part runs as its own process, exactly as on a real fleet (swap the loopbac
 
 Each device gets its own private shard of the training data; only adapters cross the wire. The embedded broker
 lets in only enrolled devices, each on its own topics, and every record on the wire is signed by its sender.
-Prints the fleet table, then the five-setting table with the fleet's aggregate adapter as the offsite adapter.
+Prints the fleet table, then the five-setting table with the fleet's aggregate adapter as the offsite adapter,
+then writes the aggregate plugged into the full model as a GGUF file and completes a review with llama.cpp:
+
+    coordinator plug --adapter AGGREGATE --gguf tuned.gguf
+    coordinator score --gguf tuned.gguf --generate "Review: ...\nSentiment:"
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from coordinator.defaults import DEFAULT_EMULATOR, DEFAULT_KEEP
 from coordinator.fleet.broker import free_port
 from coordinator.fleet.cli import format_results, format_status
 from coordinator.fleet.registry import JOB_DONE, Registry
+from coordinator.tasks import DEFAULT_TEMPLATE
 from edge_runtime.data import load_examples
 
 
@@ -87,6 +92,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--full-steps", type=int, default=100, help="steps of the full fine-tuning baseline")
     parser.add_argument("--profile", default="laptop-16gb")
     parser.add_argument("--out", type=Path, default=Path("runs/fleet-demo"))
+    parser.add_argument(
+        "--no-gguf", action="store_true", help="skip the GGUF and llama.cpp step (a folder model has no GGUF source)"
+    )
     args = parser.parse_args(argv)
 
     shutil.rmtree(args.out, ignore_errors=True)
@@ -230,6 +238,15 @@ def main(argv: list[str] | None = None) -> None:
         ),
         check=True,
     )
+    if args.no_gguf:
+        return
+    tuned = args.out / "tuned.gguf"
+    plug = ("plug", "--model", args.model, "--adapter", record["detail"]["aggregate"], "--gguf", str(tuned))
+    subprocess.run(_command("coordinator.cli", *plug), check=True)
+    prompt = DEFAULT_TEMPLATE.format(text=load_examples(args.test)[0].text)
+    print(f"\nllama.cpp completes a test review with the tuned model ({tuned}):", flush=True)
+    score = ("score", "--gguf", str(tuned), "--generate", prompt, "--max-tokens", "1")
+    subprocess.run(_command("coordinator.cli", *score), check=True)
 
 
 if __name__ == "__main__":

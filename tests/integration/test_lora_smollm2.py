@@ -2,8 +2,6 @@
 would (the CLI, in its own process), then merged into the full model with `coordinator plug`."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -12,13 +10,10 @@ from transformers import AutoModelForCausalLM
 from coordinator.cli import main as coordinator
 from coordinator.datasets import dataset_path, prepare_datasets
 from coordinator.models import load_model
+from tests.integration.device import edge_runtime
 
 pytestmark = pytest.mark.integration
 ADAPTER = ["--adapter-kind", "lora:r=8"]
-
-
-def _edge(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "edge_runtime.cli", *args], capture_output=True, text=True)
 
 
 @pytest.fixture(scope="module")
@@ -34,10 +29,10 @@ def test_a_lora_bundle_verifies_trains_and_plugs_in(keys, tmp_path, profile, bac
     key, trust = keys
     export = ["export", "--model", "smollm2-135m", "--profile", profile, *ADAPTER, "--backends", backend]
     assert coordinator([*export, "--key", str(key), "--out", str(tmp_path / "bundle")]) == 0
-    verified = _edge("verify", str(tmp_path / "bundle"), "--trust", str(trust))
+    verified = edge_runtime("verify", str(tmp_path / "bundle"), "--trust", str(trust))
     assert verified.returncode == 0 and "adapter lora (61,440 parameters)" in verified.stdout, verified.stderr
     train = ["train", str(tmp_path / "bundle"), "--data", str(dataset_path("sentiment", "train"))]
-    trained = _edge(*train, "--out", str(tmp_path / "result"), "--trust", str(trust), "--steps", "3", "--quiet")
+    trained = edge_runtime(*train, "--out", str(tmp_path / "result"), "--trust", str(trust), "--steps", "3", "--quiet")
     assert trained.returncode == 0, trained.stderr
     metrics = json.loads((tmp_path / "result" / "metrics.json").read_text())
     assert metrics["backend"] == backend and metrics["adapter_kind"] == "lora" and metrics["steps"] == 3

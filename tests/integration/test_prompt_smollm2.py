@@ -2,8 +2,6 @@
 saved with the full model by `coordinator plug` and loaded back with its prompt."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -12,12 +10,9 @@ from safetensors.torch import load_file
 from coordinator.cli import main as coordinator
 from coordinator.datasets import dataset_path, prepare_datasets
 from coordinator.models import load_model
+from tests.integration.device import edge_runtime
 
 pytestmark = pytest.mark.integration
-
-
-def _edge(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "edge_runtime.cli", *args], capture_output=True, text=True)
 
 
 def test_a_prompt_bundle_verifies_trains_and_plugs_in_with_its_prompt(tmp_path):
@@ -26,10 +21,10 @@ def test_a_prompt_bundle_verifies_trains_and_plugs_in_with_its_prompt(tmp_path):
     key, trust = tmp_path / "keys" / "coordinator.key", tmp_path / "keys" / "coordinator.pub"
     export = ["export", "--model", "smollm2-135m", "--profile", "laptop-16gb", "--adapter-kind", "prompt:tokens=20"]
     assert coordinator([*export, "--backends", "ort", "--key", str(key), "--out", str(tmp_path / "bundle")]) == 0
-    verified = _edge("verify", str(tmp_path / "bundle"), "--trust", str(trust))
+    verified = edge_runtime("verify", str(tmp_path / "bundle"), "--trust", str(trust))
     assert verified.returncode == 0 and "adapter prompt (11,520 parameters)" in verified.stdout, verified.stderr
     train = ["train", str(tmp_path / "bundle"), "--data", str(dataset_path("sentiment", "train"))]
-    trained = _edge(*train, "--out", str(tmp_path / "result"), "--trust", str(trust), "--steps", "3", "--quiet")
+    trained = edge_runtime(*train, "--out", str(tmp_path / "result"), "--trust", str(trust), "--steps", "3", "--quiet")
     assert trained.returncode == 0, trained.stderr
     metrics = json.loads((tmp_path / "result" / "metrics.json").read_text())
     assert metrics["adapter_kind"] == "prompt" and metrics["adapter_options"]["tokens"] == 20

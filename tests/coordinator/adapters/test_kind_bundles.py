@@ -19,7 +19,7 @@ SUFFIXES = {"lora": {"lora_A", "lora_B"}, "bias": {"bias"}, "prompt": {"soft_pro
 
 
 @pytest.mark.parametrize("text", list(KINDS))
-def test_a_kind_exports_trains_alike_on_both_backends_and_plugs_in(tmp_path, text):
+def test_a_kind_exports_trains_alike_on_both_backends_and_plugs_in(tmp_path, capsys, text):
     paths = make_bundle(tmp_path, "ort,torch", "--adapter-kind", text)
     manifest = verify_bundle(paths["bundle"], paths["trust"])
     assert manifest.adapter.kind == KINDS[text]
@@ -55,6 +55,10 @@ def test_a_kind_exports_trains_alike_on_both_backends_and_plugs_in(tmp_path, tex
         )
         == 0
     )
+    if KINDS[text] == "prompt":
+        gguf = ["plug", "--model", str(paths["model"]), "--adapter", str(tmp_path / "ort"), "--gguf", "p.gguf"]
+        assert coordinator(gguf) == 2
+        assert "a soft prompt has no GGUF form" in capsys.readouterr().err  # before the model's source is looked for
     tuned = load_causal_lm(tmp_path / "tuned")  # a soft prompt is saved with the model; this loader attaches it
     full = AutoModelForCausalLM.from_pretrained(paths["model"]).eval()
     weights, _ = load_adapter(tmp_path / "ort" / "adapter.safetensors")

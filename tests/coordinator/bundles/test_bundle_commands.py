@@ -116,6 +116,12 @@ def test_a_device_result_plugs_in_and_evaluates(tmp_path, capsys):
     original = load_model(str(bundle["model"])).model.state_dict()
     assert not torch.equal(trained["model.layers.0.mlp.up_proj.weight"], original["model.layers.0.mlp.up_proj.weight"])
     assert torch.equal(trained["model.layers.3.mlp.up_proj.weight"], original["model.layers.3.mlp.up_proj.weight"])
+    plug = ["plug", "--model", str(bundle["model"]), "--adapter", str(result)]
+    assert coordinator(plug) == 2 and "plug writes nothing: give --out DIR" in capsys.readouterr().err
+    assert coordinator([*plug, "--gguf-lora", str(tmp_path / "l.gguf")]) == 2
+    assert "--gguf-lora writes LoRA adapters; this result's adapter kind is 'layers'" in capsys.readouterr().err
+    assert coordinator([*plug, "--gguf", str(tmp_path / "t.gguf")]) == 2  # a Hugging Face folder: no source GGUF
+    assert "loaded from a Hugging Face folder" in capsys.readouterr().err and not (tmp_path / "t.gguf").exists()
 
     from coordinator.datasets import write_jsonl
 
