@@ -31,6 +31,7 @@ from coordinator.models import load_model
 from coordinator.tasks import make_task
 from coordinator.train import TrainConfig
 from edge_runtime.data import load_examples
+from edge_runtime.manifest import DPTarget
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results" / "adapter_kinds"
@@ -64,8 +65,9 @@ def _spec() -> str:
     return EmulatorSpec.parse(DEFAULT_EMULATOR, DEFAULT_KEEP).label()
 
 
-def measure(kind: str, lr: float, steps: int) -> dict:
-    """Train `kind` through the default emulator as `coordinator evaluate --validation 600` would; score the test."""
+def measure(kind: str, lr: float, steps: int, dp: DPTarget | None = None) -> dict:
+    """Train `kind` through the default emulator as `coordinator evaluate --validation 600 [--dp]` would; score
+    the test."""
     reference = _whole_layers()
     if reference["config"]["adapter_training"]["steps"] != steps:
         raise SystemExit(
@@ -81,7 +83,7 @@ def measure(kind: str, lr: float, steps: int) -> dict:
     training = TrainConfig(steps, lr)
     experiment = Experiment(
         Split(2, 2, keep=DEFAULT_KEEP), training, training, emulator=EmulatorSpec.parse(DEFAULT_EMULATOR, DEFAULT_KEEP),
-        adapter=kind,
+        adapter=kind, dp=dp,
     )  # fmt: skip
     start = time.perf_counter()
     results = measure_offsite(loaded, task, rest, test_examples, experiment, validation=validation)

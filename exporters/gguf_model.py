@@ -46,6 +46,8 @@ _OWN_KEYS = ("general.architecture", "general.type", "general.file_type", "gener
 
 @dataclass(frozen=True)
 class GgufSummary:
+    """What was written: the file, how many tensors it holds, its size in bytes."""
+
     path: Path
     tensors: int
     bytes: int
