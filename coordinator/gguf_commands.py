@@ -56,21 +56,18 @@ def score(args: argparse.Namespace) -> None:
     from coordinator.models import gguf_tokenizer
     from coordinator.tasks import DEFAULT_TEMPLATE, ClassificationTask, make_task
     from edge_runtime.data import load_examples
-    from exporters.gguf_model import read_gguf
 
     if args.test is None and args.generate is None:
         raise ConfigError("score needs --test FILE to score, --generate PROMPT to complete, or both")
-    read_gguf(args.gguf)  # a bad file is named before its tokenizer is read
-    logging.set_verbosity_error()  # the GGUF tokenizer's notice about legacy behaviour, which does not apply here
     examples = load_examples(args.test)[: args.limit_test] if args.test else []
-    task = None
+    plain_text = bool(examples) and examples[0].label is None  # perplexity reads every position's logits
+    # Opened first: open_gguf checks the files, so a bad one is named before its tokenizer is read.
+    llama = open_gguf(args.gguf, args.lora, context=max(512, args.max_length + 1), all_logits=plain_text)
+    logging.set_verbosity_error()  # the GGUF tokenizer's notice about legacy behaviour, which does not apply here
     if examples:
         label_words = dict(args.label_word) if args.label_word else None
         template = args.template or DEFAULT_TEMPLATE
         task = make_task(gguf_tokenizer(args.gguf), examples, examples, label_words, template, args.max_length)
-    language_model = task is not None and not isinstance(task, ClassificationTask)
-    llama = open_gguf(args.gguf, args.lora, context=max(512, args.max_length + 1), all_logits=language_model)
-    if task is not None:
         result = (
             accuracy(llama, task, examples)
             if isinstance(task, ClassificationTask)

@@ -30,6 +30,7 @@ from gguf.constants import MODEL_ARCH
 from transformers import PreTrainedModel
 
 from coordinator.errors import ConfigError, ModelSourceError
+from edge_runtime.adapter_modules import LORA_A, LORA_B
 from edge_runtime.files import atomic_path
 
 # What --gguf-type may name: the type of two-dimensional tensors, and the file type the header declares.
@@ -197,13 +198,15 @@ def write_lora_gguf(
         writer.add_string(Keys.Adapter.TYPE, "lora")
         writer.add_float32(Keys.Adapter.LORA_ALPHA, float(alpha))
         for module in modules:
-            if f"{module}.lora_A" not in weights or f"{module}.lora_B" not in weights:
-                raise ConfigError(f"the adapter holds only one of {module}.lora_A and .lora_B; it is not a LoRA result")
+            if f"{module}.{LORA_A}" not in weights or f"{module}.{LORA_B}" not in weights:
+                raise ConfigError(
+                    f"the adapter holds only one of {module}.{LORA_A} and .{LORA_B}; it is not a LoRA result"
+                )
             gguf_name = names.get_name(f"{module}.weight", try_suffixes=(".weight",))
             if gguf_name is None:
                 raise ConfigError(f"{module} has no GGUF name in gguf's {arch.name} tensor map")
-            down = weights[f"{module}.lora_A"].detach().to(torch.float32).numpy()
-            up = weights[f"{module}.lora_B"].detach().to(torch.float32).numpy()
+            down = weights[f"{module}.{LORA_A}"].detach().to(torch.float32).numpy()
+            up = weights[f"{module}.{LORA_B}"].detach().to(torch.float32).numpy()
             heads = _heads_of(f"{module}.", model)
             writer.add_tensor(f"{gguf_name}.lora_a", down)
             writer.add_tensor(f"{gguf_name}.lora_b", _rotary_rows(up, heads) if heads else up)
