@@ -51,7 +51,7 @@ test: setup mosquitto
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 
-# Offsite tuning vs full fine-tuning on this machine: speed, memory, floor, communication, cost growth (< 60 min).
+# Offsite tuning vs full fine-tuning on this machine: speed, memory, floor, communication, cost growth (about 90 min).
 bench: setup
 	$(BIN)/python -m bench.head_to_head
 	$(BIN)/python -m bench.cost_growth

@@ -1,5 +1,7 @@
 """Benchmark: how a training step's time and peak memory grow with sequence length and with the emulator's kept
-layers, offsite on the device (ONNX Runtime) beside full fine-tuning (PyTorch), SmolLM2-135M, with plots.
+layers, offsite on the device (ONNX Runtime) beside full fine-tuning (PyTorch), SmolLM2-135M, with plots. Each
+length is trained on the plain bundle and on one with int8 frozen weights and recomputed activations
+(`uniform:store=int8`, `--recompute`).
 
 Run alone from the repository root: `python -m bench.cost_growth` (part of `make bench`); `--report-only`
 rewrites the section from the saved results.
@@ -30,6 +32,7 @@ BATCH = 8
 LENGTHS = (64, 128, 256, 512)
 KEEPS = (2, 8, 14, 20, 26)
 LENGTH_OF_KEEP_SWEEP = 128
+SMALL_EMULATOR = "uniform:store=int8"  # with --recompute: the small-memory variant of the keep-8 bundle
 MIB = 2**20
 
 
@@ -48,19 +51,29 @@ def _rows_of(tokens: int, tokenizer: Tokenizer, out: Path, rows: int = 64) -> Pa
     return out
 
 
-def _point(bundle: Path, data: Path, steps: int, out: Path, full: bool) -> dict:
-    """One offsite (ORT) run, and a full fine-tuning run on the same rows if `full`."""
+def _ort(bundle: Path, data: Path, steps: int, out: Path) -> dict:
+    metrics = device_train(bundle, data, "ort", steps, out, budget_gb=20)
+    keys = ("step_seconds_median", "peak_memory_bytes", "predicted_peak_bytes", "micro_batch")
+    shape = Manifest.from_json((bundle / "manifest.json").read_bytes()).plan.shape
+    widest = batch_tokens(bundle, data, steps)["widest"]
+    return {key: metrics[key] for key in keys} | {"floor": memory_floor(shape, BATCH, widest)["total"]}
+
+
+def _point(bundle: Path, data: Path, steps: int, out: Path, full: bool, small: Path | None = None) -> dict:
+    """One offsite (ORT) run (and one of the `small` bundle), and a full fine-tuning run on the same rows if `full`."""
     manifest = Manifest.from_json((bundle / "manifest.json").read_bytes())
     shape = manifest.plan.shape
     tokens = batch_tokens(bundle, data, steps)
-    metrics = device_train(bundle, data, "ort", steps, out / "ort", budget_gb=20)
+    ort = _ort(bundle, data, steps, out / "ort")
     point = {
         "sequence": tokens["widest"],
         "keep": len(manifest.emulator.layer_map) - 4,
-        "ort": {key: metrics[key] for key in ("step_seconds_median", "peak_memory_bytes", "predicted_peak_bytes")},
-        "micro_batch": metrics["micro_batch"],
-        "floor": memory_floor(shape, BATCH, tokens["widest"])["total"],
+        "ort": ort,
+        "micro_batch": ort["micro_batch"],
+        "floor": ort["floor"],
     }
+    if small is not None:
+        point["small"] = _ort(small, data, steps, out / "small")
     if full:
         run = profiled_train(bundle, data, "full", steps, out / "full.json")
         point["full"] = {key: run[key] for key in ("step_seconds_median", "peak_memory_bytes")}
@@ -75,12 +88,15 @@ def measure(steps: int) -> dict:
         root = Path(scratch)
         common = ["--adapter-layers", "2,2", "--batch-size", str(BATCH), "--max-length", str(max(LENGTHS))]
         bundle = export_bundle(root, "keep-8", [*common, "--keep", "8"], backends="ort")
+        small_options = [*common, "--keep", "8", "--emulator", SMALL_EMULATOR, "--recompute"]
+        small = export_bundle(root, "keep-8-small", small_options, backends="ort")
         tokenizer = Tokenizer.from_file(str(bundle / TOKENIZER_FILE))
         data = {length: _rows_of(length, tokenizer, root / f"rows-{length}.jsonl") for length in LENGTHS}
         by_length = []
         for length in LENGTHS:
             print(f"sequence {length}", flush=True)
-            by_length.append(_point(bundle, data[length], steps, root / f"run-length-{length}", full=True))
+            point = _point(bundle, data[length], steps, root / f"run-length-{length}", full=True, small=small)
+            by_length.append(point)
         by_keep = []
         for keep in KEEPS:
             print(f"keep {keep}", flush=True)
@@ -102,6 +118,11 @@ def _plot(results: dict) -> None:
     axes[0][0].plot(sequences, [p["full"]["step_seconds_median"] for p in length], marker="o", label="full (torch)")
     axes[0][1].plot(sequences, [p["ort"]["peak_memory_bytes"] / MIB for p in length], marker="o", label="offsite")
     axes[0][1].plot(sequences, [p["floor"] / MIB for p in length], linestyle=":", label="offsite floor")
+    if all("small" in p for p in length):
+        small = [p["small"] for p in length]
+        axes[0][0].plot(sequences, [p["step_seconds_median"] for p in small], marker="o", label="int8+recompute")
+        axes[0][1].plot(sequences, [p["peak_memory_bytes"] / MIB for p in small], marker="o", label="int8+recompute")
+        axes[0][1].plot(sequences, [p["floor"] / MIB for p in small], linestyle=":", label="int8 floor")
     axes[0][1].plot(sequences, [p["full"]["peak_memory_bytes"] / MIB for p in length], marker="o", label="full")
     axes[0][1].plot(sequences, [p["full"]["floor"] / MIB for p in length], linestyle=":", label="full floor")
     axes[1][0].plot(keeps, [p["ort"]["step_seconds_median"] for p in keep], marker="o", label="offsite (ORT)")
@@ -132,22 +153,25 @@ def report(results: dict) -> str:
         "",
         f"Batch {results['batch_size']} rows of Wikipedia text cut to a fixed length, adapter 2+2; each point is one "
         f"process training {results['steps']} steps (median s/step; peak = the process's high-water mark). Offsite = "
-        "`edge-runtime train` on an ORT bundle (torch blocked); full = every weight trained in PyTorch on the same "
-        "rows.",
+        "`edge-runtime train` on an ORT bundle (torch blocked), keep 8, as exported (float32) and with "
+        f"`--emulator {SMALL_EMULATOR} --recompute`; full = every weight trained in PyTorch on the same rows.",
         "",
-        "| tokens per row | offsite s/step | full s/step | full ÷ offsite | offsite MiB | full MiB | full ÷ offsite "
-        "| offsite floor | full floor |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| tokens per row | bundle | offsite s/step | full s/step | full ÷ offsite | offsite MiB | full MiB "
+        "| full ÷ offsite | offsite floor | offsite ÷ floor | full floor |",
+        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for p in results["by_length"]:
-        ort, full = p["ort"], p["full"]
-        seconds, peak = ort["step_seconds_median"], ort["peak_memory_bytes"]
-        lines.append(
-            f"| {p['sequence']} | {seconds:.2f} | {full['step_seconds_median']:.2f} "
-            f"| {full['step_seconds_median'] / seconds:.2f}× | {peak / MIB:,.0f} "
-            f"| {full['peak_memory_bytes'] / MIB:,.0f} | {full['peak_memory_bytes'] / peak:.2f}× "
-            f"| {p['floor'] / MIB:,.0f} | {full['floor'] / MIB:,.0f} |"
-        )
+        full = p["full"]
+        variants = [("float32", p["ort"])] + ([("int8 + recompute", p["small"])] if "small" in p else [])
+        for name, ort in variants:
+            seconds, peak = ort["step_seconds_median"], ort["peak_memory_bytes"]
+            floor = ort.get("floor", p["floor"])
+            lines.append(
+                f"| {p['sequence']} | {name} | {seconds:.2f} | {full['step_seconds_median']:.2f} "
+                f"| {full['step_seconds_median'] / seconds:.2f}× | {peak / MIB:,.0f} "
+                f"| {full['peak_memory_bytes'] / MIB:,.0f} | {full['peak_memory_bytes'] / peak:.2f}× "
+                f"| {floor / MIB:,.0f} | {peak / floor:.2f}× | {full['floor'] / MIB:,.0f} |"
+            )
     lines += [
         "",
         "| emulator layers (kept + adapter) | s/step | peak MiB | predicted MiB | floor MiB | micro-batch |",

@@ -13,42 +13,53 @@ from pathlib import Path
 from bench.markdown import machine_line, write_section
 from bench.runs import device_train, export_bundle
 from coordinator.datasets import dataset_path
+from coordinator.defaults import DEFAULT_EMULATOR
 from edge_runtime.files import atomic_path, write_json_atomic
+from edge_runtime.manifest import Manifest
 
 REPO = Path(__file__).resolve().parent.parent
 OUT = REPO / "bench" / "results" / "device_training.json"
 BUDGETS_GB = (1, 1.5, 2, 4)
+# The default bundle as exported, and with int8 frozen weights and recomputed activations.
+VARIANTS = {"float32": [], "int8 + recompute": ["--emulator", f"{DEFAULT_EMULATOR},store=int8", "--recompute"]}
 BATCH = 32
 STEPS = 12
 GOAL = 0.15  # |measured - predicted| / measured
 
 
 def measure() -> dict:
-    """Train the same bundle under each budget with each backend; one process per run."""
-    runs = []
+    """Train each bundle variant under each budget with each backend; one process per run."""
+    runs, layers = [], {}
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(scratch)
-        bundle = export_bundle(root, "bundle", ["--batch-size", str(BATCH)])
         data = dataset_path("sentiment", "train")
-        for budget in BUDGETS_GB:
-            for backend in ("ort", "torch"):
-                print(f"budget {budget} GiB, {backend}", flush=True)
-                metrics = device_train(bundle, data, backend, STEPS, root / f"{backend}-{budget}", budget)
-                if "refused" in metrics:
-                    runs.append({"backend": backend, "budget_gb": budget, "refused": metrics["refused"]})
-                    continue
-                keep = (
-                    "micro_batch",
-                    "sequence",
-                    "predicted_peak_bytes",
-                    "peak_memory_bytes",
-                    "step_seconds_median",
-                    "budget_bytes",
-                    "final_loss",
-                    "micro_batch_changes",
-                )
-                runs.append({"backend": backend, "budget_gb": budget} | {key: metrics[key] for key in keep})
-    return {"batch_size": BATCH, "steps": STEPS, "machine": machine_line(), "runs": runs}
+        for variant, options in VARIANTS.items():
+            bundle = export_bundle(root, variant.replace(" ", ""), ["--batch-size", str(BATCH), *options])
+            layers[variant] = len(Manifest.from_json((bundle / "manifest.json").read_bytes()).emulator.layer_map)
+            for budget in BUDGETS_GB:
+                for backend in ("ort", "torch"):
+                    print(f"{variant}: budget {budget} GiB, {backend}", flush=True)
+                    out = root / f"{variant.replace(' ', '')}-{backend}-{budget}"
+                    runs.append({"variant": variant} | _run(bundle, data, backend, budget, out))
+    return {"batch_size": BATCH, "steps": STEPS, "machine": machine_line(), "runs": runs, "layers": layers}
+
+
+def _run(bundle: Path, data: Path, backend: str, budget: float, out: Path) -> dict:
+    """One training run's budget, plan and measurements, or the refusal."""
+    metrics = device_train(bundle, data, backend, STEPS, out, budget)
+    if "refused" in metrics:
+        return {"backend": backend, "budget_gb": budget, "refused": metrics["refused"]}
+    keep = (
+        "micro_batch",
+        "sequence",
+        "predicted_peak_bytes",
+        "peak_memory_bytes",
+        "step_seconds_median",
+        "budget_bytes",
+        "final_loss",
+        "micro_batch_changes",
+    )
+    return {"backend": backend, "budget_gb": budget} | {key: metrics[key] for key in keep}
 
 
 def _plot(results: dict, path: Path) -> None:
@@ -58,15 +69,15 @@ def _plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     runs = [run for run in results["runs"] if "refused" not in run]
-    labels = [f"{r['backend']}\n{r['budget_gb']} GiB\nmicro {r['micro_batch']}" for r in runs]
+    labels = [f"{r.get('variant', '')}\n{r['backend']} {r['budget_gb']} GiB\nmicro {r['micro_batch']}" for r in runs]
     x = range(len(runs))
-    figure, axes = plt.subplots(figsize=(9, 4))
+    figure, axes = plt.subplots(figsize=(13, 4.5))
     axes.bar([i - 0.2 for i in x], [r["predicted_peak_bytes"] / 2**20 for r in runs], 0.4, label="predicted")
     axes.bar([i + 0.2 for i in x], [r["peak_memory_bytes"] / 2**20 for r in runs], 0.4, label="measured")
     axes.scatter(list(x), [r["budget_bytes"] / 2**20 for r in runs], marker="_", s=900, color="black", label="budget")
-    axes.set_xticks(list(x), labels, fontsize=8)
+    axes.set_xticks(list(x), labels, fontsize=6)
     axes.set_ylabel("peak memory, MiB (whole process)")
-    axes.set_title(f"SmolLM2 bundle (12-layer emulator, 2+2 adapter), batch {results['batch_size']}")
+    axes.set_title(f"SmolLM2 default bundle (2+2 adapter), batch {results['batch_size']}: predicted vs measured")
     axes.legend()
     figure.tight_layout()
     with atomic_path(path) as temporary:
@@ -77,17 +88,18 @@ def _plot(results: dict, path: Path) -> None:
 def report(results: dict) -> str:
     """The Markdown section: one row per run, then the ORT vs PyTorch step-time ratio per budget."""
     lines = [
-        "| backend | budget | micro-batch × accumulation | predicted MiB | measured MiB | error | under budget "
-        "| s/step |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | :---: | ---: |",
+        "| bundle | backend | budget | micro-batch × accumulation | predicted MiB | measured MiB | error "
+        "| under budget | s/step |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | :---: | ---: |",
     ]
     worst = 0.0
     for run in results["runs"]:
+        variant = run.get("variant", "float32")
         if "refused" in run:
             needed = run["refused"].split("needs at least ")[1].split(" MiB")[0]
             lines.append(
-                f"| {run['backend']} | {run['budget_gb']} GiB | refused before training: needs {needed} MiB "
-                "| | | | yes | |"
+                f"| {variant} | {run['backend']} | {run['budget_gb']} GiB | refused before training: needs "
+                f"{needed} MiB | | | | yes | |"
             )
             continue
         predicted, measured = run["predicted_peak_bytes"], run["peak_memory_bytes"]
@@ -95,34 +107,49 @@ def report(results: dict) -> str:
         worst = max(worst, abs(error))
         under = "yes" if measured <= run["budget_bytes"] else "**no**"
         lines.append(
-            f"| {run['backend']} | {run['budget_gb']} GiB | {run['micro_batch']} × {BATCH // run['micro_batch']} | "
-            f"{predicted / 2**20:,.0f} | {measured / 2**20:,.0f} | {error:+.1%} | {under} | "
-            f"{run['step_seconds_median']:.2f} |"
+            f"| {variant} | {run['backend']} | {run['budget_gb']} GiB | {run['micro_batch']} × "
+            f"{BATCH // run['micro_batch']} | {predicted / 2**20:,.0f} | {measured / 2**20:,.0f} | {error:+.1%} "
+            f"| {under} | {run['step_seconds_median']:.2f} |"
         )
-    lines += ["", "| budget | ORT s/step | PyTorch s/step | PyTorch ÷ ORT |", "| ---: | ---: | ---: | ---: |"]
-    for budget in BUDGETS_GB:
-        ort, torch = (
-            next(r for r in results["runs"] if r["backend"] == b and r["budget_gb"] == budget) for b in ("ort", "torch")
-        )
-        if "refused" in ort or "refused" in torch:
-            continue
-        ratio = torch["step_seconds_median"] / ort["step_seconds_median"]
-        lines.append(
-            f"| {budget} GiB | {ort['step_seconds_median']:.2f} | {torch['step_seconds_median']:.2f} | {ratio:.2f}× |"
-        )
+    lines += [
+        "",
+        "| bundle | budget | ORT s/step | PyTorch s/step | PyTorch ÷ ORT |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for variant in dict.fromkeys(run.get("variant", "float32") for run in results["runs"]):
+        for budget in BUDGETS_GB:
+            ort, torch = (
+                next(
+                    r
+                    for r in results["runs"]
+                    if r.get("variant", "float32") == variant and r["backend"] == b and r["budget_gb"] == budget
+                )
+                for b in ("ort", "torch")
+            )
+            if "refused" in ort or "refused" in torch:
+                continue
+            ratio = torch["step_seconds_median"] / ort["step_seconds_median"]
+            lines.append(
+                f"| {variant} | {budget} GiB | {ort['step_seconds_median']:.2f} | {torch['step_seconds_median']:.2f} "
+                f"| {ratio:.2f}× |"
+            )
     lines += ["", f"Largest prediction error: {worst:.1%} (goal: within {GOAL:.0%}, never over budget)."]
     return "\n".join(lines)
 
 
 READING = (
     "Reading it: a budget the configuration cannot meet is refused before training, with the budget it would "
-    "need (here the frozen emulator alone is 216 MiB, and ONNX Runtime serializes its whole state into a growing "
-    "buffer, measured at 1.6x the state, whenever it checkpoints). ORT runs with its CPU memory arena off: with "
+    "need (the frozen emulator, and ONNX Runtime serializes its whole state into a growing buffer, measured at "
+    "1.6x the state, whenever it checkpoints). ORT runs with its CPU memory arena off: with "
     "batches of varying length the arena kept every size it had served and grew the process 25 % over 24 steps, "
     "beyond any plan; off, memory stays where predicted at a 5-10 % cost per step. On this CPU the two backends "
-    "take about the same time per step: both spend it in the same float32 matmuls of the 12-layer emulator, "
+    "take about the same time per step: both spend it in the same float32 matmuls of the emulator, "
     "forward and backward, so the PyTorch fallback costs a device little."
 )
+
+
+def _layers(results: dict) -> int:
+    return results.get("layers", {}).get("float32", 12)
 
 
 def publish(results: dict) -> None:
@@ -137,8 +164,10 @@ def publish(results: dict) -> None:
             "Command: `python -m bench.device_training` (part of `make bench`).",
             f"Machine: {results['machine']}.",
             "",
-            f"One SmolLM2-135M bundle (`coordinator export --profile laptop-16gb --backends ort,torch --batch-size "
-            f"{BATCH}`: 12-layer emulator, adapter = layers 0, 1, 28, 29, 14.2 M parameters) trained for {STEPS} steps "
+            f"The default SmolLM2-135M bundle (`coordinator export --profile laptop-16gb --backends ort,torch "
+            f"--batch-size {BATCH}`: {_layers(results)}-layer emulator, adapter = layers 0, 1, 28, 29, 14.2 M "
+            "parameters), as exported (float32) and with `--emulator "
+            f"{DEFAULT_EMULATOR},store=int8 --recompute` (int8 + recompute), each trained for {STEPS} steps "
             "on movie-review sentences by `edge-runtime train --budget-gb B`, each run its own process. The device "
             "plans with its data's longest row and picks the largest micro-batch whose predicted peak plus 10 % fits "
             "the budget; gradients accumulate over the micro-batches. Measured = the kernel's peak resident set of the "

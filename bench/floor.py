@@ -1,9 +1,10 @@
 """The physical memory floor of a training step: what any runtime must hold, whatever its overheads.
 
-Weights as stored (float32, frozen and trainable), trainable state (gradient and AdamW's two moments, float32),
-and the activations that must exist to back-propagate: each back-propagated layer's input (everything else can be
-recomputed from it), one layer's full working set while it is recomputed and differentiated, and the logits with
-their gradient. No runtime code, no allocator slack, no checkpoint buffer.
+Weights as stored (trainable ones float32, frozen ones float32 or int8 as the bundle holds them), trainable
+state (gradient and AdamW's two moments, float32), and the activations that must exist to back-propagate: each
+back-propagated layer's input (everything else can be recomputed from it), one layer's full working set while it
+is recomputed and differentiated, and the logits with their gradient. No runtime code, no allocator slack, no
+checkpoint buffer.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ def memory_floor(shape: ModelShape, micro_batch: int, sequence: int, kind: str =
     )
     logit_rows = micro_batch if kind == "classification" else tokens
     parts = {
-        "weights": (shape.frozen_parameters + shape.trainable_parameters) * FLOAT_BYTES,
+        "weights": shape.frozen_bytes + shape.trainable_parameters * FLOAT_BYTES,
         "trainable_state": 3 * shape.trainable_parameters * FLOAT_BYTES,
         "activations": int(
             (shape.backprop_layers * tokens * shape.hidden + one_layer + 2 * logit_rows * shape.vocab) * FLOAT_BYTES

@@ -2,8 +2,10 @@
 movie-review sentiment, same data, batch, length cap and batch stream: tokens/s, peak memory, time to a target
 accuracy, plug-in accuracy, and each configuration's physical memory floor.
 
-Run alone from the repository root: `python -m bench.head_to_head` (part of `make bench`); `--report-only`
-rewrites the section from the saved results.
+Speed and memory ratios are medians of paired runs: each round times full fine-tuning, then every offsite
+configuration on both backends, and each offsite run is divided by that round's full run (single runs on this
+machine moved by ±40 %). Run alone from the repository root: `python -m bench.head_to_head` (part of `make
+bench`); `--report-only` rewrites the section from the saved results.
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ from typing import TYPE_CHECKING
 from bench.floor import full_model_shape, memory_floor
 from bench.head_to_head_report import report
 from bench.markdown import machine_line, measured_or_saved, write_section
-from bench.runs import batch_tokens, device_train, export_bundle, profiled_train, repeated
+from bench.runs import batch_tokens, device_train, export_bundle, folder_bytes, profiled_train, repeated
 from coordinator.datasets import dataset_path, prepare_datasets
+from coordinator.defaults import DEFAULT_EMULATOR, DEFAULT_KEEP
 from edge_runtime.bundle import TORCH_DIRECTORY
 from edge_runtime.manifest import Manifest
 from edge_runtime.memory import ModelShape
@@ -39,22 +42,26 @@ FULL_LR = 2e-5
 
 @dataclass(frozen=True)
 class Config:
-    """One offsite configuration: adapter layers (bottom, top), emulator recipe, middle layers kept, adapter kind."""
+    """One offsite configuration: adapter layers (bottom, top), emulator recipe, middle layers kept, adapter kind,
+    and whether the device recomputes layer activations in the backward pass."""
 
     adapter: tuple[int, int]
     recipe: str
     keep: int
     kind: str = "layers"
     lr: float = ADAPTER_LR
+    recompute: bool = False
 
     @property
     def label(self) -> str:
         kind = "" if self.kind == "layers" else f" · {self.kind}"
-        return f"{self.adapter[0]}+{self.adapter[1]}{kind} · {self.recipe} keep {self.keep}"
+        recompute = " · recompute" if self.recompute else ""
+        return f"{self.adapter[0]}+{self.adapter[1]}{kind} · {self.recipe} keep {self.keep}{recompute}"
 
     def export_options(self) -> list[str]:
         adapter = f"{self.adapter[0]},{self.adapter[1]}"
         options = ["--adapter-layers", adapter, "--keep", str(self.keep), "--emulator", self.recipe]
+        options += ["--recompute"] if self.recompute else []
         return [*options, "--adapter-kind", self.kind, "--batch-size", str(BATCH), "--lr", str(self.lr)]
 
 
@@ -69,6 +76,11 @@ CONFIGS = (
     Config((2, 2), "uniform", 8, "lora:r=8", 1e-3),
     Config((2, 2), "uniform", 8, "bias", 1e-3),
     Config((2, 2), "uniform", 8, "prompt:tokens=20", 3e-2),
+    # Frozen weights stored as int8 for real, and activations recomputed: at keep 8 and at the default recipe.
+    Config((2, 2), "uniform:store=int8", 8),
+    Config((2, 2), "uniform:store=int8", 8, recompute=True),
+    Config((2, 2), DEFAULT_EMULATOR, DEFAULT_KEEP),
+    Config((2, 2), f"{DEFAULT_EMULATOR},store=int8", DEFAULT_KEEP, recompute=True),
 )
 
 
@@ -135,22 +147,19 @@ class Curves:
         return curve
 
 
-def _offsite(root: Path, config: Config, data: Path, steps: int, repeats: int, curves: Curves) -> tuple[dict, Path]:
-    """Export the configuration's bundle; time it on both backends, profile it, and trace its plug-in's curve."""
-    print(f"{config.label}: export, device runs, learning curve", flush=True)
+def _offsite(root: Path, config: Config, data: Path, steps: int, curves: Curves) -> tuple[dict, Path]:
+    """Export the configuration's bundle, profile it and trace its plug-in's curve (timing comes in rounds)."""
+    print(f"{config.label}: export, profile, learning curve", flush=True)
     bundle = export_bundle(root, "bundle", config.export_options())
     manifest = Manifest.from_json((bundle / "manifest.json").read_bytes())
-    backends = {
-        backend: repeated([device_train(bundle, data, backend, steps, root / f"{backend}-{r}") for r in range(repeats)])
-        for backend in ("ort", "torch")
-    }
     result = {
         "label": config.label,
         "adapter": list(config.adapter),
         "recipe": config.recipe,
         "keep": config.keep,
+        "recompute": config.recompute,
         "shape": manifest.plan.shape.to_dict(),
-        "backends": backends,
+        "bundle_bytes": folder_bytes(bundle),
         "profile": profiled_train(bundle, data, "adapter", steps, root / "profile.json"),
         "kind": config.kind,
         "lr": config.lr,
@@ -159,23 +168,43 @@ def _offsite(root: Path, config: Config, data: Path, steps: int, repeats: int, c
     return result | {"tokens": batch_tokens(bundle, data, steps)}, bundle
 
 
-def measure(steps: int, repeats: int, curve_steps: int, every: int, limit_test: int) -> dict:
-    """Every offsite configuration, then full fine-tuning on the first one's tokens; one process per timed run."""
+def _paired(runs: list[dict], full_runs: list[dict]) -> dict:
+    """Medians of a configuration's runs, and of each run's speed and memory against its round's full run."""
+    speed = [
+        full["step_seconds_median"] / run["step_seconds_median"] for run, full in zip(runs, full_runs, strict=True)
+    ]
+    memory = [full["peak_memory_bytes"] / run["peak_memory_bytes"] for run, full in zip(runs, full_runs, strict=True)]
+    return repeated(runs) | {"speed_ratios": speed, "memory_ratios": memory}
+
+
+def measure(steps: int, pairs: int, curve_steps: int, every: int, limit_test: int) -> dict:
+    """Every offsite configuration's export, profile and curve; then `pairs` rounds of timed runs, each round full
+    fine-tuning first and every offsite configuration after it on both backends; one process per run."""
     prepare_datasets()
     data = dataset_path("sentiment", "train")
     curves = Curves(curve_steps, every, limit_test)
-    offsite = []
+    offsite, bundles = [], []
     with tempfile.TemporaryDirectory() as scratch:
         for config in CONFIGS:
             root = Path(scratch) / config.label.replace(" ", "").replace("·", "-").replace(":", "-")
-            result, bundle = _offsite(root, config, data, steps, repeats, curves)
+            result, bundle = _offsite(root, config, data, steps, curves)
             offsite.append(result)
-            if config is CONFIGS[0]:
-                print("full fine-tuning: timed runs, learning curve", flush=True)
-                runs = [profiled_train(bundle, data, "full", steps, root / f"full-{r}.json") for r in range(repeats)]
-                full = repeated(runs) | {"profile": runs[0], "curve": curves.full()}
-                full["tokens"] = result["tokens"]  # the same batch stream
-            shutil.rmtree(root)
+            bundles.append(bundle)
+        first = bundles[0]
+        print("full fine-tuning: profile, learning curve", flush=True)
+        full = {"profile": profiled_train(first, data, "full", steps, first.parent / "full.json")}
+        full |= {"curve": curves.full(), "tokens": offsite[0]["tokens"]}  # the same batch stream
+        full_runs, runs = [], {(i, b): [] for i in range(len(bundles)) for b in ("ort", "torch")}
+        for round_ in range(pairs):
+            print(f"timed round {round_ + 1} of {pairs}", flush=True)
+            full_runs.append(profiled_train(first, data, "full", steps, first.parent / f"full-{round_}.json"))
+            for (index, backend), done in runs.items():
+                out = bundles[index].parent / f"{backend}-{round_}"
+                done.append(device_train(bundles[index], data, backend, steps, out))
+                shutil.rmtree(out)
+    full |= repeated(full_runs)
+    for index, result in enumerate(offsite):
+        result["backends"] = {b: _paired(runs[(index, b)], full_runs) for b in ("ort", "torch")}
     model = curves.loaded.model
     shape = ModelShape(**offsite[0]["shape"])
     full_shape = full_model_shape(shape, sum(p.numel() for p in model.parameters()), model.config.num_hidden_layers)
@@ -187,7 +216,7 @@ def measure(steps: int, repeats: int, curve_steps: int, every: int, limit_test: 
         "batch_size": BATCH,
         "max_length": curves.task.max_length,
         "steps": steps,
-        "repeats": repeats,
+        "pairs": pairs,
         "curve": {"steps": curve_steps, "every": every, "test_examples": limit_test, "zero_shot": curves.zero_shot},
         "lr": {"adapter": ADAPTER_LR, "full": FULL_LR},
         "full": full,
@@ -198,7 +227,7 @@ def measure(steps: int, repeats: int, curve_steps: int, every: int, limit_test: 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=6, help="timed steps per device run")
-    parser.add_argument("--repeats", type=int, default=3, help="device runs per configuration and backend")
+    parser.add_argument("--pairs", type=int, default=5, help="timed rounds (full, then every offsite run)")
     parser.add_argument("--curve-steps", type=int, default=60, help="training steps of each learning curve")
     parser.add_argument("--every", type=int, default=20, help="score the plug-in every this many steps")
     parser.add_argument("--limit-test", type=int, default=300, help="test reviews each point is scored on")
@@ -208,7 +237,7 @@ def main() -> None:
         OUT,
         "bench.head_to_head",
         args.report_only,
-        lambda: measure(args.steps, args.repeats, args.curve_steps, args.every, args.limit_test),
+        lambda: measure(args.steps, args.pairs, args.curve_steps, args.every, args.limit_test),
     )
     write_section("head_to_head", report(results))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 
 from bench.markdown import save_figure
@@ -32,11 +33,26 @@ def _time_to_target(result: dict, target: float, seconds_per_step: float) -> str
     return f"{step * seconds_per_step:,.0f} s ({step} steps)"
 
 
+def speed_ratio(result: dict, backend: str) -> float:
+    """Median of the paired tokens/s ratios (this run ÷ its round's full fine-tuning run)."""
+    return statistics.median(result["backends"][backend]["speed_ratios"])
+
+
+def memory_ratio(result: dict, backend: str) -> float:
+    """Median of the paired peak-memory ratios (its round's full fine-tuning run ÷ this run)."""
+    return statistics.median(result["backends"][backend]["memory_ratios"])
+
+
+def _spread(ratios: list[float]) -> str:
+    return f"{statistics.median(ratios):.2f}× ({min(ratios):.2f}–{max(ratios):.2f})"
+
+
 def _speed_table(results: dict, target: float) -> list[str]:
     full = results["full"]
     full_speed, full_peak = _tokens_per_second(full), _peak(full)
     lines = [
-        "| configuration | trainable | backend | tokens/s | × full | peak MiB | full ÷ this | time to target |",
+        "| configuration | trainable | backend | tokens/s | × full (range) | peak MiB | full ÷ this (range) "
+        "| time to target |",
         "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |",
         f"| full fine-tuning | {full['shape']['trainable_parameters'] / 1e6:.1f} M | torch | {full_speed:,.0f} | 1.00× "
         f"| {full_peak / MIB:,.0f} | 1.00× | {_time_to_target(full, target, full['step_seconds_median'])} |",
@@ -46,8 +62,8 @@ def _speed_table(results: dict, target: float) -> list[str]:
             speed, peak = _tokens_per_second(result, backend), _peak(result, backend)
             lines.append(
                 f"| {result['label']} | {_count(result['shape']['trainable_parameters'])} | {backend} "
-                f"| {speed:,.0f} | {speed / full_speed:.2f}× | {peak / MIB:,.0f} | {full_peak / peak:.2f}× "
-                f"| {_time_to_target(result, target, run['step_seconds_median'])} |"
+                f"| {speed:,.0f} | {_spread(run['speed_ratios'])} | {peak / MIB:,.0f} "
+                f"| {_spread(run['memory_ratios'])} | {_time_to_target(result, target, run['step_seconds_median'])} |"
             )
     return lines
 
@@ -68,15 +84,15 @@ def _utility_table(results: dict) -> list[str]:
 def _floor_table(results: dict) -> list[str]:
     lines = [
         "| configuration | weights | trainable state | activations | floor | measured ORT | measured torch "
-        "| ORT ÷ floor | torch ÷ floor |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| ORT ÷ floor | torch ÷ floor | bundle MiB |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     full = results["full"]
     floor = full["floor"]
     lines.append(
         f"| full fine-tuning | {floor['weights'] / MIB:,.0f} | {floor['trainable_state'] / MIB:,.0f} "
         f"| {floor['activations'] / MIB:,.0f} | {floor['total'] / MIB:,.0f} | | {_peak(full) / MIB:,.0f} | "
-        f"| {_peak(full) / floor['total']:.2f}× |"
+        f"| {_peak(full) / floor['total']:.2f}× | |"
     )
     for result in results["offsite"]:
         floor, ort, torch = result["floor"], _peak(result, "ort"), _peak(result, "torch")
@@ -84,7 +100,7 @@ def _floor_table(results: dict) -> list[str]:
             f"| {result['label']} | {floor['weights'] / MIB:,.0f} | {floor['trainable_state'] / MIB:,.0f} "
             f"| {floor['activations'] / MIB:,.0f} | {floor['total'] / MIB:,.0f} | {ort / MIB:,.0f} "
             f"| {torch / MIB:,.0f} "
-            f"| {ort / floor['total']:.2f}× | {torch / floor['total']:.2f}× |"
+            f"| {ort / floor['total']:.2f}× | {torch / floor['total']:.2f}× | {result['bundle_bytes'] / MIB:,.0f} |"
         )
     return lines
 
@@ -107,13 +123,8 @@ def _profile_table(results: dict) -> list[str]:
 
 
 def _against_papers(results: dict) -> list[str]:
-    full = results["full"]
-    speed = max(
-        (_tokens_per_second(r, b) / _tokens_per_second(full), r["label"], b)
-        for r in results["offsite"]
-        for b in r["backends"]
-    )
-    memory = max((_peak(full) / _peak(r, b), r["label"], b) for r in results["offsite"] for b in r["backends"])
+    speed = max((speed_ratio(r, b), r["label"], b) for r in results["offsite"] for b in r["backends"])
+    memory = max((memory_ratio(r, b), r["label"], b) for r in results["offsite"] for b in r["backends"])
     lines = [
         f"- Best throughput ratio here: **{speed[0]:.2f}×** ({speed[1]}, {speed[2]}); "
         f"best memory ratio: **{memory[0]:.2f}×** ({memory[1]}, {memory[2]})."
@@ -198,8 +209,10 @@ def report(results: dict) -> str:
         f"{results['max_length']} tokens, every run on the same batch stream. Offsite rows train a bundle with "
         "`edge-runtime train` (ORT with torch blocked, and the PyTorch backend); full fine-tuning trains every weight "
         "with the same graph, loss, batches and AdamW settings (`bench/profiled_training.py`). Each run is its own "
-        f"process; speed and peak memory are medians of {results['repeats']} runs of {results['steps']} steps; peak "
-        "memory is the whole process's high-water mark. tokens/s counts real (unpadded) tokens.",
+        f"process of {results['steps']} steps; peak memory is the whole process's high-water mark; tokens/s counts "
+        f"real (unpadded) tokens. The runs are interleaved in {results['pairs']} rounds (full fine-tuning, then every "
+        "offsite configuration on both backends); tokens/s and peak MiB are medians over the rounds, and the ratios "
+        "are the medians (and ranges) of each run against its own round's full fine-tuning run.",
         "",
         f"Time to target: target = full zero-shot + 2 points = {target:.1%} on the first {curve['test_examples']} "
         f"test reviews. Learning curves are trained here in PyTorch with the device's schedule (adapter lr "

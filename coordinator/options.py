@@ -114,6 +114,12 @@ def add_request_options(command: argparse.ArgumentParser, steps: int = 100, step
     command.add_argument("--checkpoint-every", type=int, default=10, help="steps between device checkpoints")
     add_dp_option(command)
     add_window_option(command)
+    command.add_argument(
+        "--recompute",
+        action="store_true",
+        help="recompute each layer's activations in the backward pass instead of keeping them from the forward "
+        "pass: the device holds one layer's activations, not every layer's, for about a third more compute",
+    )
 
 
 def add_dp_option(command: argparse.ArgumentParser) -> None:
@@ -148,4 +154,5 @@ def request_from_args(args: argparse.Namespace, backends: tuple[str, ...] = ()) 
         layer_window=args.layer_window,
         backends=backends,
         dp=args.dp,
+        recompute=args.recompute,
     )

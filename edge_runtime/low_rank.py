@@ -1,5 +1,5 @@
 """Rank-r linear layers of a low-rank emulator, and loading any emulator folder (dense, low-rank, harmonized,
-shared).
+shared, int8-stored).
 
 Imported by the PyTorch backend and the coordinator; it needs torch and transformers.
 """
@@ -7,6 +7,7 @@ Imported by the PyTorch backend and the coordinator; it needs torch and transfor
 from __future__ import annotations
 
 import json
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -16,6 +17,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from edge_runtime.errors import DataError
 from edge_runtime.harmonizers import HARMONIZER_RECORD, attach_harmonizers
+from edge_runtime.quantized import QUANTIZED_RECORD, quantized_structure, tie_quantized_head
 from edge_runtime.shared_layers import SHARED_RECORD, share_layers, tied_names
 from edge_runtime.soft_prompt import PROMPT_RECORD, attach_prompt
 
@@ -59,11 +61,15 @@ def load_causal_lm(folder: Path, dtype: torch.dtype = torch.float32) -> PreTrain
     with a soft prompt, gets its extra structure (factorized layers, harmonizers, tied layers, the prompt) back
     before its weights load."""
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    records = (LOW_RANK_RECORD, HARMONIZER_RECORD, SHARED_RECORD, PROMPT_RECORD)
-    ranks, harmonizers, shared, prompt = (config.get(key) for key in records)
-    if not ranks and not harmonizers and not shared and not prompt:
+    records = (LOW_RANK_RECORD, HARMONIZER_RECORD, SHARED_RECORD, PROMPT_RECORD, QUANTIZED_RECORD)
+    ranks, harmonizers, shared, prompt, quantized = (config.get(key) for key in records)
+    if not ranks and not harmonizers and not shared and not prompt and not quantized:
         return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
-    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), dtype=dtype)
+    # With int8 storage the float weights are never allocated: the structure is built empty, then assigned.
+    if quantized:
+        from accelerate import init_empty_weights  # only here: it is an import of its own
+    with init_empty_weights(include_buffers=False) if quantized else nullcontext():
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), dtype=dtype)
     factorize_structure(model, ranks or {})
     if shared:
         share_layers(model, shared["layers"], shared["ties"])
@@ -72,16 +78,23 @@ def load_causal_lm(folder: Path, dtype: torch.dtype = torch.float32) -> PreTrain
     if prompt:
         backbone = model.get_submodule(prompt["backbone"])
         attach_prompt(backbone, torch.zeros(prompt["tokens"], backbone.get_input_embeddings().embedding_dim))
+    if quantized:
+        quantized_structure(model, quantized)
     state = {}
     for shard in sorted(folder.glob("*.safetensors")):
         state.update(load_file(str(shard)))
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=bool(quantized))
     tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
+    if quantized and quantized.get("tied_head"):
+        tied |= {f"{quantized['tied_head']}.weight_values", f"{quantized['tied_head']}.weight_scale"}
     tied |= tied_names(shared, missing) if shared else set()
     if unexpected or set(missing) - tied:
         raise DataError(
             f"{folder} does not match its config's structure (missing {missing[:3]}, extra {unexpected[:3]}); "
             "export the emulator again"
         )
-    model.tie_weights()
+    if quantized:
+        tie_quantized_head(model, quantized)
+    else:
+        model.tie_weights()
     return model.eval()

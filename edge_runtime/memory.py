@@ -1,7 +1,8 @@
 """Peak training memory, predicted from the model's shape; used by the coordinator's planner and by the device.
 
-The prediction adds what stays resident (the runtime itself, frozen and trainable weights, gradients, AdamW's two
-moments) to the larger of two transients: a step's activations kept for back-propagation plus the logits with
+The prediction adds what stays resident (the runtime itself, frozen weights as stored (float32 or int8),
+trainable weights, gradients, AdamW's two moments) to the larger of two transients: a step's activations kept for
+back-propagation (every layer's, or with recomputation each layer's input and one layer's) plus the logits with
 their gradient, or writing a checkpoint (ONNX Runtime serializes its whole state, frozen weights included, in
 memory first).
 The per-token activation factors and the runtimes' own footprint were measured on x86-64 with ONNX Runtime
@@ -25,6 +26,10 @@ INTERMEDIATE_FACTOR = {"ort": 4.4, "torch": 3.6}
 ATTENTION_COPIES = {"ort": 2.25, "torch": 1.0}
 # Logit tensors alive at once (logits, softmax, gradient).
 LOGIT_COPIES = 3.0
+# With recomputation: one layer's activations (and their gradients) in units of what a layer keeps otherwise.
+RECOMPUTE_WORKING = 1.5
+# Float copies of int8 weights alive at once: one slice dequantized for a forward and one for a backward matmul.
+DEQUANTIZED_BYTES = 2 * 16 * MIB
 # Writing a checkpoint, in units of the state written: ONNX Runtime serializes every weight and both moments into
 # a growing in-memory buffer first (measured 1.6x); the PyTorch backend writes trainable weights and moments once.
 CHECKPOINT_COPIES = {"ort": 1.6, "torch": 1.0}
@@ -48,6 +53,13 @@ class ModelShape:
     trainable_parameters: int
     prefix_tokens: int = 0  # soft-prompt vectors in front of every row: the layers attend over them like tokens
     per_example_gradients: bool = False  # DP-SGD: each row's gradient of every trainable tensor, then clipped
+    quantized_parameters: int = 0  # frozen weights stored as int8 (a float32 scale per row beside them)
+    recompute_layers: bool = False  # layer activations recomputed in the backward pass: one layer's held at once
+
+    @property
+    def frozen_bytes(self) -> int:
+        """The frozen weights as stored: float32, except the int8 ones."""
+        return (self.frozen_parameters - self.quantized_parameters) * FLOAT_BYTES + self.quantized_parameters
 
     def to_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -89,16 +101,20 @@ def estimate(shape: ModelShape, micro_batch: int, sequence: int, kind: str, back
     sequence += shape.prefix_tokens
     tokens = micro_batch * sequence
     per_token = HIDDEN_FACTOR[backend] * shape.hidden + INTERMEDIATE_FACTOR[backend] * shape.intermediate
-    attention = ATTENTION_COPIES[backend] * micro_batch * shape.heads * sequence * sequence
+    layer = tokens * per_token + ATTENTION_COPIES[backend] * micro_batch * shape.heads * sequence * sequence
+    if shape.recompute_layers:  # each layer's input, then one layer at a time
+        kept = shape.backprop_layers * tokens * shape.hidden + RECOMPUTE_WORKING * layer
+    else:
+        kept = shape.backprop_layers * layer
     trainable = shape.trainable_parameters * FLOAT_BYTES
-    frozen = shape.frozen_parameters * FLOAT_BYTES
+    frozen = shape.frozen_bytes
     return MemoryEstimate(
         runtime=RUNTIME_BYTES[backend],
         frozen_weights=frozen,
         trainable_weights=trainable,
         gradients=trainable,
         optimizer_state=2 * trainable,
-        activations=int(shape.backprop_layers * (tokens * per_token + attention) * FLOAT_BYTES),
+        activations=int(kept * FLOAT_BYTES) + (DEQUANTIZED_BYTES if shape.quantized_parameters else 0),
         logits=int(LOGIT_COPIES * logit_rows * shape.vocab * FLOAT_BYTES),
         checkpoint=int(CHECKPOINT_COPIES[backend] * ((frozen if backend == "ort" else 0) + 3 * trainable)),
         per_example_gradients=(micro_batch + 2) * trainable if shape.per_example_gradients else 0,

@@ -40,8 +40,8 @@ def attach_prompt(backbone: nn.Module, initial: torch.Tensor) -> nn.Parameter:
         raise ValueError(f"a soft prompt is [tokens >= 1, {width}] for this model, not {list(initial.shape)}")
     if hasattr(backbone, _HOOKS):
         raise ValueError(f"{type(backbone).__name__} already has a soft prompt; detach it first")
-    weight = backbone.get_input_embeddings().weight
-    backbone.register_parameter(SOFT_PROMPT, nn.Parameter(initial.detach().clone().to(weight)))
+    like = next(backbone.parameters())  # the backbone's dtype and device (its embedding may be stored as int8)
+    backbone.register_parameter(SOFT_PROMPT, nn.Parameter(initial.detach().clone().to(like)))
     hooks = (backbone.register_forward_pre_hook(_before, with_kwargs=True), backbone.register_forward_hook(_after))
     setattr(backbone, _HOOKS, hooks)
     return getattr(backbone, SOFT_PROMPT)

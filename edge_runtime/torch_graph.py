@@ -6,15 +6,18 @@ Imported by the PyTorch backend and by the ONNX exporter (so both run the same m
 from __future__ import annotations
 
 import copy
+import functools
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from edge_runtime.manifest import CLASSIFICATION, TASK_KINDS
 
 IGNORE_INDEX = -100
 PREFIX = "causal_lm."  # a TrainingGraph's parameter names: the model's own, under its `causal_lm` attribute
+_RECOMPUTED = "_offsite_recomputed"
 
 
 def additive_causal_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -85,6 +88,15 @@ def truncated(causal_lm: nn.Module, layers_path: str, depth: int) -> nn.Module:
         raise ValueError(f"exit depth {depth} must be between 1 and the model's {len(layers)} layers")
     node._modules[name] = nn.ModuleList(list(layers)[:depth])
     return root
+
+
+def recompute_layers(causal_lm: nn.Module, layers_path: str) -> None:
+    """Checkpoint every decoder layer, in place: its activations are recomputed in the backward pass from its input
+    (torch.utils.checkpoint), as the ONNX training graph of a `--recompute` bundle does."""
+    for layer in causal_lm.get_submodule(layers_path):
+        if not getattr(layer, _RECOMPUTED, False):  # a shared layer sits at several positions: wrap it once
+            layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=False)
+            setattr(layer, _RECOMPUTED, True)
 
 
 def graph_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,7 @@ from edge_runtime.adapter_modules import add_adapter
 from edge_runtime.bundle import ADAPTER_FILE, ORT_DIRECTORY, TOKENIZER_FILE, TORCH_DIRECTORY, write_adapter_file
 from edge_runtime.files import atomic_directory
 from edge_runtime.manifest import Manifest
+from edge_runtime.quantized import quantized_state, storage_record
 from edge_runtime.torch_graph import truncated
 from exporters.bundle import seal_bundle
 from exporters.onnx_training import PREFIX, ExportCheck, OptimizerSettings, export_training_artifacts
@@ -58,6 +59,7 @@ def _export_windows(contents: BundleContents, staging: Path) -> ExportCheck:
             contents.sample_batch,
             staging / window.ort,
             settings,
+            recompute=architecture.layers if manifest.plan.shape.recompute_layers else None,
         )
     assert check is not None  # every adapter has at least one window
     return check
@@ -72,6 +74,12 @@ def _add_adapter(contents: BundleContents) -> None:
             parameters[name].copy_(contents.initial_adapter[full])
 
 
+def _save_emulator(emulator: torch.nn.Module, folder: Path) -> None:
+    """The emulator as a transformers folder; int8-stored matrices as saved (a tied head's rows once)."""
+    state = quantized_state(emulator) if storage_record(emulator) else None
+    emulator.save_pretrained(folder, state_dict=state)
+
+
 def write_bundle(contents: BundleContents, out: Path, key: Ed25519PrivateKey) -> Manifest:
     """Write the bundle into `out` (whole, or not at all) for the manifest's backends; return the sealed manifest."""
     manifest = contents.manifest
@@ -82,7 +90,7 @@ def write_bundle(contents: BundleContents, out: Path, key: Ed25519PrivateKey) ->
         origin = {"model": manifest.model.name, "bottom": manifest.adapter.bottom, "top": manifest.adapter.top}
         write_adapter_file(staging / ADAPTER_FILE, adapter, origin)
         if "torch" in manifest.backends:  # first: the PyTorch backend gets the plain emulator
-            contents.emulator.save_pretrained(staging / TORCH_DIRECTORY)
+            _save_emulator(contents.emulator, staging / TORCH_DIRECTORY)
         _add_adapter(contents)
         check = _export_windows(contents, staging) if "ort" in manifest.backends else None
         sealed = seal_bundle(staging, replace(manifest, export_check=check.to_dict() if check else None), key)

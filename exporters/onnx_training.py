@@ -1,8 +1,9 @@
 """Emulator + adapter -> ONNX Runtime training artifacts (training, eval, optimizer models, checkpoint), checked.
 
 Exported at opset 15 with the TorchScript exporter: at opset >= 17 LayerNormalization becomes one node whose
-gradient ONNX Runtime training 1.19 cannot build. Every export runs in ONNX Runtime and is compared
-with PyTorch: forward logits and the eval model's loss.
+gradient ONNX Runtime training 1.19 cannot build. The graphs are then rewritten for memory
+(exporters/onnx_rewrites.py). Every export runs in ONNX Runtime and is compared with PyTorch: forward logits,
+the eval model's loss, and every trainable tensor's gradient from the training model.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import os
 import sys
 import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,12 +26,20 @@ from onnxruntime.training.api import CheckpointState, Module
 
 from edge_runtime.errors import OffsiteError
 from edge_runtime.torch_graph import IGNORE_INDEX, PREFIX, TrainingGraph, graph_loss
+from exporters.onnx_rewrites import (
+    dequantize_again_for_backward,
+    dequantize_at_use,
+    recompute_layers,
+    weights_read_in_place,
+)
 
 OPSET = 15
 # Forward logits may differ from PyTorch by at most this much, relative to the largest |logit| (float32 kernels
 # sum in a different order; measured ~1e-6 relative on SmolLM2).
 LOGITS_TOLERANCE = 1e-4
 LOSS_TOLERANCE = 1e-4
+# A trainable entry's gradient may differ by this much of the largest |gradient| (float32 sums in another order).
+GRADIENT_TOLERANCE = 1e-3
 LOSS_SCALE = "loss_scale"
 
 
@@ -55,6 +64,7 @@ class ExportCheck:
     logits_max_abs: float
     loss_onnx: float
     loss_torch: float
+    gradient_relative_diff: float = 0.0
 
     def to_dict(self) -> dict[str, float]:
         return {
@@ -62,8 +72,10 @@ class ExportCheck:
             "logits_max_abs": self.logits_max_abs,
             "loss_onnx": self.loss_onnx,
             "loss_torch": self.loss_torch,
+            "gradient_relative_diff": self.gradient_relative_diff,
             "logits_tolerance": LOGITS_TOLERANCE,
             "loss_tolerance": LOSS_TOLERANCE,
+            "gradient_tolerance": GRADIENT_TOLERANCE,
         }
 
 
@@ -142,6 +154,14 @@ def _alias_repeated_frozen(model: onnx.ModelProto, frozen: set[str]) -> None:
         model.graph.node.extend(nodes)
 
 
+def _rewrite(path: Path, rewrite: Callable[[onnx.ModelProto], int]) -> int:
+    """Apply a rewrite to the model file in place; how many places it changed."""
+    model = onnx.load(str(path))
+    changed = rewrite(model)
+    onnx.save(model, str(path))
+    return changed
+
+
 @contextmanager
 def _native_log_captured() -> Iterator[None]:
     """Hold back the INFO lines ONNX Runtime's C++ gradient builder writes to stderr; replay them on failure."""
@@ -192,6 +212,27 @@ def _check_eval_loss(directory: Path, graph: TrainingGraph, sample: tuple[torch.
     return got, want
 
 
+def _check_gradients(
+    directory: Path, graph: TrainingGraph, sample: tuple[torch.Tensor, ...], trainable: list[str]
+) -> float:
+    """The largest difference between ONNX Runtime's and PyTorch's gradient of any trainable entry on `sample`,
+    relative to the largest |gradient| of all (a gradient that is zero in exact arithmetic, like a key bias's,
+    is float noise on both sides): the training graph, rewrites included, differentiates right."""
+    state = CheckpointState.load_checkpoint(str(directory / "checkpoint"))
+    module = Module(str(directory / "training_model.onnx"), state, session_options=_quiet_options())
+    module.train()
+    ids, mask, labels = sample
+    module(ids.numpy(), mask.numpy(), labels.numpy(), np.array(1.0, dtype=np.float32))
+    named = dict(graph.named_parameters())
+    wanted = [named[onnx_name(name)] for name in trainable]
+    expected = torch.autograd.grad(graph_loss(graph(ids, mask), labels), wanted)
+    worst = max(
+        float(np.abs(np.asarray(state.parameters[onnx_name(name)].grad) - want.numpy()).max())
+        for name, want in zip(trainable, expected, strict=True)
+    )
+    return worst / max(max(float(want.abs().max()) for want in expected), 1e-12)
+
+
 def export_training_artifacts(
     model: torch.nn.Module,
     backbone: str,
@@ -201,11 +242,14 @@ def export_training_artifacts(
     sample: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     directory: Path,
     optimizer: OptimizerSettings,
+    recompute: str | None = None,
 ) -> ExportCheck:
     """Write the four ONNX Runtime training artifacts of `model` into `directory` (which must exist).
 
     `trainable` are parameter names of `model` (e.g. 'model.layers.0.mlp.up_proj.weight'); every other parameter
     is frozen. `sample` = (input_ids, attention_mask, labels) is a real batch used to check the export.
+    `recompute`: the module path of the decoder layers (e.g. 'model.layers') whose activations the training graph
+    recomputes in the backward pass instead of keeping (exporters/onnx_rewrites.py); None keeps them.
     """
     graph = TrainingGraph(model, backbone, head, kind).eval()
     with tempfile.TemporaryDirectory() as scratch:
@@ -216,6 +260,9 @@ def export_training_artifacts(
         missing = sorted(set(wanted) - set(names))
         if missing:
             raise ExportError(f"the exported graph lost trainable parameters {missing[:3]}...; export them unfolded")
+        weights_read_in_place(forward)
+        quantized = dequantize_at_use(forward)
+        onnx.save(forward, str(forward_path))
         diff, scale = _check_forward(forward_path, graph, sample)
         if diff > LOGITS_TOLERANCE * max(1.0, scale):
             raise ExportError(f"ONNX logits differ from PyTorch by {diff:.3g} (largest |logit| {scale:.3g})")
@@ -234,7 +281,17 @@ def export_training_artifacts(
                 ),
                 artifact_directory=str(directory),
             )
+        training_model = directory / "training_model.onnx"
+        if recompute is not None:
+            scope = "/" + recompute.replace(".", "/") + "."
+            if not _rewrite(training_model, lambda graph: recompute_layers(graph, scope)):
+                raise ExportError(f"no decoder layer under {recompute!r} to recompute in the training graph")
+        if quantized:
+            _rewrite(training_model, dequantize_again_for_backward)
     loss_onnx, loss_torch = _check_eval_loss(directory, graph, sample)
     if abs(loss_onnx - loss_torch) > LOSS_TOLERANCE * max(1.0, abs(loss_torch)):
         raise ExportError(f"the ONNX eval loss {loss_onnx:.6f} differs from PyTorch's {loss_torch:.6f}")
-    return ExportCheck(diff, scale, loss_onnx, loss_torch)
+    gradient_error = _check_gradients(directory, graph, sample, trainable)
+    if gradient_error > GRADIENT_TOLERANCE:
+        raise ExportError(f"ONNX Runtime's gradients differ from PyTorch's by {gradient_error:.3g} of their scale")
+    return ExportCheck(diff, scale, loss_onnx, loss_torch, gradient_error)

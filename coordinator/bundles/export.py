@@ -136,7 +136,7 @@ def export_bundle(
     adapter = kind.attach(emulator, split.bottom, split.top)
     task = request.task.build(loaded.tokenizer, request.training.max_length)
     record = task_record(task)
-    shape = model_shape(emulator, adapter, private=request.dp is not None)
+    shape = model_shape(emulator, adapter, private=request.dp is not None, recompute=request.recompute)
     plans: list[Plan] = [
         make_plan(shape, profile, backend, request.training.batch_size, task.max_length, record.kind)
         for backend in backends

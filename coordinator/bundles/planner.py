@@ -11,13 +11,17 @@ from coordinator.architectures import spec_for
 from coordinator.errors import ConfigError
 from device_profiles import DeviceProfile
 from edge_runtime.memory import MIB, MemoryEstimate, ModelShape, choose_micro_batch, estimate
+from edge_runtime.quantized import QUANTIZED_VALUES
 from edge_runtime.soft_prompt import prompt_tokens
 from edge_runtime.trainer import PLAN_MARGIN
 
 
-def model_shape(emulator: PreTrainedModel, trainable: dict[str, Any], private: bool = False) -> ModelShape:
+def model_shape(
+    emulator: PreTrainedModel, trainable: dict[str, Any], private: bool = False, recompute: bool = False
+) -> ModelShape:
     """Sizes of `emulator` with `trainable` parameters (any mapping whose values are its parameters); `private`:
-    trained with DP-SGD, which holds every row's gradient for clipping."""
+    trained with DP-SGD, which holds every row's gradient for clipping; `recompute`: layer activations recomputed
+    in the backward pass. Weights stored as int8 (edge_runtime/quantized.py) count as frozen, at one byte each."""
     config = emulator.config
     hidden = config.hidden_size
     intermediate = (
@@ -33,6 +37,8 @@ def model_shape(emulator: PreTrainedModel, trainable: dict[str, Any], private: b
     lowest = min(holding, default=0)  # a soft prompt sits before every layer: the gradient goes through all
     unique = {id(p): p for p in emulator.parameters()}
     trainable_count = sum(p.numel() for key, p in unique.items() if key in trainable_ids)
+    stored = {b.data_ptr(): b.numel() for name, b in emulator.named_buffers() if name.endswith(QUANTIZED_VALUES)}
+    quantized = sum(stored.values())  # a tied head shares its embedding's int8 rows
     return ModelShape(
         hidden=hidden,
         intermediate=intermediate,
@@ -40,10 +46,12 @@ def model_shape(emulator: PreTrainedModel, trainable: dict[str, Any], private: b
         vocab=config.vocab_size,
         layers=len(layers),
         backprop_layers=len(layers) - lowest,
-        frozen_parameters=sum(p.numel() for p in unique.values()) - trainable_count,
+        frozen_parameters=sum(p.numel() for p in unique.values()) - trainable_count + quantized,
         trainable_parameters=trainable_count,
         prefix_tokens=prompt_tokens(emulator.get_submodule(spec.backbone)),
         per_example_gradients=private,
+        quantized_parameters=quantized,
+        recompute_layers=recompute,
     )
 
 

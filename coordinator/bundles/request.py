@@ -70,6 +70,7 @@ class BundleRequest:
     layer_window: int | None = None  # adaptive layer tuning: train this many adapter layers at a time
     backends: tuple[str, ...] = ()  # empty: the profile's preferred backend (with `dp`: torch)
     dp: DPTarget | None = None  # differentially private training on the device (DP-SGD)
+    recompute: bool = False  # recompute layer activations in the backward pass (one layer's held, not all)
 
     def __post_init__(self) -> None:
         if self.checkpoint_every < 1:
@@ -84,6 +85,9 @@ class BundleRequest:
                 f"--dp trains {' or '.join(DP_KINDS)} adapters (per-example gradients without a backward per "
                 f"example), not {self.adapter().name!r}; pass --adapter-kind bias or --adapter-kind lora"
             )
+        if self.dp is not None and self.recompute:
+            raise ConfigError("--dp and --recompute do not go together: per-example gradients are taken in one "
+                              "backward pass over kept activations; drop --recompute")  # fmt: skip
         if self.dp is not None and self.backends and self.backends != ("torch",):
             raise ConfigError(f"--dp runs on the PyTorch backend only (ONNX Runtime's graphs give no per-example "
                               f"gradients); pass --backends torch, not {','.join(self.backends)}")  # fmt: skip

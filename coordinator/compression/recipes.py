@@ -18,11 +18,13 @@ from coordinator.compression.importance import select_important
 from coordinator.compression.lowrank import compress_low_rank
 from coordinator.compression.luc import FLOAT_BITS, bake, compress_layerwise
 from coordinator.compression.share import MODES, build_shared
+from coordinator.compression.storage import FLOAT32, store_frozen
 from coordinator.emulator import Split, build_emulator, emulator_record, set_emulator_record
 from coordinator.errors import ConfigError, DataError
 from coordinator.models import cache_root
 from edge_runtime.files import atomic_directory
 from edge_runtime.low_rank import load_causal_lm
+from edge_runtime.quantized import STORAGE_KINDS
 
 # Bump when distillation or harmonizer fitting changes what they produce, so cached trained emulators miss.
 TRAINED_FORMAT = 2
@@ -139,7 +141,8 @@ class EmulatorSpec:
     fraction of the kept layers; energy: lowrank's Σσ² fraction; select: uniform|importance|greedy (luc, lowrank);
     distill: distillation steps (default: the command's --distill); harmonize: rank of the harmonizer fitted in
     place of each run of removed layers (any recipe that removes layers; 0 = none); mode: share's share (the
-    kept layer of each cluster runs in all its positions, the default) or drop (it runs once).
+    kept layer of each cluster runs in all its positions, the default) or drop (it runs once); store: how the
+    device holds the frozen matrices, float32 (default) or int8 (a scale per row, dequantized where used).
 
     >>> EmulatorSpec.parse("luc:size=0.25,keep=12").label()
     'luc:keep=12,size=0.25'
@@ -154,6 +157,7 @@ class EmulatorSpec:
     harmonize: int = 0
     mode: str | None = None
     calibration: str | None = None  # public text (.jsonl, .csv, .txt) to measure and distill on; default Wikipedia
+    store: str = FLOAT32  # how the device holds the frozen matrices: float32, or int8 (coordinator/compression/storage)
 
     def __post_init__(self) -> None:
         if self.recipe not in RECIPES:
@@ -181,6 +185,8 @@ class EmulatorSpec:
             )
         if self.harmonize < 0:
             raise ConfigError(f"harmonize={self.harmonize} must be 0 (none) or a rank, e.g. harmonize=64")
+        if self.store not in STORAGE_KINDS:
+            raise ConfigError(f"store={self.store!r} is not one of {', '.join(STORAGE_KINDS)}; e.g. store=int8")
 
     @classmethod
     def parse(
@@ -198,6 +204,7 @@ class EmulatorSpec:
             "distill": int,
             "harmonize": int,
             "mode": str,
+            "store": str,
         }
         for item in filter(None, rest.split(",")):
             key, sep, value = (part.strip() for part in item.partition("="))
@@ -218,7 +225,8 @@ class EmulatorSpec:
         if self.recipe == "share":
             chosen["mode"] = self.mode or "share"
         chosen |= {"distill": self.distill} if self.distill else {}
-        return chosen | ({"harmonize": self.harmonize} if self.harmonize else {})
+        chosen |= {"harmonize": self.harmonize} if self.harmonize else {}
+        return chosen | ({"store": self.store} if self.store != FLOAT32 else {})
 
     def label(self) -> str:
         """The spec written back as text (select only where it is not uniform)."""
@@ -258,10 +266,21 @@ def make_emulator(
     Recipes that measure, distill or harmonize use `calibration`, by default the prepared public Wikipedia text.
     An emulator that was trained (distilled or harmonized) is kept under the cache, named by the model's
     predictions on the calibration text and the spec, so building it again loads it instead of training again.
+    The storage (`store=`) is applied last, to the float emulator, cached or not.
     """
     split = spec.split_for(split)
     split.check(model.config.num_hidden_layers)
     spec = replace(spec, keep=split.keep)
+    return store_frozen(_trained_or_built(model, split, spec, tokenizer, calibration), split, spec.store)
+
+
+def _trained_or_built(
+    model: PreTrainedModel,
+    split: Split,
+    spec: EmulatorSpec,
+    tokenizer: PreTrainedTokenizerBase | None,
+    calibration: Calibration | None,
+) -> PreTrainedModel:
     recipe = spec.recipe_object()
     if calibration is None and (recipe.needs_calibration or spec.distill or spec.harmonize):
         if tokenizer is None:
@@ -271,7 +290,8 @@ def make_emulator(
         return _build(model, split, spec, calibration)
     assert calibration is not None
     batches = calibration.measure_batches()
-    settings = (split.bottom, split.top, spec.options(), calibration.describe(), TRAINED_FORMAT)
+    float_options = replace(spec, store=FLOAT32).options()  # storage is applied after: one cached emulator for both
+    settings = (split.bottom, split.top, float_options, calibration.describe(), TRAINED_FORMAT)
     folder = cache_root() / "emulators" / prediction_fingerprint(batches, log_probs(model, batches), *settings)
     if (folder / "config.json").is_file():
         with suppress(OSError, ValueError, SafetensorError, DataError):  # a damaged entry is built again, not trusted

@@ -17,7 +17,7 @@ from edge_runtime.low_rank import load_causal_lm
 from edge_runtime.manifest import CLASSIFICATION, Manifest
 from edge_runtime.privacy import DPPlan
 from edge_runtime.text import Batch
-from edge_runtime.torch_graph import IGNORE_INDEX, TrainingGraph, graph_loss, truncated
+from edge_runtime.torch_graph import IGNORE_INDEX, TrainingGraph, graph_loss, recompute_layers, truncated
 from edge_runtime.windows import bundle_windows
 
 CHECKPOINT = "torch_state.safetensors"
@@ -34,6 +34,8 @@ class TorchBackend:
         model.eval()  # no dropout: both backends train the same deterministic graph
         adapter = manifest.adapter
         add_adapter(model, adapter)  # LoRA branches, zero biases: as exported
+        if manifest.plan.shape.recompute_layers:
+            recompute_layers(model, manifest.architecture.layers)
         self.model, self.architecture, self.kind = model, manifest.architecture, manifest.task.kind
         self.windows = bundle_windows(manifest)
         names = set(manifest.adapter.parameters)

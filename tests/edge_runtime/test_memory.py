@@ -51,3 +51,21 @@ def test_dp_sgd_adds_each_rows_gradient_and_the_clipped_sum_to_a_steps_transient
     assert plain.per_example_gradients == 0
     assert dp.per_example_gradients == (4 + 2) * 4 * SMOLLM2_EMULATOR.trainable_parameters
     assert dp.total - plain.total == dp.per_example_gradients  # a step's transient outweighs a torch checkpoint
+
+
+def test_int8_frozen_weights_take_a_byte_each_and_leave_the_trainable_ones_alone():
+    quantized = SMOLLM2_EMULATOR.frozen_parameters // 2
+    stored = ModelShape(**SMOLLM2_EMULATOR.to_dict() | {"quantized_parameters": quantized})
+    plain, small = (estimate(shape, 8, 128, "classification", "ort") for shape in (SMOLLM2_EMULATOR, stored))
+    assert plain.frozen_weights - small.frozen_weights == 3 * quantized
+    assert small.trainable_weights == plain.trainable_weights and small.optimizer_state == plain.optimizer_state
+    assert small.checkpoint < plain.checkpoint  # ONNX Runtime writes the frozen weights as stored
+
+
+def test_recomputation_holds_each_layer_input_and_one_layer_not_every_layer():
+    recomputed = ModelShape(**SMOLLM2_EMULATOR.to_dict() | {"recompute_layers": True})
+    kept, again = (estimate(shape, 8, 256, "classification", "ort") for shape in (SMOLLM2_EMULATOR, recomputed))
+    assert again.activations < kept.activations / 4
+    deeper = ModelShape(**recomputed.to_dict() | {"backprop_layers": 2 * recomputed.backprop_layers})
+    inputs = 8 * 256 * recomputed.hidden * 4 * recomputed.backprop_layers  # one hidden state per extra layer
+    assert estimate(deeper, 8, 256, "classification", "ort").activations - again.activations == inputs

@@ -73,3 +73,25 @@ def test_ort_and_torch_train_the_same_steps_on_smollm2(bundle, tmp_path):
 def test_jetson_plan_uses_the_torch_backend(capsys):
     assert coordinator(["plan", "--model", "smollm2-135m", "--profile", "jetson-orin"]) == 0
     assert "profile jetson-orin-nano-8gb" in capsys.readouterr().out
+
+
+def test_an_int8_recomputing_smollm2_bundle_is_smaller_and_both_backends_train_it_alike(tmp_path):
+    prepare_datasets()
+    assert coordinator(["keys", "init", "--out", str(tmp_path / "keys")]) == 0
+    out = tmp_path / "bundle"
+    command = ["export", "--model", "smollm2-135m", "--profile", "laptop-16gb", "--backends", "ort,torch"]
+    command += ["--keep", "8", "--emulator", "uniform:store=int8", "--recompute"]
+    assert coordinator([*command, "--key", str(tmp_path / "keys" / "coordinator.key"), "--out", str(out)]) == 0
+    manifest = verify_bundle(out, tmp_path / "keys" / "coordinator.pub")
+    check, storage = manifest.export_check, manifest.emulator.details["storage"]
+    assert check["gradient_relative_diff"] <= check["gradient_tolerance"]
+    # 56.6 M frozen weights at one byte and 14.2 M adapter-layer weights at four, against all at four
+    assert storage["stored_bytes"] < 0.42 * storage["float32_bytes"]
+    assert (out / "ort" / "checkpoint").stat().st_size < 0.42 * storage["float32_bytes"]
+    data = dataset_path("sentiment", "train")
+    losses = {}
+    for backend in ("ort", "torch"):
+        options = TrainOptions(steps=4, backend=backend, progress=False)
+        losses[backend] = train_bundle(out, data, tmp_path / backend, tmp_path / "keys" / "coordinator.pub", options)
+    np.testing.assert_allclose(losses["ort"]["loss_curve"], losses["torch"]["loss_curve"], rtol=1e-2)
+    assert all(run["peak_memory_bytes"] <= run["budget_bytes"] for run in losses.values())

@@ -6,6 +6,7 @@ import random
 
 import numpy as np
 import pytest
+from onnxruntime.training.api import CheckpointState
 
 from coordinator.cli import main as coordinator
 from coordinator.datasets import write_jsonl
@@ -102,3 +103,29 @@ def test_a_comparison_with_validation_and_finetune_chooses_checkpoints_on_data_i
         assert [step for step, _ in trained["train"]["selection"]["validation_curve"]] == [0, 2, 4]
     assert results["recipes"][1]["emulator"]["spec"] == "greedy:keep=2"
     assert "full fine-tune:" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("recipe", "extra"),
+    [("uniform:store=int8", []), ("luc:size=0.3,store=int8", ["--recompute"]), ("uniform", ["--recompute"])],
+)
+def test_int8_storage_and_recomputation_train_alike_on_both_backends(tmp_path, recipe, extra):
+    public = public_text(tmp_path / "public.jsonl")
+    options = ["--keep", "3", "--emulator", recipe, "--calibration", str(public), *extra]
+    bundle = make_bundle(tmp_path, "ort,torch", *options)
+    manifest = Manifest.from_json((bundle["bundle"] / "manifest.json").read_bytes())
+    shape = manifest.plan.shape
+    assert shape.recompute_layers == bool(extra)
+    assert (shape.quantized_parameters > 0) == ("store=int8" in recipe)
+    assert manifest.export_check["gradient_relative_diff"] <= manifest.export_check["gradient_tolerance"]
+    state = CheckpointState.load_checkpoint(str(bundle["bundle"] / "ort" / "checkpoint"))
+    dtypes = {name: parameter.data.dtype for name, parameter in state.parameters}
+    assert {dtypes[name] for name in manifest.adapter.parameters} == {np.dtype("float32")}  # what trains
+    assert (np.dtype("int8") in dtypes.values()) == ("store=int8" in recipe)
+    curves = {}
+    for backend in ("ort", "torch"):
+        options = TrainOptions(steps=8, backend=backend, progress=False, threads=1)
+        metrics = train_bundle(bundle["bundle"], bundle["data"], tmp_path / backend, bundle["trust"], options)
+        curves[backend] = metrics["loss_curve"]
+    np.testing.assert_allclose(curves["ort"], curves["torch"], rtol=1e-3)
+    assert curves["ort"][-1] < curves["ort"][0]
