@@ -31,7 +31,7 @@ CHUNK_BYTES = 16 * 1024**2
 def quantize_rows(matrix: torch.Tensor, bits: int = STORED_BITS) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric round-to-nearest per row: (int8 values in ±(2^(bits-1) - 1), float32 scale per row).
 
-    >>> values, scale = quantize_rows(torch.tensor([[1.0, -0.5, 0.25]]), 4)
+    >>> values, scale = quantize_rows(torch.tensor([[1.0, -0.6, 0.25]]), 4)
     >>> values.tolist(), round(float(scale[0]), 4)
     ([[7, -4, 2]], 0.1429)
     """
