@@ -28,8 +28,10 @@ ATTENTION_COPIES = {"ort": 2.25, "torch": 1.0}
 LOGIT_COPIES = 3.0
 # With recomputation: one layer's activations (and their gradients) in units of what a layer keeps otherwise.
 RECOMPUTE_WORKING = 1.5
-# Float copies of int8 weights alive at once: one slice dequantized for a forward and one for a backward matmul.
-DEQUANTIZED_BYTES = 2 * 16 * MIB
+# An int8 matrix is dequantized at most this many float bytes at a time (edge_runtime/quantized.py slices a head);
+# alive at once: one slice for a forward and one for a backward matmul.
+DEQUANTIZE_SLICE_BYTES = 16 * MIB
+DEQUANTIZED_BYTES = 2 * DEQUANTIZE_SLICE_BYTES
 # Writing a checkpoint, in units of the state written: ONNX Runtime serializes every weight and both moments into
 # a growing in-memory buffer first (measured 1.6x); the PyTorch backend writes trainable weights and moments once.
 CHECKPOINT_COPIES = {"ort": 1.6, "torch": 1.0}

@@ -19,13 +19,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from edge_runtime.memory import DEQUANTIZE_SLICE_BYTES
+
 # Config attribute of an emulator with quantized storage: {"bits": {module path: bits}, "tied_head": path | None}.
 QUANTIZED_RECORD = "offsite_quantized"
 STORAGE_KINDS = ("float32", "int8")
 STORED_BITS = 8
 QUANTIZED_VALUES = "weight_values"  # the int8 buffer of a quantized module (its scales: weight_scale)
 # A large matrix (a vocabulary head) is dequantized this many float bytes at a time, so no whole float copy exists.
-CHUNK_BYTES = 16 * 1024**2
+CHUNK_BYTES = DEQUANTIZE_SLICE_BYTES
 
 
 def quantize_rows(matrix: torch.Tensor, bits: int = STORED_BITS) -> tuple[torch.Tensor, torch.Tensor]:
