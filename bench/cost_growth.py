@@ -153,8 +153,10 @@ def report(results: dict) -> str:
         "",
         f"Batch {results['batch_size']} rows of Wikipedia text cut to a fixed length, adapter 2+2; each point is one "
         f"process training {results['steps']} steps (median s/step; peak = the process's high-water mark). Offsite = "
-        "`edge-runtime train` on an ORT bundle (torch blocked), keep 8, as exported (float32) and with "
-        f"`--emulator {SMALL_EMULATOR} --recompute`; full = every weight trained in PyTorch on the same rows.",
+        "`edge-runtime train` on an ORT bundle (torch blocked), keep 8: the default recipe as exported (float32), "
+        f"and `--emulator {SMALL_EMULATOR} --recompute` (int8 + recompute), the same 12 layers' shapes chosen "
+        "uniformly and without harmonizers, so compare their memory and time, not their loss; full = every weight "
+        "trained in PyTorch on the same rows. The runs write no checkpoint (4 steps), which the predictions count.",
         "",
         "| tokens per row | bundle | offsite s/step | full s/step | full ÷ offsite | offsite MiB | full MiB "
         "| full ÷ offsite | offsite floor | offsite ÷ floor | full floor |",

@@ -1,12 +1,14 @@
 """Peak training memory, predicted from the model's shape; used by the coordinator's planner and by the device.
 
 The prediction adds what stays resident (the runtime itself, frozen weights as stored (float32 or int8),
-trainable weights, gradients, AdamW's two moments) to the larger of two transients: a step's activations kept for
+trainable weights, gradients, AdamW's two moments) to two transients: a step's activations kept for
 back-propagation (every layer's, or with recomputation each layer's input and one layer's) plus the logits with
-their gradient, or writing a checkpoint (ONNX Runtime serializes its whole state, frozen weights included, in
-memory first).
+their gradient, and writing a checkpoint (ONNX Runtime serializes its whole state, frozen weights included, in
+memory first). Freed memory goes back to the heap, so the larger transient counts; except that ONNX Runtime runs a
+recomputing graph from its arena, which keeps a step's memory, and a checkpoint written after a step adds to it.
 The per-token activation factors and the runtimes' own footprint were measured on x86-64 with ONNX Runtime
-training 1.19.2 and torch 2.13 (`python -m bench.device_memory` re-measures them against real runs).
+training 1.19.2 (buffer reuse off, as edge_runtime/backends/ort.py runs it) and torch 2.13;
+`python -m bench.device_training` compares predictions with real runs.
 """
 
 from __future__ import annotations
@@ -19,6 +21,9 @@ FLOAT_BYTES = 4
 MIB = 1024**2
 # Resident memory of a process that has loaded the backend but no model (measured; see module docstring).
 RUNTIME_BYTES = {"ort": 145 * MIB, "torch": 450 * MIB}
+# What a graph run from ONNX Runtime's arena held beyond that throughout, whatever the micro-batch (the arena
+# grows in regions; SmolLM2 default bundle with recomputation, 4 to 32 rows).
+ARENA_BYTES = 105 * MIB
 # Float32 values kept per token per back-propagated layer, in units of hidden and intermediate width.
 HIDDEN_FACTOR = {"ort": 10.5, "torch": 8.6}
 INTERMEDIATE_FACTOR = {"ort": 4.4, "torch": 3.6}
@@ -27,14 +32,20 @@ ATTENTION_COPIES = {"ort": 2.25, "torch": 1.0}
 # Logit tensors alive at once (logits, softmax, gradient).
 LOGIT_COPIES = 3.0
 # With recomputation: one layer's activations (and their gradients) in units of what a layer keeps otherwise.
-RECOMPUTE_WORKING = 1.5
+# ONNX Runtime then runs from its arena, which packs tensors tighter than glibc's heap (0.56x a layer's kept bytes
+# without recomputation, so 1.5 layers are 0.84). PyTorch's is mostly glibc's heap: recomputation's short-lived
+# tensors leave holes it cannot give back (with every allocation mapped on its own the same runs needed 1.5;
+# default bundle, int8, 8 and 32 rows of up to 57 tokens).
+RECOMPUTE_WORKING = {"ort": 0.84, "torch": 8.0}
 # An int8 matrix is dequantized at most this many float bytes at a time (edge_runtime/quantized.py slices a head);
 # alive at once: one slice for a forward and one for a backward matmul.
 DEQUANTIZE_SLICE_BYTES = 16 * MIB
 DEQUANTIZED_BYTES = 2 * DEQUANTIZE_SLICE_BYTES
 # Writing a checkpoint, in units of the state written: ONNX Runtime serializes every weight and both moments into
-# a growing in-memory buffer first (measured 1.6x); the PyTorch backend writes trainable weights and moments once.
-CHECKPOINT_COPIES = {"ort": 1.6, "torch": 1.0}
+# an in-memory FlatBuffer that grows by half its size at a time, the old and the new buffer alive together, so
+# between 1.33x and 2x depending on where the last growth falls (measured 1.46x on the float32 default bundle,
+# 1.94x with int8 weights); the PyTorch backend writes trainable weights and moments once.
+CHECKPOINT_COPIES = {"ort": 1.8, "torch": 1.0}
 
 
 class BudgetError(OffsiteError):
@@ -80,6 +91,7 @@ class MemoryEstimate:
     logits: int
     checkpoint: int
     per_example_gradients: int = 0  # DP-SGD's rows' gradients, their clipped sum and the noise (a step's transient)
+    keeps_step_memory: bool = False  # the allocator keeps a step's memory: a checkpoint is written on top of it
 
     @property
     def resident(self) -> int:
@@ -88,11 +100,15 @@ class MemoryEstimate:
 
     @property
     def total(self) -> int:
-        """The predicted peak: resident plus the larger transient (a step, or a checkpoint being written)."""
-        return self.resident + max(self.activations + self.logits + self.per_example_gradients, self.checkpoint)
+        """The predicted peak: resident plus a step's transient and a checkpoint's, both or the larger."""
+        step = self.activations + self.logits + self.per_example_gradients
+        return self.resident + (step + self.checkpoint if self.keeps_step_memory else max(step, self.checkpoint))
 
     def to_dict(self) -> dict[str, int]:
-        return asdict(self) | {"total": self.total}
+        """The parts in bytes, and the total."""
+        parts = asdict(self)
+        del parts["keeps_step_memory"]
+        return parts | {"total": self.total}
 
 
 def estimate(shape: ModelShape, micro_batch: int, sequence: int, kind: str, backend: str) -> MemoryEstimate:
@@ -105,13 +121,14 @@ def estimate(shape: ModelShape, micro_batch: int, sequence: int, kind: str, back
     per_token = HIDDEN_FACTOR[backend] * shape.hidden + INTERMEDIATE_FACTOR[backend] * shape.intermediate
     layer = tokens * per_token + ATTENTION_COPIES[backend] * micro_batch * shape.heads * sequence * sequence
     if shape.recompute_layers:  # each layer's input, then one layer at a time
-        kept = shape.backprop_layers * tokens * shape.hidden + RECOMPUTE_WORKING * layer
+        kept = shape.backprop_layers * tokens * shape.hidden + RECOMPUTE_WORKING[backend] * layer
     else:
         kept = shape.backprop_layers * layer
     trainable = shape.trainable_parameters * FLOAT_BYTES
     frozen = shape.frozen_bytes
+    arena = backend == "ort" and shape.recompute_layers  # edge_runtime/backends/ort.py
     return MemoryEstimate(
-        runtime=RUNTIME_BYTES[backend],
+        runtime=RUNTIME_BYTES[backend] + (ARENA_BYTES if arena else 0),
         frozen_weights=frozen,
         trainable_weights=trainable,
         gradients=trainable,
@@ -120,6 +137,7 @@ def estimate(shape: ModelShape, micro_batch: int, sequence: int, kind: str, back
         logits=int(LOGIT_COPIES * logit_rows * shape.vocab * FLOAT_BYTES),
         checkpoint=int(CHECKPOINT_COPIES[backend] * ((frozen if backend == "ort" else 0) + 3 * trainable)),
         per_example_gradients=(micro_batch + 2) * trainable if shape.per_example_gradients else 0,
+        keeps_step_memory=arena,
     )
 
 

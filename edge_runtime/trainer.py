@@ -34,7 +34,7 @@ from edge_runtime.manifest import (
     TrainedWindow,
 )
 from edge_runtime.memory import MIB, MemoryEstimate, choose_micro_batch
-from edge_runtime.monitor import PeakMemory, peak_rss_bytes
+from edge_runtime.monitor import PeakMemory
 from edge_runtime.privacy import ORT_REFUSAL, DPPlan
 from edge_runtime.schedule import learning_rate_factor
 from edge_runtime.text import TaskEncoder, poisson_batches, training_batches
@@ -271,8 +271,8 @@ def train_bundle(
         micro_batch_changes=progress["micro_batch_changes"],
         budget_bytes=budget,
         predicted_peak_bytes=plan.predicted.total,
-        peak_memory_bytes=max(monitor.peak, peak_rss_bytes()),
-        peak_memory_sampled_bytes=monitor.peak,
+        peak_memory_bytes=monitor.peak,
+        peak_memory_sampled_bytes=monitor.sampled_peak,
         privacy=plan.privacy.record() if plan.privacy is not None else PrivacyRecord(),
         layer_windows=(
             [TrainedWindow(w.layers, w.exit) for w in manifest.adapter.windows] if manifest.adapter.windows else None

@@ -119,8 +119,9 @@ def format_plan(plan: Plan) -> str:
         "activations": "activations (a step's transient)",
         "logits": "logits (a step's transient)",
         "per_example_gradients": "DP-SGD's per-example gradients (a step's transient)",
-        "checkpoint": "checkpoint write (transient, when larger than a step's)",
-        "total": "**predicted peak** = resident + the larger transient",
+        "checkpoint": "checkpoint write (a transient)",
+        "total": "**predicted peak** = resident + "
+        + ("both transients (the arena keeps a step's memory)" if plan.predicted.keeps_step_memory else "the larger"),
     }
     for part, size in plan.predicted.to_dict().items():
         lines.append(f"| {labels.get(part, part.replace('_', ' '))} | {size / MIB:,.1f} |")

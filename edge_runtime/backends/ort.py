@@ -55,11 +55,15 @@ class OrtBackend:
         self.options.intra_op_num_threads = threads
         self.options.inter_op_num_threads = 1
         self.options.log_severity_level = 3
-        # Batches vary in length; the arena keeps every size it ever served and grew the process by 25 % over 24
-        # steps (bench/device_training.py). Without it memory stays where the planner predicts, ~5-10 % slower.
-        self.options.enable_cpu_mem_arena = False
-        # The planner's buffer reuse hands a dead forward tensor's buffer to a later value and so keeps it to the
-        # end of the backward pass: with recomputed layers the step's transient was 368 MiB with it, 58 without.
+        # The planner's buffer reuse kept dead forward tensors to the end of the backward pass (recomputed layers,
+        # 8 x 80 tokens: step transient 368 MiB with it, 58 without), so it is off. A graph that recomputes its
+        # layers runs from ONNX Runtime's arena: with glibc's malloc, the holes its short-lived tensors leave between
+        # the long-lived layer inputs are never given back (default bundle, int8, 32 rows of up to 65 tokens:
+        # 2,675 MiB with malloc, 936 with the arena, and 20 % faster). A plain graph keeps malloc: its tensors live
+        # until the backward pass, the heap reuses its own holes, and the arena, which never shrinks, would keep a
+        # step's memory through a checkpoint write (float32 default bundle, 8 rows: 2,160 MiB with the arena
+        # against 1,709 without). `edge-runtime train` measured both; edge_runtime/memory.py plans for each.
+        self.options.enable_cpu_mem_arena = manifest.plan.shape.recompute_layers
         self.options.enable_mem_reuse = False
         self.adapter_names = set(manifest.adapter.parameters)
         self.held: dict[str, np.ndarray] = {}  # adapter weights outside the open window's graphs

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,22 @@ from edge_runtime.torch_graph import IGNORE_INDEX, TrainingGraph, graph_loss, re
 from edge_runtime.windows import bundle_windows
 
 CHECKPOINT = "torch_state.safetensors"
+try:  # glibc: hand the heap's free pages back to the system
+    _MALLOC_TRIM = ctypes.CDLL(None).malloc_trim
+except (AttributeError, OSError, TypeError):  # another C library: nothing to call
+    _MALLOC_TRIM = None
+
+
+def _give_back_free_heap() -> None:
+    """Return the free pages inside glibc's heap to the system, after a micro-batch's tensors are gone.
+
+    PyTorch allocates each tensor with malloc; glibc keeps a heap's freed holes resident until the tensors above
+    them go, so each micro-batch of a different length grew the process further: the default bundle with int8
+    weights and recomputation, 16 rows a call, peaked at 1,598 MiB over 12 steps, and at 1,343 (planned 1,286)
+    with this after every micro-batch, about 5 % slower.
+    """
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 class TorchBackend:
@@ -78,6 +95,7 @@ class TorchBackend:
             loss = graph_loss(logits, torch.from_numpy(batch.labels)) * (len(batch) / rows)
             loss.backward()
             total += float(loss.detach())
+            _give_back_free_heap()
         torch.nn.utils.clip_grad_norm_(self.window_parameters, self.max_grad_norm)
         for group in self.optimizer.param_groups:
             group["lr"] = learning_rate

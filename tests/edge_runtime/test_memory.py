@@ -7,18 +7,22 @@ from tests.conftest import SMOLLM2_EMULATOR
 
 
 def test_optimizer_state_is_twice_the_trainable_weights_and_gradients_equal_them():
-    predicted = estimate(SMOLLM2_EMULATOR, 8, 128, "classification", "ort")
+    predicted = estimate(SMOLLM2_EMULATOR, 8, 128, "classification", "torch")
     assert predicted.gradients == predicted.trainable_weights == 4 * SMOLLM2_EMULATOR.trainable_parameters
     assert predicted.optimizer_state == 2 * predicted.trainable_weights
-    transient = max(predicted.activations + predicted.logits, predicted.checkpoint)
+    transient = max(predicted.activations + predicted.logits, predicted.checkpoint)  # torch gives a step's back
     assert predicted.total == predicted.resident + transient
 
 
-def test_writing_an_ort_checkpoint_is_a_transient_as_large_as_the_whole_state():
-    predicted = estimate(SMOLLM2_EMULATOR, 1, 16, "classification", "ort")
-    state = 4 * SMOLLM2_EMULATOR.frozen_parameters + 3 * predicted.trainable_weights
-    assert predicted.checkpoint == int(CHECKPOINT_COPIES["ort"] * state)
-    assert predicted.total == predicted.resident + predicted.checkpoint
+def test_an_ort_checkpoint_serializes_the_whole_state_and_adds_to_what_an_arena_kept():
+    plain = estimate(SMOLLM2_EMULATOR, 1, 16, "classification", "ort")
+    state = 4 * SMOLLM2_EMULATOR.frozen_parameters + 3 * plain.trainable_weights
+    assert plain.checkpoint == int(CHECKPOINT_COPIES["ort"] * state)
+    assert plain.total == plain.resident + plain.checkpoint  # malloc gave the step's memory back
+    recomputed = ModelShape(**SMOLLM2_EMULATOR.to_dict() | {"recompute_layers": True})
+    arena = estimate(recomputed, 1, 16, "classification", "ort")  # run from ONNX Runtime's arena, which keeps it
+    assert arena.total == arena.resident + arena.activations + arena.logits + arena.checkpoint
+    assert "keeps_step_memory" not in arena.to_dict()  # the manifest's plan holds byte counts only
 
 
 def test_activations_grow_with_rows_tokens_and_depth_and_lm_logits_with_tokens():
@@ -31,11 +35,11 @@ def test_activations_grow_with_rows_tokens_and_depth_and_lm_logits_with_tokens()
 
 
 def test_the_largest_dividing_micro_batch_that_fits_is_chosen():
-    need = {m: estimate(SMOLLM2_EMULATOR, m, 128, "classification", "ort").total for m in (1, 2, 4, 8)}
+    need = {m: estimate(SMOLLM2_EMULATOR, m, 128, "classification", "torch").total for m in (1, 2, 4, 8)}
     budget = int(need[4] * 1.1) + 1
-    micro, predicted = choose_micro_batch(SMOLLM2_EMULATOR, 8, 128, "classification", "ort", budget, 0.1)
+    micro, predicted = choose_micro_batch(SMOLLM2_EMULATOR, 8, 128, "classification", "torch", budget, 0.1)
     assert micro == 4 and predicted.total == need[4]
-    micro, _ = choose_micro_batch(SMOLLM2_EMULATOR, 6, 128, "classification", "ort", 10**12, 0.1)
+    micro, _ = choose_micro_batch(SMOLLM2_EMULATOR, 6, 128, "classification", "torch", 10**12, 0.1)
     assert micro == 6
 
 

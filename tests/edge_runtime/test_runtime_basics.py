@@ -73,6 +73,24 @@ def test_a_trainer_started_by_a_large_process_reports_its_own_peak_not_its_paren
     del held
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the kernel's peak can be reset on Linux only")
+def test_a_window_sees_a_transient_between_samples_and_the_next_window_forgets_it():
+    """Training calls hold the GIL, so the sampler cannot run inside one; the kernel's per-window peak must."""
+    from edge_runtime.monitor import PeakMemory
+
+    with PeakMemory(interval=3600) as monitor:  # the sampler never wakes inside this test
+        monitor.new_window()
+        start = monitor.current
+        transient = bytearray(256 * 2**20)
+        transient[::4096] = b"\x01" * len(transient[::4096])
+        del transient
+        assert monitor.window_peak - start > 200 * 2**20
+        monitor.new_window()
+        assert monitor.window_peak - start < 100 * 2**20
+        assert monitor.peak - start > 200 * 2**20
+        assert monitor.sampled_peak - start < 100 * 2**20
+
+
 def test_atomic_writes_sync_the_data_before_the_rename_and_the_folder_after(tmp_path, monkeypatch):
     """Without the syncs, a power cut right after the rename can leave the new name pointing at empty data."""
     from pathlib import Path
