@@ -111,6 +111,12 @@ class MemoryEstimate:
         return parts | {"total": self.total}
 
 
+def runs_from_arena(shape: ModelShape, backend: str) -> bool:
+    """Whether `backend` trains this model from its own memory arena: ONNX Runtime does for a recomputing graph,
+    whose tensors glibc's heap would scatter (edge_runtime/backends/ort.py has the measurements)."""
+    return backend == "ort" and shape.recompute_layers
+
+
 def estimate(shape: ModelShape, micro_batch: int, sequence: int, kind: str, backend: str) -> MemoryEstimate:
     """Predicted peak memory of one training step with `micro_batch` rows of `sequence` tokens (plus the prefix)."""
     if backend not in RUNTIME_BYTES:
@@ -126,7 +132,7 @@ def estimate(shape: ModelShape, micro_batch: int, sequence: int, kind: str, back
         kept = shape.backprop_layers * layer
     trainable = shape.trainable_parameters * FLOAT_BYTES
     frozen = shape.frozen_bytes
-    arena = backend == "ort" and shape.recompute_layers  # edge_runtime/backends/ort.py
+    arena = runs_from_arena(shape, backend)
     return MemoryEstimate(
         runtime=RUNTIME_BYTES[backend] + (ARENA_BYTES if arena else 0),
         frozen_weights=frozen,

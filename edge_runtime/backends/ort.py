@@ -13,6 +13,7 @@ from safetensors.numpy import save_file
 
 from edge_runtime.bundle import ADAPTER_FILE
 from edge_runtime.manifest import Manifest
+from edge_runtime.memory import runs_from_arena
 from edge_runtime.text import Batch
 from edge_runtime.windows import bundle_windows
 
@@ -63,7 +64,7 @@ class OrtBackend:
         # until the backward pass, the heap reuses its own holes, and the arena, which never shrinks, would keep a
         # step's memory through a checkpoint write (float32 default bundle, 8 rows: 2,160 MiB with the arena
         # against 1,709 without). `edge-runtime train` measured both; edge_runtime/memory.py plans for each.
-        self.options.enable_cpu_mem_arena = manifest.plan.shape.recompute_layers
+        self.options.enable_cpu_mem_arena = runs_from_arena(manifest.plan.shape, self.name)
         self.options.enable_mem_reuse = False
         self.adapter_names = set(manifest.adapter.parameters)
         self.held: dict[str, np.ndarray] = {}  # adapter weights outside the open window's graphs
