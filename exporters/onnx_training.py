@@ -225,7 +225,17 @@ def _check_gradients(
     module(ids.numpy(), mask.numpy(), labels.numpy(), np.array(1.0, dtype=np.float32))
     named = dict(graph.named_parameters())
     wanted = [named[onnx_name(name)] for name in trainable]
-    expected = torch.autograd.grad(graph_loss(graph(ids, mask), labels), wanted)
+    # The model may come with every flag off (training and distillation switch them off when they finish): ask for
+    # the trainable entries' gradients whatever their flags, and leave the flags as they came.
+    flags = [parameter.requires_grad for parameter in wanted]
+    try:
+        for parameter in wanted:
+            parameter.requires_grad_(True)
+        with torch.enable_grad():
+            expected = torch.autograd.grad(graph_loss(graph(ids, mask), labels), wanted)
+    finally:
+        for parameter, flag in zip(wanted, flags, strict=True):
+            parameter.requires_grad_(flag)
     worst = max(
         float(np.abs(np.asarray(state.parameters[onnx_name(name)].grad) - want.numpy()).max())
         for name, want in zip(trainable, expected, strict=True)

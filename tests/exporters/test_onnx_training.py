@@ -8,6 +8,7 @@ from onnxruntime.training.api import CheckpointState
 
 from coordinator.architectures import spec_for
 from exporters.onnx_training import (
+    GRADIENT_TOLERANCE,
     LOGITS_TOLERANCE,
     LOSS_TOLERANCE,
     OPSET,
@@ -52,6 +53,25 @@ def test_every_family_exports_and_reproduces_pytorch(family, kind, tmp_path):
     weights = dict(model.named_parameters())
     for name in trainable[:3]:
         assert np.array_equal(state.parameters[onnx_name(name)].data, weights[name].detach().numpy())
+
+
+def test_a_model_with_every_gradient_flag_off_exports_and_keeps_its_flags(tmp_path):
+    # Training and distillation switch every flag off when they finish; a freshly distilled emulator comes so.
+    model = make_model("llama", num_layers=4).requires_grad_(False)
+    spec = spec_for(model.config.model_type)
+    trainable = _adapter_names(model, [0, 3])
+    check = export_training_artifacts(
+        model,
+        spec.backbone,
+        spec.head,
+        "classification",
+        trainable,
+        _sample("classification"),
+        tmp_path,
+        OptimizerSettings(),
+    )
+    assert check.gradient_relative_diff <= GRADIENT_TOLERANCE
+    assert not any(parameter.requires_grad for parameter in model.parameters())
 
 
 def test_equal_valued_parameters_stay_separate(tmp_path):
