@@ -2,6 +2,8 @@
 logits match PyTorch's plugged-in model, the GGUF LoRA applied to the base GGUF matches too, generation writes
 text, and bad files or a wrong base model are refused before anything is written."""
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -16,12 +18,16 @@ from edge_runtime.data import load_examples
 from tests.integration.device import edge_runtime
 
 pytestmark = pytest.mark.integration
-SENTENCES = 4
+SENTENCES = 8
 # f16 matrices round each weight to 11 significant bits; llama.cpp sums in float32 in its own order.
 F16_TOLERANCE = 0.15
 # The base GGUF is Q4_1 (PyTorch holds its exact dequantization); llama.cpp's Q4_1 kernels also round each
-# activation vector to 8 bits before the dot products, which costs more than f16 does.
-LORA_TOLERANCE = 0.75
+# activation vector to 8 bits before the dot products, which costs more than f16 does and varies with the machine's
+# kernels (on the base model alone, up to 0.39 of a label logit on 8 reviews and 0.89 on 16 on one machine). So the
+# LoRA's error is bounded against what the adapter moved: a LoRA applied at the wrong scale, transposed or not at all
+# misses by a large share of that move; measured 2 % on average and 5 % at most (0.33 and 0.95 of 14.5 and 17.7).
+LORA_SHARE_MEAN = 0.05
+LORA_SHARE_MAX = 0.1
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +43,8 @@ def plugged(tmp_path_factory):
     assert trained.returncode == 0, trained.stderr
     outputs = ["--out", str(root / "tuned"), "--gguf", str(root / "tuned.gguf"), "--gguf-lora", str(root / "lora.gguf")]
     assert coordinator(["plug", "--model", "smollm2-135m", "--adapter", str(root / "result"), *outputs]) == 0
-    return root
+    yield root
+    shutil.rmtree(root)  # 1.3 GB: gone before the next module writes its own
 
 
 def _pytorch_label_logits(model, task, examples) -> np.ndarray:
@@ -58,7 +65,8 @@ def test_the_gguf_model_and_the_gguf_lora_score_as_pytorch_does(plugged):
     merged = label_logits(open_gguf(plugged / "tuned.gguf"), task, prompts)
     np.testing.assert_allclose(merged, expected, atol=F16_TOLERANCE)
     applied = label_logits(open_gguf(packaged_gguf_path("smollm2-135m"), plugged / "lora.gguf"), task, prompts)
-    np.testing.assert_allclose(applied, expected, atol=LORA_TOLERANCE)
+    error, moved = np.abs(applied - expected), np.abs(expected - base)
+    assert error.mean() <= LORA_SHARE_MEAN * moved.mean() and error.max() <= LORA_SHARE_MAX * moved.max()
     assert (applied.argmax(axis=1) == expected.argmax(axis=1)).all()
 
 
