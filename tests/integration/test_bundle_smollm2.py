@@ -1,5 +1,7 @@
 """SmolLM2 bundles: export for a laptop (ORT + PyTorch), verify, train on the device path, encode as the coordinator."""
 
+import shutil
+
 import numpy as np
 import pytest
 
@@ -35,7 +37,8 @@ def bundle(tmp_path_factory):
         str(root / "bundle"),
     ]
     assert coordinator(command) == 0
-    return root / "bundle", root / "keys" / "coordinator.pub"
+    yield root / "bundle", root / "keys" / "coordinator.pub"
+    shutil.rmtree(root)  # 1 GB: gone before the next module writes its own
 
 
 def test_the_bundle_verifies_and_its_export_matches_pytorch(bundle):
