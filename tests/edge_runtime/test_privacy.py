@@ -82,7 +82,10 @@ def test_per_example_gradients_equal_one_example_at_a_time_and_clip_to_c(family,
             parameter.grad = None
         _row_losses(graph, ids[row : row + 1], mask[row : row + 1], per_labels[row].reshape(-1)).sum().backward()
         for name, parameter in parameters.items():
-            torch.testing.assert_close(sampler.grads[name][row], parameter.grad, rtol=1e-4, atol=1e-6)
+            # Batched and one-row products sum in other orders (and MKL picks its threads by the machine's load):
+            # entries near zero differ by float32 rounding of the tensor's largest ones, not of their own size.
+            scale = float(parameter.grad.abs().max())
+            torch.testing.assert_close(sampler.grads[name][row], parameter.grad, rtol=1e-4, atol=1e-5 * scale)
     clip = 0.5 * min(float(n) for n in clipped_sum(sampler.grads, 1e9)[1])  # every example's norm is over C
     for row in range(len(ids)):
         one = {name: grads[row : row + 1] for name, grads in sampler.grads.items()}
