@@ -5,19 +5,20 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from safetensors.numpy import save_file
 
 from edge_runtime import __version__
 from edge_runtime.errors import OffsiteError
 from edge_runtime.files import atomic_path
 from edge_runtime.manifest import FileDigest, Manifest
 from edge_runtime.records import RecordError, from_dict, json_object
+from edge_runtime.tensor_file import write_safetensors
 
 BUNDLE_FORMAT = "offsite-edge/bundle"
 BUNDLE_SCHEMA = 1
@@ -32,13 +33,15 @@ ADAPTER_FORMAT = "offsite-edge/layer-adapter"
 ADAPTER_SCHEMA = 1
 
 
-def write_adapter_file(path: Path, tensors: dict[str, np.ndarray], metadata: dict[str, object]) -> None:
-    """Write adapter weights (full-model names) as safetensors, atomically, with `metadata` stored as JSON strings."""
+def write_adapter_file(path: Path, tensors: Mapping[str, np.ndarray], metadata: dict[str, object]) -> None:
+    """Write adapter weights (full-model names) as safetensors, atomically, with `metadata` stored as JSON strings.
+
+    The tensors are read from `tensors` one at a time as they are written: a backend's WeightView of its live
+    weights never has the whole adapter copied out beside them (14.2 M floats, 54 MiB, for SmolLM2's 2+2 layers)."""
     header = {"format": ADAPTER_FORMAT, "schema": str(ADAPTER_SCHEMA), "tool_version": __version__}
     header |= {key: json.dumps(value) for key, value in metadata.items()}
-    arrays = {name: np.ascontiguousarray(array) for name, array in tensors.items()}
     with atomic_path(path) as temporary:
-        save_file(arrays, str(temporary), metadata=header)
+        write_safetensors(temporary, tensors, header)
 
 
 class BundleError(OffsiteError):

@@ -10,6 +10,7 @@ import numpy as np
 
 from edge_runtime.errors import ConfigError
 from edge_runtime.manifest import Manifest
+from edge_runtime.tensor_file import WeightView
 from edge_runtime.text import Batch
 
 BACKENDS = ("ort", "torch")
@@ -38,8 +39,8 @@ class Backend(Protocol):
         """Write the trainable weights and optimizer state into `directory` (which exists and is empty)."""
         ...
 
-    def adapter(self) -> dict[str, np.ndarray]:
-        """Trainable weights by their names in the exported emulator."""
+    def adapter(self) -> WeightView:
+        """Trainable weights by their names in the exported emulator, each read when asked (copy what you keep)."""
         ...
 
     def load(self, weights: dict[str, np.ndarray]) -> None:

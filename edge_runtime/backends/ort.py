@@ -14,6 +14,7 @@ from safetensors.numpy import save_file
 from edge_runtime.bundle import ADAPTER_FILE
 from edge_runtime.manifest import Manifest
 from edge_runtime.memory import runs_from_arena
+from edge_runtime.tensor_file import WeightView
 from edge_runtime.text import Batch
 from edge_runtime.windows import bundle_windows
 
@@ -85,12 +86,8 @@ class OrtBackend:
         graphs = self.bundle / self.windows[window].ort
         self.module = self.optimizer = self.state = None  # free the last window's sessions before the next loads
         self.state = CheckpointState.load_checkpoint(str(checkpoint or graphs / "checkpoint"))
-        self.module = Module(
-            str(graphs / "training_model.onnx"),
-            self.state,
-            str(graphs / "eval_model.onnx"),
-            session_options=self.options,
-        )
+        # No eval graph: the device only trains, and its session cost 15-18 MiB (SmolLM2 keep 8).
+        self.module = Module(str(graphs / "training_model.onnx"), self.state, session_options=self.options)
         self.optimizer = Optimizer(str(graphs / "optimizer_model.onnx"), self.module)
         self.window = window
         self.holds = {name for name, _ in self.state.parameters if name in self.adapter_names}
@@ -120,8 +117,11 @@ class OrtBackend:
     def _current(self) -> dict[str, np.ndarray]:
         return {name: np.array(self.state.parameters[name].data, copy=True) for name in self.holds}
 
-    def adapter(self) -> dict[str, np.ndarray]:
-        return self.held | self._current()
+    def adapter(self) -> WeightView:
+        return WeightView([*self.held, *self.holds], self._read)
+
+    def _read(self, name: str) -> np.ndarray:
+        return self.held[name] if name in self.held else self.state.parameters[name].data
 
     def load(self, weights: dict[str, np.ndarray]) -> None:
         for name, value in weights.items():

@@ -17,6 +17,7 @@ from edge_runtime.errors import ConfigError
 from edge_runtime.low_rank import load_causal_lm
 from edge_runtime.manifest import CLASSIFICATION, Manifest
 from edge_runtime.privacy import DPPlan
+from edge_runtime.tensor_file import WeightView
 from edge_runtime.text import Batch
 from edge_runtime.torch_graph import IGNORE_INDEX, TrainingGraph, graph_loss, recompute_layers, truncated
 from edge_runtime.windows import bundle_windows
@@ -151,8 +152,8 @@ class TorchBackend:
                         "exp_avg_sq": tensors[f"exp_avg_sq/{name}"].clone(),
                     }
 
-    def adapter(self) -> dict[str, np.ndarray]:
-        return {name: parameter.detach().numpy().copy() for name, parameter in self.trainable.items()}
+    def adapter(self) -> WeightView:
+        return WeightView(self.trainable, lambda name: self.trainable[name].detach().numpy())
 
     def load(self, weights: dict[str, np.ndarray]) -> None:
         with torch.no_grad():
