@@ -21,11 +21,12 @@ from typing import TYPE_CHECKING
 
 from bench.floor import full_model_shape, memory_floor
 from bench.head_to_head_report import report
-from bench.markdown import machine_line, measured_or_saved, write_section
+from bench.markdown import machine_line, measured_or_saved, measuring_command, write_section
 from bench.runs import batch_tokens, device_train, export_bundle, folder_bytes, profiled_train, repeated
 from coordinator.datasets import dataset_path, prepare_datasets
 from coordinator.defaults import DEFAULT_EMULATOR, DEFAULT_KEEP
 from edge_runtime.bundle import TORCH_DIRECTORY
+from edge_runtime.files import write_json_atomic
 from edge_runtime.manifest import Manifest
 from edge_runtime.memory import ModelShape
 
@@ -177,15 +178,17 @@ def _paired(runs: list[dict], full_runs: list[dict]) -> dict:
     return repeated(runs) | {"speed_ratios": speed, "memory_ratios": memory}
 
 
-def measure(steps: int, pairs: int, curve_steps: int, every: int, limit_test: int) -> dict:
-    """Every offsite configuration's export, profile and curve; then `pairs` rounds of timed runs, each round full
+def measure(
+    steps: int, pairs: int, curve_steps: int, every: int, limit_test: int, configs: tuple[Config, ...] = CONFIGS
+) -> dict:
+    """Each offsite configuration's export, profile and curve; then `pairs` rounds of timed runs, each round full
     fine-tuning first and every offsite configuration after it on both backends; one process per run."""
     prepare_datasets()
     data = dataset_path("sentiment", "train")
     curves = Curves(curve_steps, every, limit_test)
     offsite, bundles = [], []
     with tempfile.TemporaryDirectory() as scratch:
-        for config in CONFIGS:
+        for config in configs:
             root = Path(scratch) / config.label.replace(" ", "").replace("·", "-").replace(":", "-")
             result, bundle = _offsite(root, config, data, steps, curves)
             offsite.append(result)
@@ -193,7 +196,9 @@ def measure(steps: int, pairs: int, curve_steps: int, every: int, limit_test: in
         first = bundles[0]
         print("full fine-tuning: profile, learning curve", flush=True)
         full = {"profile": profiled_train(first, data, "full", steps, first.parent / "full.json")}
-        full |= {"curve": curves.full(), "tokens": offsite[0]["tokens"]}  # the same batch stream
+        if configs == CONFIGS:  # a re-measured row keeps the saved run's full fine-tuning curve
+            full |= {"curve": curves.full()}
+        full |= {"tokens": offsite[0]["tokens"]}  # the same batch stream
         full_runs, runs = [], {(i, b): [] for i in range(len(bundles)) for b in ("ort", "torch")}
         for round_ in range(pairs):
             print(f"timed round {round_ + 1} of {pairs}", flush=True)
@@ -232,14 +237,49 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=20, help="score the plug-in every this many steps")
     parser.add_argument("--limit-test", type=int, default=300, help="test reviews each point is scored on")
     parser.add_argument("--report-only", action="store_true", help="rewrite the section from the saved results")
+    parser.add_argument(
+        "--only",
+        action="append",
+        metavar="LABEL",
+        help="re-measure only this configuration (its table label, e.g. '2+2 · uniform keep 8'; repeatable), paired "
+        "with full fine-tuning runs of its own, into the saved results; the other rows stay as saved",
+    )
     args = parser.parse_args()
+    chosen = _chosen(args.only) if args.only else CONFIGS
     results = measured_or_saved(
         OUT,
         "bench.head_to_head",
-        args.report_only,
+        args.report_only or bool(args.only),
         lambda: measure(args.steps, args.pairs, args.curve_steps, args.every, args.limit_test),
     )
+    if args.only and not args.report_only:
+        again = measure(args.steps, args.pairs, args.curve_steps, args.every, args.limit_test, chosen)
+        results = merge_remeasured(results, again | {"command": measuring_command("bench.head_to_head")})
+        write_json_atomic(OUT, results)
     write_section("head_to_head", report(results))
+
+
+def _chosen(labels: list[str]) -> tuple[Config, ...]:
+    known = {config.label: config for config in CONFIGS}
+    unknown = [label for label in labels if label not in known]
+    if unknown:
+        raise SystemExit(f"--only {unknown[0]!r} is not a configuration here; one of: {', '.join(known)}")
+    return tuple(known[label] for label in labels)
+
+
+def merge_remeasured(saved: dict, again: dict) -> dict:
+    """`saved` with each configuration of `again` in place of its saved row, marked with the command that re-measured
+    it and its own full fine-tuning runs' medians (its ratios are to those runs, as every row's are to its own)."""
+    merged = copy.deepcopy(saved)
+    rows = {row["label"]: index for index, row in enumerate(merged["offsite"])}
+    full = {key: again["full"][key] for key in ("step_seconds_median", "peak_memory_bytes")}
+    for row in again["offsite"]:
+        row = row | {"remeasured": {"command": again["command"], "pairs": again["pairs"], "full": full}}
+        if row["label"] in rows:
+            merged["offsite"][rows[row["label"]]] = row
+        else:
+            merged["offsite"].append(row)
+    return merged
 
 
 if __name__ == "__main__":

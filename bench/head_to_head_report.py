@@ -60,8 +60,9 @@ def _speed_table(results: dict, target: float) -> list[str]:
     for result in results["offsite"]:
         for backend, run in result["backends"].items():
             speed, peak = _tokens_per_second(result, backend), _peak(result, backend)
+            mark = " †" if "remeasured" in result else ""
             lines.append(
-                f"| {result['label']} | {_count(result['shape']['trainable_parameters'])} | {backend} "
+                f"| {result['label']}{mark} | {_count(result['shape']['trainable_parameters'])} | {backend} "
                 f"| {speed:,.0f} | {_spread(run['speed_ratios'])} | {peak / MIB:,.0f} "
                 f"| {_spread(run['memory_ratios'])} | {_time_to_target(result, target, run['step_seconds_median'])} |"
             )
@@ -118,6 +119,25 @@ def _profile_table(results: dict) -> list[str]:
         lines.append(
             f"| {label} | {profile['forward_seconds']:.2f} | {profile['backward_seconds']:.2f} "
             f"| {profile['optimizer_seconds']:.2f} | {step:.2f} | {full_step / step:.2f}× |"
+        )
+    return lines
+
+
+def _remeasured_note(results: dict) -> list[str]:
+    """Which rows a later `--only` run measured again, with that run's own full fine-tuning they are paired with."""
+    later = [result for result in results["offsite"] if "remeasured" in result]
+    if not later:
+        return []
+    by_command: dict[str, list[dict]] = {}
+    for result in later:
+        by_command.setdefault(result["remeasured"]["command"], []).append(result)
+    lines = [""]
+    for command, rows in by_command.items():
+        again = rows[0]["remeasured"]
+        lines.append(
+            f"† Measured again, after the rest, by `{command}`: {again['pairs']} rounds paired with full fine-tuning "
+            f"runs of their own (median {again['full']['peak_memory_bytes'] / MIB:,.0f} MiB, "
+            f"{again['full']['step_seconds_median']:.2f} s/step); the ratios are to those runs."
         )
     return lines
 
@@ -221,6 +241,7 @@ def report(results: dict) -> str:
         "s/step." + _other_rates(results),
         "",
         *_speed_table(results, target),
+        *_remeasured_note(results),
         "",
         "Plug-in accuracy (the adapter in the full model) along training:",
         "",
