@@ -35,6 +35,16 @@ def _sample(kind, vocab=64):
     return ids, mask, ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100).reshape(-1)
 
 
+def _export_classifier(model, directory):
+    """A classification export of `model` with its first and last layers trainable."""
+    spec = spec_for(model.config.model_type)
+    trainable = _adapter_names(model, [0, 3])
+    sample = _sample("classification")
+    return export_training_artifacts(
+        model, spec.backbone, spec.head, "classification", trainable, sample, directory, OptimizerSettings()
+    )
+
+
 @pytest.mark.parametrize("kind", ["classification", "language-model"])
 def test_every_family_exports_and_reproduces_pytorch(family, kind, tmp_path):
     model = make_model(family, num_layers=4)
@@ -58,37 +68,14 @@ def test_every_family_exports_and_reproduces_pytorch(family, kind, tmp_path):
 def test_a_model_with_every_gradient_flag_off_exports_and_keeps_its_flags(tmp_path):
     # Training and distillation switch every flag off when they finish; a freshly distilled emulator comes so.
     model = make_model("llama", num_layers=4).requires_grad_(False)
-    spec = spec_for(model.config.model_type)
-    trainable = _adapter_names(model, [0, 3])
-    check = export_training_artifacts(
-        model,
-        spec.backbone,
-        spec.head,
-        "classification",
-        trainable,
-        _sample("classification"),
-        tmp_path,
-        OptimizerSettings(),
-    )
+    check = _export_classifier(model, tmp_path)
     assert check.gradient_relative_diff <= GRADIENT_TOLERANCE
     assert not any(parameter.requires_grad for parameter in model.parameters())
 
 
 def test_equal_valued_parameters_stay_separate(tmp_path):
     # Fresh norm weights are all ones; merged into one initializer they would train as one tied tensor.
-    model = make_model("llama", num_layers=4)
-    spec = spec_for(model.config.model_type)
-    trainable = _adapter_names(model, [0, 3])
-    export_training_artifacts(
-        model,
-        spec.backbone,
-        spec.head,
-        "classification",
-        trainable,
-        _sample("classification"),
-        tmp_path,
-        OptimizerSettings(),
-    )
+    _export_classifier(make_model("llama", num_layers=4), tmp_path)
     state = CheckpointState.load_checkpoint(str(tmp_path / "checkpoint"))
     assert onnx_name("model.layers.3.post_attention_layernorm.weight") in {name for name, _ in state.parameters}
 
