@@ -33,7 +33,7 @@ class WeightView(Mapping[str, np.ndarray]):
     """
 
     def __init__(self, names: Iterable[str], read: Callable[[str], np.ndarray]) -> None:
-        self._names = list(dict.fromkeys(names))
+        self._names = dict.fromkeys(names)  # ordered, and a set for lookups
         self._read = read
 
     def __getitem__(self, name: str) -> np.ndarray:
