@@ -60,7 +60,7 @@ def _speed_table(results: dict, target: float) -> list[str]:
     for result in results["offsite"]:
         for backend, run in result["backends"].items():
             speed, peak = _tokens_per_second(result, backend), _peak(result, backend)
-            mark = " †" if "remeasured" in result else ""
+            mark = _remeasured_mark(results, result)
             lines.append(
                 f"| {result['label']}{mark} | {_count(result['shape']['trainable_parameters'])} | {backend} "
                 f"| {speed:,.0f} | {_spread(run['speed_ratios'])} | {peak / MIB:,.0f} "
@@ -123,23 +123,29 @@ def _profile_table(results: dict) -> list[str]:
     return lines
 
 
+def _remeasuring_commands(results: dict) -> list[str]:
+    """The commands of later `--only` runs, in the order their rows first appear."""
+    commands = [result["remeasured"]["command"] for result in results["offsite"] if "remeasured" in result]
+    return list(dict.fromkeys(commands))
+
+
+def _remeasured_mark(results: dict, result: dict) -> str:
+    if "remeasured" not in result:
+        return ""
+    return f" †{_remeasuring_commands(results).index(result['remeasured']['command']) + 1}"
+
+
 def _remeasured_note(results: dict) -> list[str]:
-    """Which rows a later `--only` run measured again, with that run's own full fine-tuning they are paired with."""
-    later = [result for result in results["offsite"] if "remeasured" in result]
-    if not later:
-        return []
-    by_command: dict[str, list[dict]] = {}
-    for result in later:
-        by_command.setdefault(result["remeasured"]["command"], []).append(result)
-    lines = [""]
-    for command, rows in by_command.items():
-        again = rows[0]["remeasured"]
+    """Which rows later `--only` runs measured again, with the full fine-tuning runs each run paired them with."""
+    lines = []
+    for number, command in enumerate(_remeasuring_commands(results), 1):
+        again = next(r["remeasured"] for r in results["offsite"] if r.get("remeasured", {}).get("command") == command)
         lines.append(
-            f"† Measured again, after the rest, by `{command}`: {again['pairs']} rounds paired with full fine-tuning "
-            f"runs of their own (median {again['full']['peak_memory_bytes'] / MIB:,.0f} MiB, "
+            f"†{number} Measured again, after the rest, by `{command}`: {again['pairs']} rounds paired with full "
+            f"fine-tuning runs of their own (median {again['full']['peak_memory_bytes'] / MIB:,.0f} MiB, "
             f"{again['full']['step_seconds_median']:.2f} s/step); the ratios are to those runs."
         )
-    return lines
+    return ["", *"\n\n".join(lines).split("\n")] if lines else []
 
 
 def _against_papers(results: dict) -> list[str]:
