@@ -288,16 +288,16 @@ def publish(results: dict[str, Any]) -> None:
             table,
             "",
             "Reading: every simulated device, the service and (for amqtt) the broker share the same 2 cores, so the "
-            "time is mostly CPU: each device job opens three ONNX Runtime sessions and trains (≈0.2 s of CPU each, "
-            "100 jobs), and the service handles every message on one thread. The least the wire could carry is "
-            "the 0.8 MB bundle and two rounds of 0.1 MB adapters per device, counted at both ends: ≈100 MB; the rest "
-            "is chunks asked for again after a 5 s stall while the service was busy (duplicates are stored once). "
-            "TLS costs Mosquitto nothing measurable (its encryption is native code; the paired ratios straddle 1); "
-            "the embedded broker's TLS runs through asyncio's SSL layer (Python code around OpenSSL) on the same "
-            "two cores as the 50 devices, which slows it and makes more transfers stall and be asked for again "
-            "(more messages and bytes). Signing every record "
-            "(Ed25519, tens of microseconds) is inside all four numbers. amqtt drops a few client sessions under 50 "
-            "concurrent connects (its own internal errors); the clients reconnected and nothing was lost.",
+            "time is mostly CPU: each device job opens two ONNX Runtime sessions (training, optimizer) and trains "
+            "(≈0.2 s of CPU each, 100 jobs), and the service handles every message on one thread. The least the wire "
+            "could carry is the 0.8 MB bundle and two rounds of 0.1 MB adapters per device, counted at both ends: ≈100"
+            " MB; the rest is chunks asked for again after a 5 s stall while the service was busy (duplicates are "
+            "stored once). TLS costs Mosquitto nothing measurable (its encryption is native code; the paired ratios "
+            "straddle 1); the embedded broker's TLS runs through asyncio's SSL layer (Python code around OpenSSL) on "
+            "the same two cores as the 50 devices, which slows it and makes more transfers stall and be asked for "
+            "again (more messages and bytes). Signing every record (Ed25519, tens of microseconds) is inside all four "
+            "numbers. amqtt drops a few client sessions under 50 concurrent connects (its own internal errors); the "
+            "clients reconnected and nothing was lost.",
             "",
             f"![results arriving over time](bench/results/{OUT.with_suffix('.png').name})",
         ]
