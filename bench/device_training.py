@@ -139,15 +139,18 @@ def report(results: dict) -> str:
 
 READING = (
     "Reading it: every run stayed under its budget, and a budget a configuration cannot meet is refused before "
-    "training, with the budget it would need. Much of what ONNX Runtime needs beyond its resident state is the "
-    "checkpoint write: it serializes the whole state, frozen weights included, into a FlatBuffer that grows by "
-    "half at a time (1.46x the state for float32, 1.94x for int8; planned at 1.8x), which is why ORT refuses "
-    "1.5 GiB for the float32 bundle where PyTorch trains in it. The int8 + recompute graph runs from ONNX "
-    "Runtime's arena (glibc's heap took the same runs to 2.7 GiB), which keeps a step's memory through that "
-    "write; its peak is 1,403 MiB at micro-batch 32, against 1,681-2,221 MiB for float32 at micro-batches 8-16. "
-    "PyTorch dequantizes int8 weights into one buffer per weight shape and gives its heap's free pages back after "
-    "every micro-batch (glibc's malloc_trim); before both, int8 + recompute peaked at 1,598 MiB under the 1.5 GiB "
-    "budget. Both backends spend a step in the same float32 matmuls, so the PyTorch fallback costs a device little."
+    "training, with the budget it would need. A checkpoint holds only what trains (the adapter and AdamW's two "
+    "moments): the frozen matrices are inputs of the training graph, read once from "
+    "`ort/frozen_weights.safetensors`. When ONNX Runtime serialized them into every checkpoint as well (a "
+    "FlatBuffer of 1.3-2x the state), it refused 1.5 GiB for the float32 bundle (needing 1,967 MiB) and 1 GiB for "
+    "int8 + recompute (1,192 MiB); the previous run had float32 at micro-batch 16 peak at 2,598 MiB and int8 + "
+    "recompute at micro-batch 32 at 1,368. The int8 + recompute graph runs from ONNX Runtime's arena (glibc's "
+    "heap took the same runs to 2.7 GiB), which keeps a step's memory through a checkpoint write. The float32 "
+    "ORT rows are over-predicted more as the micro-batch grows (under at 4 rows, over at 16): the per-token "
+    "factors were fitted when the checkpoint, not the step, decided those runs' peaks. PyTorch dequantizes int8 "
+    "weights into one buffer per weight shape and gives its heap's free pages back after every micro-batch "
+    "(glibc's malloc_trim). Both backends spend a step in the same float32 matmuls, so the PyTorch fallback costs "
+    "a device little."
 )
 
 

@@ -3,9 +3,10 @@
 The prediction adds what stays resident (the runtime itself, frozen weights as stored (float32 or int8),
 trainable weights, gradients, AdamW's two moments) to two transients: a step's activations kept for
 back-propagation (every layer's, or with recomputation each layer's input and one layer's) plus the logits with
-their gradient, and writing a checkpoint (ONNX Runtime serializes its whole state, frozen weights included, in
-memory first). Freed memory goes back to the heap, so the larger transient counts; except that ONNX Runtime runs a
-recomputing graph from its arena, which keeps a step's memory, and a checkpoint written after a step adds to it.
+their gradient, and writing a checkpoint (ONNX Runtime serializes its state in memory first; that state is what
+training changes, as frozen matrices are fed from their own file: edge_runtime/frozen_inputs.py). Freed memory
+goes back to the heap, so the larger transient counts; except that ONNX Runtime runs a recomputing graph from its
+arena, which keeps a step's memory, and a checkpoint written after a step adds to it.
 The per-token activation factors and the runtimes' own footprint were measured on x86-64 with ONNX Runtime
 training 1.19.2 (buffer reuse off, as edge_runtime/backends/ort.py runs it) and torch 2.13;
 `python -m bench.device_training` compares predictions with real runs.
@@ -19,8 +20,9 @@ from edge_runtime.errors import OffsiteError
 
 FLOAT_BYTES = 4
 MIB = 1024**2
-# Resident memory of a process that has loaded the backend but no model (measured; see module docstring).
-RUNTIME_BYTES = {"ort": 145 * MIB, "torch": 450 * MIB}
+# Resident memory of a process that has loaded the backend but no model (measured; see module docstring). ORT's was
+# 145 MiB while the device also opened an eval session (15-18 MiB on SmolLM2), which it no longer does.
+RUNTIME_BYTES = {"ort": 130 * MIB, "torch": 450 * MIB}
 # What a graph run from ONNX Runtime's arena held beyond that throughout, whatever the micro-batch (the arena
 # grows in regions; SmolLM2 default bundle with recomputation, 4 to 32 rows).
 ARENA_BYTES = 105 * MIB
@@ -41,10 +43,10 @@ RECOMPUTE_WORKING = {"ort": 0.84, "torch": 8.0}
 # alive at once: one slice for a forward and one for a backward matmul.
 DEQUANTIZE_SLICE_BYTES = 16 * MIB
 DEQUANTIZED_BYTES = 2 * DEQUANTIZE_SLICE_BYTES
-# Writing a checkpoint, in units of the state written: ONNX Runtime serializes every weight and both moments into
-# an in-memory FlatBuffer that grows by half its size at a time, the old and the new buffer alive together, so
-# between 1.33x and 2x depending on where the last growth falls (measured 1.46x on the float32 default bundle,
-# 1.94x with int8 weights); the PyTorch backend writes trainable weights and moments once.
+# Writing a checkpoint, in units of the state written (trainable weights and both moments): ONNX Runtime
+# serializes it into an in-memory FlatBuffer that grows by half its size at a time, the old and the new buffer
+# alive together, so between 1.33x and 2x depending on where the last growth falls (measured 1.46x and 1.94x on
+# two bundles when the state still held the frozen weights); the PyTorch backend writes it once.
 CHECKPOINT_COPIES = {"ort": 1.8, "torch": 1.0}
 
 
@@ -141,7 +143,7 @@ def estimate(shape: ModelShape, micro_batch: int, sequence: int, kind: str, back
         optimizer_state=2 * trainable,
         activations=int(kept * FLOAT_BYTES) + (DEQUANTIZED_BYTES if shape.quantized_parameters else 0),
         logits=int(LOGIT_COPIES * logit_rows * shape.vocab * FLOAT_BYTES),
-        checkpoint=int(CHECKPOINT_COPIES[backend] * ((frozen if backend == "ort" else 0) + 3 * trainable)),
+        checkpoint=int(CHECKPOINT_COPIES[backend] * 3 * trainable),
         per_example_gradients=(micro_batch + 2) * trainable if shape.per_example_gradients else 0,
         keeps_step_memory=arena,
     )

@@ -60,6 +60,7 @@ def _export_windows(contents: BundleContents, staging: Path) -> ExportCheck:
             staging / window.ort,
             settings,
             recompute=architecture.layers if manifest.plan.shape.recompute_layers else None,
+            replaced=[name.removeprefix(PREFIX) for name in set(manifest.adapter.parameters) - set(window.parameters)],
         )
     assert check is not None  # every adapter has at least one window
     return check

@@ -1,9 +1,9 @@
-"""Emulator + adapter -> ONNX Runtime training artifacts (training, eval, optimizer models, checkpoint), checked.
+"""Emulator + adapter -> ONNX Runtime training artifacts (training and optimizer graphs, checkpoint, frozen weights).
 
 Exported at opset 15 with the TorchScript exporter: at opset >= 17 LayerNormalization becomes one node whose
 gradient ONNX Runtime training 1.19 cannot build. The graphs are then rewritten for memory
 (exporters/onnx_rewrites.py). Every export runs in ONNX Runtime and is compared with PyTorch: forward logits,
-the eval model's loss, and every trainable tensor's gradient from the training model.
+the eval graph's loss (that graph is then removed), and every trainable tensor's gradient from the training graph.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import os
 import sys
 import tempfile
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +25,8 @@ from onnxruntime.training import artifacts, onnxblock
 from onnxruntime.training.api import CheckpointState, Module
 
 from edge_runtime.errors import OffsiteError
+from edge_runtime.frozen_inputs import FROZEN_FILE, FrozenInputs
+from edge_runtime.tensor_file import write_safetensors
 from edge_runtime.torch_graph import IGNORE_INDEX, PREFIX, TrainingGraph, graph_loss
 from exporters.onnx_rewrites import (
     dequantize_again_for_backward,
@@ -154,6 +156,21 @@ def _alias_repeated_frozen(model: onnx.ModelProto, frozen: set[str]) -> None:
         model.graph.node.extend(nodes)
 
 
+def _feed_frozen(model: onnx.ModelProto, frozen: set[str]) -> dict[str, np.ndarray]:
+    """Make each `frozen` matrix an input of the graph, in place; their values by name (edge_runtime/frozen_inputs.py
+    says why)."""
+    fed = [
+        initializer
+        for initializer in model.graph.initializer
+        if initializer.name in frozen and len(initializer.dims) >= 2
+    ]
+    for initializer in fed:
+        model.graph.initializer.remove(initializer)
+        shape = list(initializer.dims)
+        model.graph.input.append(onnx.helper.make_tensor_value_info(initializer.name, initializer.data_type, shape))
+    return {initializer.name: onnx.numpy_helper.to_array(initializer) for initializer in fed}
+
+
 def _rewrite(path: Path, rewrite: Callable[[onnx.ModelProto], int]) -> int:
     """Apply a rewrite to the model file in place; how many places it changed."""
     model = onnx.load(str(path))
@@ -196,19 +213,24 @@ def _check_forward(path: Path, graph: TrainingGraph, sample: tuple[torch.Tensor,
     return float(np.abs(got - want).max()), float(np.abs(want).max())
 
 
-def _check_eval_loss(directory: Path, graph: TrainingGraph, sample: tuple[torch.Tensor, ...]) -> tuple[float, float]:
+def _sample_loss(
+    directory: Path, sample: tuple[torch.Tensor, ...], train: bool
+) -> tuple[Module, CheckpointState, float]:
+    """One step of the exported graphs on `sample` (training, or the eval graph): the module, its state, the loss."""
     state = CheckpointState.load_checkpoint(str(directory / "checkpoint"))
-    module = Module(
-        str(directory / "training_model.onnx"),
-        state,
-        str(directory / "eval_model.onnx"),
-        session_options=_quiet_options(),
-    )
-    module.eval()
-    ids, mask, labels = sample
-    got = float(module(ids.numpy(), mask.numpy(), labels.numpy(), np.array(1.0, dtype=np.float32)))
+    eval_model = None if train else str(directory / "eval_model.onnx")
+    module = Module(str(directory / "training_model.onnx"), state, eval_model, session_options=_quiet_options())
+    module.train(train)
+    ids, mask, labels = (tensor.numpy() for tensor in sample)
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels, LOSS_SCALE: np.array(1.0, np.float32)}
+    loss = module(*FrozenInputs(directory).feeds(module.input_names(), batch))
+    return module, state, float(loss.numpy())
+
+
+def _check_eval_loss(directory: Path, graph: TrainingGraph, sample: tuple[torch.Tensor, ...]) -> tuple[float, float]:
+    _, _, got = _sample_loss(directory, sample, train=False)
     with torch.no_grad():
-        want = float(graph_loss(graph(ids, mask), labels))
+        want = float(graph_loss(graph(*sample[:2]), sample[2]))
     return got, want
 
 
@@ -218,11 +240,8 @@ def _check_gradients(
     """The largest difference between ONNX Runtime's and PyTorch's gradient of any trainable entry on `sample`,
     relative to the largest |gradient| of all (a gradient that is zero in exact arithmetic, like a key bias's,
     is float noise on both sides): the training graph, rewrites included, differentiates right."""
-    state = CheckpointState.load_checkpoint(str(directory / "checkpoint"))
-    module = Module(str(directory / "training_model.onnx"), state, session_options=_quiet_options())
-    module.train()
+    _module, state, _ = _sample_loss(directory, sample, train=True)  # the module lives while its gradients are read
     ids, mask, labels = sample
-    module(ids.numpy(), mask.numpy(), labels.numpy(), np.array(1.0, dtype=np.float32))
     named = dict(graph.named_parameters())
     wanted = [named[onnx_name(name)] for name in trainable]
     # The model may come with every flag off (training and distillation switch them off when they finish): ask for
@@ -253,11 +272,17 @@ def export_training_artifacts(
     directory: Path,
     optimizer: OptimizerSettings,
     recompute: str | None = None,
+    replaced: Collection[str] = (),
 ) -> ExportCheck:
-    """Write the four ONNX Runtime training artifacts of `model` into `directory` (which must exist).
+    """Write ONNX Runtime's training artifacts of `model` into `directory` (which must exist): the training and
+    optimizer graphs and the checkpoint (the eval graph is made for the export's check, then removed: the device
+    only trains).
 
     `trainable` are parameter names of `model` (e.g. 'model.layers.0.mlp.up_proj.weight'); every other parameter
-    is frozen. `sample` = (input_ids, attention_mask, labels) is a real batch used to check the export.
+    is frozen. Frozen tensors are fed to the graph from `FROZEN_FILE`, outside the checkpoint, except those in
+    `replaced` (weights the device sets at run time, like an earlier layer window's adapter), so that writing a
+    checkpoint copies only what training changes. `sample` = (input_ids, attention_mask, labels) is a real batch
+    used to check the export.
     `recompute`: the module path of the decoder layers (e.g. 'model.layers') whose activations the training graph
     recomputes in the backward pass instead of keeping (exporters/onnx_rewrites.py); None keeps them.
     """
@@ -277,12 +302,14 @@ def export_training_artifacts(
         if diff > LOGITS_TOLERANCE * max(1.0, scale):
             raise ExportError(f"ONNX logits differ from PyTorch by {diff:.3g} (largest |logit| {scale:.3g})")
         frozen = [name for name in names if name not in set(wanted)]
+        in_checkpoint = sorted({onnx_name(name) for name in replaced} & set(frozen))
         _alias_repeated_frozen(forward, set(frozen))
+        write_safetensors(directory / FROZEN_FILE, _feed_frozen(forward, set(frozen) - set(in_checkpoint)), {})
         with _native_log_captured():
             artifacts.generate_artifacts(
                 forward,
                 requires_grad=wanted,
-                frozen_params=frozen,
+                frozen_params=in_checkpoint,
                 loss=ScaledCrossEntropy(),
                 optimizer=onnxblock.optim.AdamW(
                     eps=optimizer.eps,
@@ -301,6 +328,7 @@ def export_training_artifacts(
     loss_onnx, loss_torch = _check_eval_loss(directory, graph, sample)
     if abs(loss_onnx - loss_torch) > LOSS_TOLERANCE * max(1.0, abs(loss_torch)):
         raise ExportError(f"the ONNX eval loss {loss_onnx:.6f} differs from PyTorch's {loss_torch:.6f}")
+    (directory / "eval_model.onnx").unlink()
     gradient_error = _check_gradients(directory, graph, sample, trainable)
     if gradient_error > GRADIENT_TOLERANCE:
         raise ExportError(f"ONNX Runtime's gradients differ from PyTorch's by {gradient_error:.3g} of their scale")

@@ -1,4 +1,4 @@
-"""ONNX Runtime training backend: the bundle's training, eval and optimizer graphs over a checkpoint state."""
+"""ONNX Runtime training backend: the bundle's training and optimizer graphs over a checkpoint state."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from edge_runtime.bundle import ADAPTER_FILE
+from edge_runtime.frozen_inputs import FrozenInputs
 from edge_runtime.manifest import Manifest
 from edge_runtime.memory import runs_from_arena
 from edge_runtime.tensor_file import WeightView
@@ -84,11 +85,13 @@ class OrtBackend:
     def _open(self, window: int, checkpoint: Path | None) -> None:
         """Load window `window`'s graphs from `checkpoint` (or the bundle's), then move in the held weights they use."""
         graphs = self.bundle / self.windows[window].ort
-        self.module = self.optimizer = self.state = None  # free the last window's sessions before the next loads
+        self.module = self.optimizer = self.state = self.frozen = None  # free the last window's before the next loads
+        self.frozen = FrozenInputs(graphs)
         self.state = CheckpointState.load_checkpoint(str(checkpoint or graphs / "checkpoint"))
         # No eval graph: the device only trains, and its session cost 15-18 MiB (SmolLM2 keep 8).
         self.module = Module(str(graphs / "training_model.onnx"), self.state, session_options=self.options)
         self.optimizer = Optimizer(str(graphs / "optimizer_model.onnx"), self.module)
+        self.input_names = self.module.input_names()
         self.window = window
         self.holds = {name for name, _ in self.state.parameters if name in self.adapter_names}
         self.load({name: self.held.pop(name) for name in list(self.held) if name in self.holds})
@@ -103,8 +106,13 @@ class OrtBackend:
         self.module.train()
         total = 0.0
         for batch in micro_batches:
-            scale = np.array(len(batch) / rows, dtype=np.float32)
-            total += float(self.module(batch.input_ids, batch.attention_mask, batch.labels, scale))
+            inputs = {
+                "input_ids": batch.input_ids,
+                "attention_mask": batch.attention_mask,
+                "labels": batch.labels,
+                "loss_scale": np.array(len(batch) / rows, dtype=np.float32),
+            }
+            total += float(self.module(*self.frozen.feeds(self.input_names, inputs)).numpy())
         self.optimizer.set_learning_rate(learning_rate)
         self.optimizer.step()
         self.module.lazy_reset_grad()

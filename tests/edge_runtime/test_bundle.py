@@ -21,7 +21,7 @@ def test_a_fresh_bundle_verifies_and_lists_every_file(tiny_bundle, capsys):
     manifest = verify_bundle(tiny_bundle["bundle"], tiny_bundle["trust"])
     assert {
         "ort/training_model.onnx",
-        "ort/eval_model.onnx",
+        "ort/frozen_weights.safetensors",
         "ort/optimizer_model.onnx",
         "ort/checkpoint",
         "torch/model.safetensors",
@@ -37,7 +37,9 @@ def test_a_fresh_bundle_verifies_and_lists_every_file(tiny_bundle, capsys):
     assert "verified" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("name", ["ort/checkpoint", "torch/model.safetensors", "tokenizer/tokenizer.json"])
+@pytest.mark.parametrize(
+    "name", ["ort/checkpoint", "ort/frozen_weights.safetensors", "torch/model.safetensors", "tokenizer/tokenizer.json"]
+)
 def test_one_changed_byte_is_caught(bundle_copy, tiny_bundle, name):
     path = bundle_copy / name
     data = bytearray(path.read_bytes())
@@ -64,10 +66,10 @@ def test_a_bundle_signed_by_another_key_is_refused(tiny_bundle, tmp_path, capsys
 
 
 def test_missing_and_extra_files_are_named(bundle_copy, tiny_bundle):
-    (bundle_copy / "ort" / "eval_model.onnx").unlink()
-    with pytest.raises(BundleError, match=r"missing ort/eval_model\.onnx"):
+    (bundle_copy / "ort" / "optimizer_model.onnx").unlink()
+    with pytest.raises(BundleError, match=r"missing ort/optimizer_model\.onnx"):
         verify_bundle(bundle_copy, tiny_bundle["trust"])
-    shutil.copy(tiny_bundle["bundle"] / "ort" / "eval_model.onnx", bundle_copy / "ort" / "eval_model.onnx")
+    shutil.copy(tiny_bundle["bundle"] / "ort" / "optimizer_model.onnx", bundle_copy / "ort" / "optimizer_model.onnx")
     (bundle_copy / "ort" / "plugin.so").write_bytes(b"\x7fELF")
     with pytest.raises(BundleError, match=r"does not list: \['ort/plugin.so'\]"):
         verify_bundle(bundle_copy, tiny_bundle["trust"])

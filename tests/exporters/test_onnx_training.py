@@ -5,8 +5,10 @@ import onnx
 import pytest
 import torch
 from onnxruntime.training.api import CheckpointState
+from safetensors.numpy import load_file
 
 from coordinator.architectures import spec_for
+from edge_runtime.frozen_inputs import FROZEN_FILE
 from exporters.onnx_training import (
     GRADIENT_TOLERANCE,
     LOGITS_TOLERANCE,
@@ -59,10 +61,33 @@ def test_every_family_exports_and_reproduces_pytorch(family, kind, tmp_path):
     assert training.opset_import[0].version == OPSET and training.ir_version <= 10
     state = CheckpointState.load_checkpoint(str(tmp_path / "checkpoint"))
     marked = {name for name, parameter in state.parameters if parameter.requires_grad}
-    assert marked == {onnx_name(name) for name in trainable}
+    assert marked == {name for name, _ in state.parameters} == {onnx_name(name) for name in trainable}
     weights = dict(model.named_parameters())
     for name in trainable[:3]:
         assert np.array_equal(state.parameters[onnx_name(name)].data, weights[name].detach().numpy())
+    assert not (tmp_path / "eval_model.onnx").exists()  # made for the check only
+
+
+def test_frozen_matrices_are_fed_from_their_file_and_a_replaced_weight_stays_in_the_checkpoint(tmp_path):
+    model = make_model("llama", num_layers=4)
+    spec = spec_for(model.config.model_type)
+    trainable = _adapter_names(model, [3])
+    replaced = _adapter_names(model, [0])  # an earlier layer window's adapter: the device sets it
+    export_training_artifacts(
+        model, spec.backbone, spec.head, "classification", trainable, _sample("classification"), tmp_path,
+        OptimizerSettings(), replaced=replaced,
+    )  # fmt: skip
+    state = CheckpointState.load_checkpoint(str(tmp_path / "checkpoint"))
+    assert {name for name, _ in state.parameters} == {onnx_name(name) for name in trainable + replaced}
+    frozen = load_file(str(tmp_path / FROZEN_FILE))
+    matrices = {name for name, weight in model.named_parameters() if weight.dim() >= 2}
+    assert set(frozen) == {onnx_name(name) for name in matrices - set(trainable) - set(replaced)}
+    weights = dict(model.named_parameters())
+    for name in frozen:
+        assert np.array_equal(frozen[name], weights[name.removeprefix(onnx_name(""))].detach().numpy())
+    training = onnx.load(str(tmp_path / "training_model.onnx"))
+    assert set(frozen) <= {value.name for value in training.graph.input}
+    assert not set(frozen) & {tensor.name for tensor in training.graph.initializer}
 
 
 def test_a_model_with_every_gradient_flag_off_exports_and_keeps_its_flags(tmp_path):
