@@ -143,14 +143,15 @@ READING = (
     "moments): the frozen matrices are inputs of the training graph, read once from "
     "`ort/frozen_weights.safetensors`. When ONNX Runtime serialized them into every checkpoint as well (a "
     "FlatBuffer of 1.3-2x the state), it refused 1.5 GiB for the float32 bundle (needing 1,967 MiB) and 1 GiB for "
-    "int8 + recompute (1,192 MiB); the previous run had float32 at micro-batch 16 peak at 2,598 MiB and int8 + "
+    "int8 + recompute (1,192 MiB), and float32 at micro-batch 16 peaked at 2,598 MiB and int8 + "
     "recompute at micro-batch 32 at 1,368. The int8 + recompute graph runs from ONNX Runtime's arena (glibc's "
-    "heap took the same runs to 2.7 GiB), which keeps a step's memory through a checkpoint write. The float32 "
-    "ORT rows are over-predicted more as the micro-batch grows (under at 4 rows, over at 16): the per-token "
-    "factors were fitted when the checkpoint, not the step, decided those runs' peaks. PyTorch dequantizes int8 "
-    "weights into one buffer per weight shape and gives its heap's free pages back after every micro-batch "
-    "(glibc's malloc_trim). Both backends spend a step in the same float32 matmuls, so the PyTorch fallback costs "
-    "a device little."
+    "heap took the same runs to 2.7 GiB), which keeps a step's memory through a checkpoint write. Without the "
+    "arena, ONNX Runtime allocates with malloc, and both it and PyTorch give glibc's free heap pages back after "
+    "every micro-batch (malloc_trim): float32 on ORT at 4 rows a call took 1,291-1,329 MiB without that. The "
+    "float32 ORT rows are over-predicted more as the micro-batch grows (the plan adds about 107 MiB a row between "
+    "8 and 16 rows where these runs took 84): the per-token factors were fitted when the checkpoint, not the "
+    "step, decided those runs' peaks, and want refitting on a sweep of micro-batches. Both backends spend a step "
+    "in the same float32 matmuls, so the PyTorch fallback costs a device little."
 )
 
 

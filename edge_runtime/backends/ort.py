@@ -13,6 +13,7 @@ from safetensors.numpy import save_file
 
 from edge_runtime.bundle import ADAPTER_FILE
 from edge_runtime.frozen_inputs import FrozenInputs
+from edge_runtime.heap import give_back_free_heap
 from edge_runtime.manifest import Manifest
 from edge_runtime.memory import runs_from_arena
 from edge_runtime.tensor_file import WeightView
@@ -113,6 +114,8 @@ class OrtBackend:
                 "loss_scale": np.array(len(batch) / rows, dtype=np.float32),
             }
             total += float(self.module(*self.frozen.feeds(self.input_names, inputs)).numpy())
+            if not self.options.enable_cpu_mem_arena:  # malloc's heap keeps its holes (edge_runtime/heap.py)
+                give_back_free_heap()
         self.optimizer.set_learning_rate(learning_rate)
         self.optimizer.step()
         self.module.lazy_reset_grad()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +13,7 @@ from edge_runtime.adapter_modules import add_adapter
 from edge_runtime.backends.per_sample import PerSampleGradients, private_gradients, secret_generator
 from edge_runtime.bundle import ADAPTER_FILE, TORCH_DIRECTORY
 from edge_runtime.errors import ConfigError
+from edge_runtime.heap import give_back_free_heap
 from edge_runtime.low_rank import load_causal_lm
 from edge_runtime.manifest import CLASSIFICATION, Manifest
 from edge_runtime.privacy import DPPlan
@@ -23,22 +23,6 @@ from edge_runtime.torch_graph import IGNORE_INDEX, TrainingGraph, graph_loss, re
 from edge_runtime.windows import bundle_windows
 
 CHECKPOINT = "torch_state.safetensors"
-try:  # glibc: hand the heap's free pages back to the system
-    _MALLOC_TRIM = ctypes.CDLL(None).malloc_trim
-except (AttributeError, OSError, TypeError):  # another C library: nothing to call
-    _MALLOC_TRIM = None
-
-
-def _give_back_free_heap() -> None:
-    """Return the free pages inside glibc's heap to the system, after a micro-batch's tensors are gone.
-
-    PyTorch allocates each tensor with malloc; glibc keeps a heap's freed holes resident until the tensors above
-    them go, so each micro-batch of a different length grew the process further: the default bundle with int8
-    weights and recomputation, 16 rows a call, peaked at 1,598 MiB over 12 steps, and at 1,343 (planned 1,286)
-    with this after every micro-batch, about 5 % slower.
-    """
-    if _MALLOC_TRIM is not None:
-        _MALLOC_TRIM(0)
 
 
 class TorchBackend:
@@ -96,7 +80,7 @@ class TorchBackend:
             loss = graph_loss(logits, torch.from_numpy(batch.labels)) * (len(batch) / rows)
             loss.backward()
             total += float(loss.detach())
-            _give_back_free_heap()
+            give_back_free_heap()
         torch.nn.utils.clip_grad_norm_(self.window_parameters, self.max_grad_norm)
         for group in self.optimizer.param_groups:
             group["lr"] = learning_rate

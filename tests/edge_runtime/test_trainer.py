@@ -1,5 +1,6 @@
 """On-device training: both backends agree, micro-batches add up to the batch, a killed run resumes exactly."""
 
+import importlib
 import json
 import subprocess
 import sys
@@ -51,6 +52,18 @@ def test_micro_batches_accumulate_to_the_whole_batch(tiny_bundle, tmp_path, back
     # Planned at 2; this pytest process already holds more than the budget, so the run may step down to 1.
     assert whole["micro_batch"] == 8 and split["micro_batch"] in (1, 2)
     np.testing.assert_allclose(split["loss_curve"], whole["loss_curve"], rtol=LOSS_RTOL)
+
+
+@pytest.mark.parametrize(
+    "backend, module", [("ort", "edge_runtime.backends.ort"), ("torch", "edge_runtime.backends.pytorch")]
+)
+def test_a_graph_on_mallocs_heap_gives_its_free_pages_back_after_each_micro_batch(
+    tiny_bundle, tmp_path, monkeypatch, backend, module
+):
+    calls = []
+    monkeypatch.setattr(importlib.import_module(module), "give_back_free_heap", lambda: calls.append(1))
+    metrics = _train(tiny_bundle, tmp_path / "r", steps=3, backend=backend)  # no recomputation: no ORT arena
+    assert len(calls) == 3 * metrics["batch_size"] // metrics["micro_batch"]
 
 
 def test_a_budget_too_small_stops_before_training(tiny_bundle, tmp_path, capsys):
