@@ -17,6 +17,8 @@ import numpy as np
 from onnxruntime import OrtValue
 from safetensors.numpy import load_file
 
+from edge_runtime.bundle import BundleError
+
 FROZEN_FILE = "frozen_weights.safetensors"
 
 
@@ -32,7 +34,10 @@ class FrozenInputs:
         """The graph's inputs in its order: `batch`'s arrays by name, the frozen weights by theirs."""
         missing = [name for name in input_names if name not in batch and name not in self.values]
         if missing:
-            raise KeyError(f"the training graph reads inputs nobody provides: {missing[:3]}")
+            raise BundleError(
+                f"the training graph reads inputs that neither the batch nor {FROZEN_FILE} holds: {missing[:3]}; "
+                "export the bundle again with this version"
+            )
         return [
             self.values[name] if name in self.values else OrtValue.ortvalue_from_numpy(batch[name])
             for name in input_names

@@ -8,7 +8,8 @@ from onnxruntime.training.api import CheckpointState
 from safetensors.numpy import load_file
 
 from coordinator.architectures import spec_for
-from edge_runtime.frozen_inputs import FROZEN_FILE
+from edge_runtime.bundle import BundleError
+from edge_runtime.frozen_inputs import FROZEN_FILE, FrozenInputs
 from exporters.onnx_training import (
     GRADIENT_TOLERANCE,
     LOGITS_TOLERANCE,
@@ -140,3 +141,12 @@ def test_every_family_exports_each_adapter_kind_and_trains_only_its_parameters(f
     state = CheckpointState.load_checkpoint(str(tmp_path / "checkpoint"))
     marked = {name for name, parameter in state.parameters if parameter.requires_grad}
     assert marked == {onnx_name(name) for name in attached}
+
+
+def test_a_graph_input_nobody_provides_is_named(tmp_path):
+    _export_classifier(make_model("llama", num_layers=4), tmp_path)
+    frozen = FrozenInputs(tmp_path)
+    name = next(iter(frozen.values))
+    del frozen.values[name]
+    with pytest.raises(BundleError, match=f"neither the batch nor {FROZEN_FILE} holds: \\['{name}'\\]"):
+        frozen.feeds(["input_ids", name], {"input_ids": np.zeros((1, 2), np.int64)})
