@@ -5,8 +5,8 @@ ONNX Runtime's checkpoint holds every parameter it knows, and writing one serial
 1,958 MiB when it checkpointed against 1,388 when it did not. As constants of the graph they would be folded into
 copies (a tied embedding's second use, the slices of an int8 head). So the exporter makes each frozen matrix
 (2 or more dimensions; norms, scales and rotary tables stay constants) an input of the graph and saves it beside
-the graphs; the backend reads the file once and passes the same
-buffers at every step (an OrtValue over a numpy array is not a copy).
+the graphs; the backend reads the file once and passes the same buffers at every step (an OrtValue over a numpy
+array is not a copy).
 """
 
 from __future__ import annotations
