@@ -66,8 +66,9 @@ def _dequantized_in_scratch(values: torch.Tensor, scale: torch.Tensor) -> torch.
     """
     buffers: dict[tuple[int, ...], torch.Tensor] = _scratch.__dict__.setdefault("buffers", {})
     shape = tuple(values.shape)
-    if shape not in buffers:
-        buffers[shape] = torch.empty(shape, dtype=torch.float32)
+    if shape not in buffers:  # a normal tensor even when first made under inference_mode (training reuses it)
+        with torch.inference_mode(False):
+            buffers[shape] = torch.empty(shape, dtype=torch.float32)
     return buffers[shape].copy_(values).mul_(scale[:, None])  # `mul(values, scale, out=)` would cast a copy first
 
 

@@ -42,7 +42,19 @@ def test_quantized_linear_computes_with_its_dequantized_weight_and_keeps_only_in
     torch.testing.assert_close(hidden.grad, reference.grad)
 
 
+def test_a_layer_first_used_under_inference_mode_still_trains_after():
+    """The dequantization buffer made during an evaluation (inference_mode) is reused by training (was a
+    RuntimeError: inplace update to an inference tensor)."""
+    stored = QuantizedLinear(*quantize_rows(nn.Linear(24, 12, bias=False).weight))
+    with torch.inference_mode():
+        evaluated = stored(torch.randn(2, 24))
+    hidden = torch.randn(2, 24, requires_grad=True)
+    stored(hidden).sum().backward()
+    assert evaluated.shape == (2, 12) and hidden.grad is not None and torch.isfinite(hidden.grad).all()
+
+
 def test_a_large_head_is_dequantized_in_slices_with_the_same_result(monkeypatch):
+    torch.manual_seed(0)
     head = QuantizedLinear(*quantize_rows(torch.randn(50, 16)))
     hidden = torch.randn(4, 16, requires_grad=True)
     whole = head(hidden)
@@ -52,7 +64,7 @@ def test_a_large_head_is_dequantized_in_slices_with_the_same_result(monkeypatch)
     torch.testing.assert_close(sliced, whole)
     (grad_sliced,) = torch.autograd.grad(sliced.square().sum(), hidden)
     (grad_whole,) = torch.autograd.grad(whole.square().sum(), hidden)
-    torch.testing.assert_close(grad_sliced, grad_whole)
+    torch.testing.assert_close(grad_sliced, grad_whole, rtol=1e-5, atol=1e-4)  # sums in another order
 
 
 def test_the_quantized_embedding_looks_up_dequantized_rows():
