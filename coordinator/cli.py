@@ -207,7 +207,7 @@ def _plan(args: argparse.Namespace) -> None:
     split.check(loaded.model.config.num_hidden_layers)
     emulator = make_emulator(loaded.model, split, request.recipe(), loaded.tokenizer)
     adapter = request.adapter().attach(emulator, split.bottom, split.top)
-    shape = model_shape(emulator, adapter, private=request.dp is not None)
+    shape = model_shape(emulator, adapter, private=request.dp is not None, recompute=request.recompute)
     backend = args.backend or request.backends_for(profile)[0]  # with --dp: torch
     training = request.training
     print(format_plan(make_plan(shape, profile, backend, training.batch_size, training.max_length, request.task.kind)))

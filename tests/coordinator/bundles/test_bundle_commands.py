@@ -43,6 +43,18 @@ def test_plan_prints_the_parts_and_the_chosen_micro_batch(tiny_bundle, capsys):
         assert part in out
 
 
+def test_plan_takes_recomputation_into_account(tiny_bundle, capsys):
+    """`plan --recompute` plans the activations the export will (it planned them kept, as without it)."""
+    base = ["plan", "--model", str(tiny_bundle["model"]), "--profile", "laptop-16gb", "--adapter-layers", "1,1"]
+    base += ["--keep", "2", "--max-length", "512", "--batch-size", "32"]
+    activations = []
+    for extra in ([], ["--recompute"]):
+        assert coordinator([*base, *extra]) == 0
+        out = capsys.readouterr().out
+        activations.append(next(line for line in out.splitlines() if line.startswith("| activations")))
+    assert activations[0] != activations[1], activations
+
+
 def test_plan_refuses_a_budget_too_small_and_names_what_it_needs(tiny_bundle, tmp_path, capsys):
     profile = _small_profile(tmp_path, 0.05)
     assert (
