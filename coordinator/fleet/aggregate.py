@@ -8,6 +8,8 @@ import torch
 
 from coordinator.adapters import adapter_kind
 from coordinator.adapters.files import save_adapter
+from coordinator.adapters.layers import weighted_mean
+from coordinator.adapters.lora_ranks import RankedLoRA, combine_ranks
 from coordinator.errors import DataError
 from coordinator.fleet.robust import AggregationRule, clip_updates, finite
 from coordinator.results import DeviceResult
@@ -59,6 +61,42 @@ def aggregate_privacy(runs: list[ResultMetrics]) -> PrivacyRecord:
     return max(records, key=lambda record: record.epsilon or 0.0)
 
 
+def lora_ranks(results: list[DeviceResult]) -> list[int] | None:
+    """The LoRA ranks of `results` when they differ (a per-device job gave devices different ranks), else None."""
+    if {result.metrics.adapter_kind for result in results} != {"lora"}:
+        return None
+    ranks = [int(result.metrics.adapter_options["r"]) for result in results]
+    return ranks if len(set(ranks)) > 1 else None
+
+
+def ranked(weights: dict[str, torch.Tensor], options: dict) -> RankedLoRA:
+    return RankedLoRA(weights, int(options["r"]), float(options["alpha"]))
+
+
+def average_ranks(
+    results: list[DeviceResult],
+    starts: list[RankedLoRA | None],
+    previous: RankedLoRA | None,
+    rule: AggregationRule = FEDAVG,
+    clip_norm: float | None = None,
+) -> RankedLoRA:
+    """LoRA results of different ranks combined by `rule` as dense updates from each device's own start
+    (coordinator/adapters/lora_ranks.py), each clipped to `clip_norm` first when given."""
+    if not all(finite(result.weights) for result in results):
+        raise DataError("a device adapter holds NaN or infinite values; refuse it before aggregating")
+    total = sum(result.metrics.examples for result in results)
+    shares = [result.metrics.examples / total for result in results]
+
+    def combine(updates: list[dict[str, torch.Tensor]], weights: list[float]) -> dict[str, torch.Tensor]:
+        if clip_norm is not None:
+            zero = {target: torch.zeros_like(value) for target, value in updates[0].items()}
+            updates = clip_updates(updates, zero, clip_norm)
+        return rule.combine(updates, weights, weighted_mean)
+
+    devices = [ranked(result.weights, result.metrics.adapter_options) for result in results]
+    return combine_ranks(devices, starts, shares, combine, previous)
+
+
 def write_aggregate(
     results: list[DeviceResult],
     out: Path,
@@ -66,10 +104,22 @@ def write_aggregate(
     rule: AggregationRule = FEDAVG,
     start: dict[str, torch.Tensor] | None = None,
     clip_norm: float | None = None,
+    ranked_starts: tuple[list[RankedLoRA | None], RankedLoRA | None] | None = None,
 ) -> ResultMetrics:
-    """Write the aggregate as a result folder (adapter.safetensors + metrics.json) that `plug`/`evaluate` read."""
-    weights = federated_average(results, rule, start, clip_norm)
+    """Write the aggregate as a result folder (adapter.safetensors + metrics.json) that `plug`/`evaluate` read.
+
+    With `ranked_starts` (each device's start and the previous aggregate; Nones in the first round), or for LoRA
+    results of different ranks, the results are averaged as dense updates into a LoRA at the sum of their ranks."""
     runs = [result.metrics for result in results]
+    options = runs[0].adapter_options
+    metadata: dict[str, object] = {"model": runs[0].model.name, "aggregate_round": round_}
+    if ranked_starts is not None or lora_ranks(results) is not None:
+        starts, previous = ranked_starts or ([None] * len(results), None)
+        combined = average_ranks(results, starts, previous, rule, clip_norm)
+        weights, options = combined.weights, options | {"r": combined.r, "alpha": combined.alpha}
+        metadata |= {"lora_r": combined.r, "lora_alpha": combined.alpha}
+    else:
+        weights = federated_average(results, rule, start, clip_norm)
     metrics = ResultMetrics(
         format=RESULT_FORMAT,
         schema=RESULT_SCHEMA,
@@ -88,10 +138,10 @@ def write_aggregate(
         peak_memory_bytes=max(run.peak_memory_bytes for run in runs),
         layer_windows=runs[0].layer_windows,
         adapter_kind=runs[0].adapter_kind,
-        adapter_options=runs[0].adapter_options,
+        adapter_options=options,
         privacy=aggregate_privacy(runs),
     )
     with atomic_directory(out) as staging:
-        save_adapter(weights, staging / ADAPTER, {"model": runs[0].model.name, "aggregate_round": round_})
+        save_adapter(weights, staging / ADAPTER, metadata)
         write_json_atomic(staging / METRICS, metrics.to_dict())
     return metrics

@@ -61,6 +61,18 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         "with those that answered (default: until every device answers or refuses)"
     )  # fmt: skip
     dispatch.add_argument("--quorum", type=int, default=1, help="fewest results a round aggregates (default 1)")
+    dispatch.add_argument(
+        "--per-device", action="store_true", help="choose each device's emulator, adapter rank, micro-batch and "
+        "steps to fit its memory and the --deadline, for the best expected accuracy (`fleet status JOB` says why)"
+    )  # fmt: skip
+    dispatch.add_argument(
+        "--candidate-emulator", action="append", default=[], metavar="SPEC",
+        help="with --per-device: another emulator recipe to consider (repeat it); the bundle's own and its int8 "
+        "variant always are",
+    )  # fmt: skip
+    dispatch.add_argument("--lora-ranks", help="with --per-device and a LoRA adapter: ranks to consider, e.g. 8,4,2")
+    dispatch.add_argument("--min-steps", type=int, help="with --per-device: fewest steps a device may run "
+                          "(default a quarter of --steps); a device that cannot is left out")  # fmt: skip
     dispatch.add_argument("--wait", action="store_true", help="wait until the job is done, then print its results")
     status = actions.add_parser("status", help="jobs and their rounds (one job with JOB)")
     status.add_argument("job", nargs="?")
@@ -218,6 +230,29 @@ def enroll(registry: Registry, device: str, key: Path | None, remove: bool) -> s
     return f"{device} enrolled; its signed messages are heard from now on"
 
 
+def _ranks(text: str | None) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(",")) if text else ()
+    except ValueError:
+        raise ConfigError(f"--lora-ranks {text!r} is not a comma-separated list of ranks, e.g. 8,4,2") from None
+
+
+def format_configurations(detail: dict[str, Any]) -> str:
+    """A per-device job's choices, one device a line, with why; what one configuration for all would have been."""
+    lines = []
+    for device, choice in sorted((detail.get("configurations") or {}).items()):
+        lines.append(f"  {device} ({choice['profile']}): {choice['why']}")
+    for device, why in sorted((detail.get("left_out") or {}).items()):
+        lines.append(f"  {device}: left out, {why}")
+    fixed = detail.get("fixed") or {}
+    if fixed:
+        one = next(iter(fixed.values()))
+        lines.append(f"  one configuration for all would be: {one['why'].split('; ')[0]}, {one['steps']} steps each")
+    elif detail.get("configurations"):
+        lines.append("  no single configuration fits every device")
+    return "\n".join(["per-device configuration:", *lines]) if lines else ""
+
+
 def fleet(args: argparse.Namespace) -> None:
     from coordinator.fleet.jobs import JobSpec
 
@@ -241,6 +276,10 @@ def fleet(args: argparse.Namespace) -> None:
             clip_norm=args.clip_norm,
             deadline_s=args.deadline,
             quorum=args.quorum,
+            per_device=args.per_device,
+            candidate_emulators=tuple(args.candidate_emulator),
+            lora_ranks=_ranks(args.lora_ranks),
+            min_steps=args.min_steps,
         )
         job = registry.add_job(spec.to_dict())
         print(f"queued {job}: {args.rounds} rounds of {args.steps} steps on {args.dataset}", flush=True)
@@ -251,3 +290,5 @@ def fleet(args: argparse.Namespace) -> None:
         print(format_results(registry, job))
     else:
         print(format_status(registry, job))
+        if job is not None and (chosen := format_configurations(registry.job(job)["detail"])):
+            print(chosen)

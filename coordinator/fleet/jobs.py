@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,10 @@ class JobSpec:
     clip_norm: float | None = None
     deadline_s: float | None = None
     quorum: int = 1
+    per_device: bool = False  # choose each device's emulator, adapter rank and steps (coordinator/fleet/configure.py)
+    candidate_emulators: tuple[str, ...] = ()  # with per_device: recipes to consider beside the bundle's own
+    lora_ranks: tuple[int, ...] = ()  # with per_device and a LoRA adapter: ranks to consider (default r, r/2, r/4)
+    min_steps: int | None = None  # with per_device: a device that cannot run this many steps is left out
 
     def __post_init__(self) -> None:
         if self.rounds < 1:
@@ -46,6 +51,14 @@ class JobSpec:
         if self.quorum < 1 or (self.devices is not None and self.quorum > len(self.devices)):
             most = f" and at most the {len(self.devices)} devices named" if self.devices is not None else ""
             raise ConfigError(f"--quorum {self.quorum} must be at least 1{most}")
+        if (self.candidate_emulators or self.lora_ranks or self.min_steps is not None) and not self.per_device:
+            raise ConfigError("--candidate-emulator, --lora-ranks and --min-steps choose per device; add --per-device")
+        for recipe in self.candidate_emulators:
+            replace(self.bundle, emulator=recipe)  # a bad recipe fails here, with its own message
+        if self.lora_ranks and (self.bundle.adapter().name != "lora" or min(self.lora_ranks) < 1):
+            raise ConfigError(f"--lora-ranks {list(self.lora_ranks)} are ranks of at least 1 for --adapter-kind lora")
+        if self.min_steps is not None and not 1 <= self.min_steps <= self.steps:
+            raise ConfigError(f"--min-steps {self.min_steps} must be between 1 and the job's {self.steps} steps")
         if self.test is not None and not Path(self.test).is_file():
             raise ConfigError(f"--test {self.test} is not a file; give the held-out data the aggregate is scored on")
 
@@ -56,6 +69,11 @@ class JobSpec:
     @property
     def steps(self) -> int:
         return self.bundle.training.steps
+
+    @property
+    def fewest_steps(self) -> int:
+        """The fewest steps a device may be given (per-device jobs): --min-steps, else a quarter of the job's."""
+        return self.min_steps if self.min_steps is not None else math.ceil(self.steps / 4)
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)

@@ -216,6 +216,12 @@ class Registry:
             device,
         )
 
+    def device_results(self, device: str, limit: int = 5) -> list[dict[str, Any]]:
+        """`device`'s latest received results, newest first."""
+        return self._exec(
+            "SELECT * FROM tasks WHERE device = ? AND state = 'received' ORDER BY finished DESC LIMIT ?", device, limit
+        )
+
     # rounds
     def set_round(self, job: str, round_: int, state: str, aggregate: Path | None = None, evaluation=None) -> None:
         self._exec(

@@ -18,7 +18,14 @@ from typing import Any
 from coordinator.errors import ConfigError, DataError
 from coordinator.fleet.jobs import JobSpec
 from coordinator.fleet.registry import JOB_DONE, TASK_DONE, Registry
-from coordinator.fleet.work import Workshop, check_result_adapter, finish_round, prepare_job, result_limit
+from coordinator.fleet.work import (
+    Workshop,
+    check_result_adapter,
+    finish_round,
+    prepare_job,
+    result_limit,
+    start_adapter,
+)
 from device_profiles import ProfileError
 from edge_runtime.errors import OffsiteError, refusal
 from edge_runtime.identity import parse_public_key
@@ -249,7 +256,7 @@ class FleetService:
         if metrics.model.sha256 != expected:
             raise DataError(f"{device}'s result for {job} round {round_} is not for this job's model")
         bundle = Path((self.registry.task(job, round_, device) or {})["bundle"])
-        start = self._start(job, round_)
+        start = self._start(job, round_, device)
         origin = bundle_id(bundle.parent / "bundle") + (f"+{sha256_file(start)}" if start else "")
         if metrics.bundle != origin:
             raise DataError(f"{device}'s result for {job} round {round_} was not trained from the bundle and start "
@@ -267,14 +274,18 @@ class FleetService:
             self.offers[path] = self.outbox.add(path, offer_for(path, name))
         return self.offers[path]
 
-    def _start(self, job: str, round_: int) -> Path | None:
-        """The adapter round `round_` starts from: the round before's aggregate (None in round 1)."""
-        return self.work / "jobs" / job / f"round-{round_ - 1}" / "aggregate" / ADAPTER if round_ > 1 else None
+    def _configuration(self, job: str, device: str) -> dict[str, Any] | None:
+        """What a per-device job chose for `device` (None: the job's one configuration)."""
+        return (self.registry.job(job)["detail"].get("configurations") or {}).get(device)
+
+    def _start(self, job: str, round_: int, device: str) -> Path | None:
+        """The adapter `device` starts round `round_` from (None in round 1)."""
+        return start_adapter(self.work, job, round_, self._configuration(job, device))
 
     def _offers_for(self, job: str, round_: int, device: str, bundle_path: str) -> tuple[Offer, Offer | None]:
         """The bundle and start adapter `device` pulls this round, offered: a device pulls only what its jobs name."""
         bundle = self._offer(Path(bundle_path), "bundle")
-        start_path = self._start(job, round_)
+        start_path = self._start(job, round_, device)
         start = self._offer(start_path, "adapter") if start_path else None
         for offer in (bundle, start):
             if offer is not None:
@@ -285,12 +296,13 @@ class FleetService:
         spec = JobSpec.from_dict(self.registry.job(job)["spec"])
         task = self.registry.task(job, round_, device)
         bundle, start = self._offers_for(job, round_, device, task["bundle"])
+        configuration = self._configuration(job, device)
         record = Job(
             wire_job_id(job, round_),
             device,
             round_,
             spec.dataset,
-            spec.steps,
+            configuration["steps"] if configuration else spec.steps,
             dataclasses.asdict(bundle),
             dataclasses.asdict(start) if start else None,
             time.time(),
@@ -336,8 +348,11 @@ class FleetService:
             return
         kind = outcome.pop("kind")
         if kind == "prepared":
-            self.registry.set_job(job, "running", model_sha256=outcome["model_sha256"])
-            self._start_round(job, 1, outcome["bundles"])
+            bundles = outcome.pop("bundles")
+            self.registry.set_job(job, "running", **outcome)  # the model's sha256; a per-device job's choices
+            for device, why in (outcome.get("left_out") or {}).items():
+                log.warning("%s: %s is left out: %s", job, device, why)
+            self._start_round(job, 1, bundles)
             return
         round_, rounds = outcome["round"], outcome["rounds"]
         self.registry.set_round(job, round_, "done", outcome["aggregate"], outcome["evaluation"])

@@ -12,20 +12,26 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from safetensors import SafetensorError
 from safetensors.numpy import load_file
 
-from coordinator.adapters import plugged_in
-from coordinator.adapters.files import load_adapter
+from coordinator.adapters import adapter_kind, adapter_kind_of, plugged_in
+from coordinator.adapters.files import load_adapter, save_adapter
 from coordinator.adapters.layers import adapter_exits
+from coordinator.adapters.lora_ranks import RankedLoRA, factored
 from coordinator.bundles.export import export_bundle
+from coordinator.bundles.request import BundleRequest
 from coordinator.errors import ConfigError, DataError
-from coordinator.fleet.aggregate import write_aggregate
+from coordinator.fleet.aggregate import ranked, write_aggregate
+from coordinator.fleet.configure import Fleet, configure
+from coordinator.fleet.cost import Throughput, measured_throughput, prior_throughput
 from coordinator.fleet.jobs import JobSpec
 from coordinator.fleet.registry import Registry
 from coordinator.models import LoadedModel, load_model, source_sha256
 from coordinator.results import DeviceResult, read_result
-from device_profiles import validate
+from device_profiles import DeviceProfile, validate
 from edge_runtime.bundle import ADAPTER_FILE
 from edge_runtime.data import load_examples
-from edge_runtime.trainer import ADAPTER
+from edge_runtime.files import atomic_directory
+from edge_runtime.manifest import read_metrics
+from edge_runtime.trainer import ADAPTER, METRICS
 from edge_runtime.transfer import pack_directory
 
 log = logging.getLogger(__name__)
@@ -49,29 +55,65 @@ class Workshop:
         return self.models[name]
 
 
+def _backend(device: str, row: dict[str, Any], profile: DeviceProfile, spec: JobSpec) -> str:
+    """The backend `device` trains the job on: its profile's preferred one among those it announced."""
+    announced = row["backends"] or profile.backends
+    if spec.bundle.dp is not None:  # DP-SGD has per-example gradients on PyTorch only
+        if "torch" not in announced:
+            raise ConfigError(f"--dp needs the PyTorch backend, which {device} does not have (it announced "
+                              f"{', '.join(announced)}); leave it out with --devices")  # fmt: skip
+        return "torch"
+    return next((b for b in profile.backends if b in announced), profile.backends[0])
+
+
+def throughput(registry: Registry, device: str, profile: DeviceProfile) -> Throughput:
+    """`device`'s training throughput: measured from its latest result of a per-device job, else its profile's."""
+    for task in registry.device_results(device):
+        configuration = (registry.job(task["job"])["detail"].get("configurations") or {}).get(device)
+        measured = measured_throughput(task, configuration) if configuration else None
+        if measured is not None:
+            return measured
+    return prior_throughput(profile)
+
+
+def _bundle(
+    shop: Workshop, loaded: LoadedModel, sha: str, job: str, request: BundleRequest, profile: DeviceProfile
+) -> str:
+    """The packed bundle `request` makes for `profile`, exported once (cached by the request's hash)."""
+    folder = shop.work / "bundles" / request.cache_key(sha, profile)
+    archive = folder / "bundle.tar"
+    if not archive.exists():
+        log.info("%s: exporting a bundle for %s (%s)", job, profile.name, ",".join(request.backends) or "none")
+        export_bundle(loaded, request, profile, folder / "bundle", shop.key)
+        pack_directory(folder / "bundle", archive)
+    return str(archive)
+
+
 def prepare_job(shop: Workshop, job: str, spec: JobSpec, targets: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Export one bundle per distinct device profile (cached by the request's hash) and pack it for the wire."""
+    """Export one bundle per distinct request and device profile (cached) and pack it for the wire. A per-device
+    job first chooses each device's configuration (coordinator/fleet/configure.py) and records why."""
     loaded = shop.model(spec.bundle.model)
     sha = source_sha256(loaded)
-    bundles: dict[str, str] = {}
-    for device, row in targets.items():
-        profile = validate(row["profile"], f"the profile {device} announced")
-        announced = row["backends"] or profile.backends
-        backends = tuple(b for b in profile.backends if b in announced)[:1]
-        if spec.bundle.dp is not None:  # DP-SGD has per-example gradients on PyTorch only
-            if "torch" not in announced:
-                raise ConfigError(f"--dp needs the PyTorch backend, which {device} does not have (it announced "
-                                  f"{', '.join(announced)}); leave it out with --devices")  # fmt: skip
-            backends = ("torch",)
-        request = replace(spec.bundle, backends=backends)
-        folder = shop.work / "bundles" / request.cache_key(sha, profile)
-        archive = folder / "bundle.tar"
-        if not archive.exists():
-            log.info("%s: exporting a bundle for %s (%s)", job, profile.name, ",".join(request.backends) or "none")
-            export_bundle(loaded, request, profile, folder / "bundle", shop.key)
-            pack_directory(folder / "bundle", archive)
-        bundles[device] = str(archive)
-    return {"kind": "prepared", "bundles": bundles, "model_sha256": sha}
+    profiles = {device: validate(row["profile"], f"the profile {device} announced") for device, row in targets.items()}
+    backends = {device: _backend(device, row, profiles[device], spec) for device, row in targets.items()}
+    detail: dict[str, Any] = {}
+    if spec.per_device:
+        speeds = {device: throughput(shop.registry, device, profile) for device, profile in profiles.items()}
+        chosen = configure(loaded, spec, Fleet(profiles, backends, speeds))
+        if len(chosen.chosen) < spec.quorum:
+            reasons = "; ".join(f"{device}: {why}" for device, why in chosen.left_out.items())
+            raise ConfigError(f"{len(chosen.chosen)} devices can run this job, fewer than --quorum {spec.quorum}: "
+                              f"{reasons}")  # fmt: skip
+        requests = {device: choice.request(spec.bundle) for device, choice in chosen.chosen.items()}
+        detail = {
+            "configurations": {device: choice.to_dict() for device, choice in chosen.chosen.items()},
+            "left_out": chosen.left_out,
+            "fixed": {device: choice.to_dict() for device, choice in chosen.fixed.items()},
+        }
+    else:
+        requests = {device: replace(spec.bundle, backends=(backends[device],)) for device in targets}
+    bundles = {d: _bundle(shop, loaded, sha, job, request, profiles[d]) for d, request in requests.items()}
+    return {"kind": "prepared", "bundles": bundles, "model_sha256": sha, **detail}
 
 
 def result_limit(archive: Path) -> int:
@@ -107,19 +149,67 @@ def _capped(result: DeviceResult, shop: Workshop, device: str, spec: JobSpec) ->
     return DeviceResult(result.weights, replace(result.metrics, examples=announced))
 
 
+def start_adapter(work: Path, job: str, round_: int, configuration: dict[str, Any] | None = None) -> Path | None:
+    """The adapter a device starts round `round_` from: none in round 1, else the round before's aggregate or, for
+    a device of a per-device LoRA job, that aggregate cut to the device's rank (written beside it)."""
+    if round_ == 1:
+        return None
+    folder = work / "jobs" / job / f"round-{round_ - 1}"
+    if configuration is not None and configuration["candidate"]["adapter_kind"].startswith("lora"):
+        return folder / "starts" / f"{_slug(configuration['candidate']['adapter_kind'])}.safetensors"
+    return folder / "aggregate" / ADAPTER
+
+
+def _slug(kind: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in kind)
+
+
+def _ranked_file(path: Path) -> RankedLoRA:
+    weights, metadata = load_adapter(path)
+    return RankedLoRA(weights, int(metadata["lora_r"]), float(metadata["lora_alpha"]))
+
+
+def _per_device_lora(spec: JobSpec) -> bool:
+    return spec.per_device and spec.bundle.adapter().name == "lora"
+
+
+def _write_cut_starts(work: Path, job: str, round_: int, configurations: dict[str, Any], aggregate: Path) -> None:
+    """Each LoRA rank the job's devices train, cut from this round's aggregate: what they start the next from."""
+    metrics = read_metrics((aggregate / METRICS).read_bytes(), str(aggregate / METRICS))
+    whole = ranked(load_adapter(aggregate / ADAPTER)[0], metrics.adapter_options).dense()
+    with atomic_directory(work / "jobs" / job / f"round-{round_}" / "starts") as staging:
+        for kind_text in sorted({c["candidate"]["adapter_kind"] for c in configurations.values()}):
+            kind = adapter_kind(kind_text)
+            cut = factored(whole, kind.r, kind.alpha)  # type: ignore[attr-defined]
+            metadata = {"model": metrics.model.name, "lora_r": cut.r, "lora_alpha": cut.alpha}
+            save_adapter(cut.weights, staging / f"{_slug(kind_text)}.safetensors", metadata)
+
+
 def finish_round(shop: Workshop, job: str, round_: int, spec: JobSpec) -> dict[str, Any]:
     """Aggregate the round's results into `round-N/aggregate` by the job's rule, then score the plugged-in
-    aggregate on `spec.test`. Each device counts at most the examples its profile announced for the dataset."""
+    aggregate on `spec.test`. Each device counts at most the examples its profile announced for the dataset.
+    A per-device LoRA job's devices may train different ranks: they are averaged as dense updates, each from the
+    start it was sent, and each rank's start for the next round is cut from the aggregate."""
     loaded = shop.model(spec.bundle.model)
     received = [t for t in shop.registry.tasks(job, round_) if t["state"] == "received"]
     results = [_capped(read_result(Path(t["result"]), loaded), shop, t["device"], spec) for t in received]
     out = shop.work / "jobs" / job / f"round-{round_}" / "aggregate"
-    start = None
-    if spec.clip_norm is not None:  # updates are measured from what the round started from
-        previous = shop.work / "jobs" / job / f"round-{round_ - 1}" / "aggregate"
+    previous = shop.work / "jobs" / job / f"round-{round_ - 1}" / "aggregate"
+    start, starts = None, None
+    configurations = shop.registry.job(job)["detail"].get("configurations") or {}
+    if _per_device_lora(spec):
+        sent = [start_adapter(shop.work, job, round_, configurations[t["device"]]) for t in received]
+        before = None
+        if round_ > 1:
+            before = ranked(load_adapter(previous / ADAPTER)[0], read_metrics(
+                (previous / METRICS).read_bytes(), str(previous / METRICS)).adapter_options)  # fmt: skip
+        starts = ([_ranked_file(path) if path else None for path in sent], before)
+    elif spec.clip_norm is not None:  # updates are measured from what the round started from
         start_file = previous / ADAPTER if round_ > 1 else Path(received[0]["bundle"]).parent / "bundle" / ADAPTER_FILE
         start = load_adapter(start_file)[0]
-    write_aggregate(results, out, round_, spec.rule, start, spec.clip_norm)
+    write_aggregate(results, out, round_, spec.rule, start, spec.clip_norm, starts)
+    if _per_device_lora(spec) and round_ < spec.rounds:
+        _write_cut_starts(shop.work, job, round_, configurations, out)
     evaluation = None
     if spec.test is not None:
         request = spec.bundle
@@ -128,7 +218,8 @@ def finish_round(shop: Workshop, job: str, round_: int, spec: JobSpec) -> dict[s
         aggregate = read_result(out, loaded)
         bottom, top = request.adapter_layers
         exits = adapter_exits(loaded.model.config.num_hidden_layers, bottom, top, request.layer_window)
-        with plugged_in(request.adapter(), loaded.model, aggregate.weights, bottom, top):
+        kind = adapter_kind_of(aggregate.metrics.adapter_kind, aggregate.metrics.adapter_options)
+        with plugged_in(kind, loaded.model, aggregate.weights, bottom, top):
             evaluation = {
                 "metric": task.metric,
                 "value": task.score(loaded.model, examples, 16, exits),

@@ -171,7 +171,7 @@ def broker(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Mosquitto
 
 @pytest.fixture(scope="session")
 def fleet_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A tiny LLaMA folder, signing keys, two devices' private shards (40 and 24 reviews) and a test set."""
+    """A tiny LLaMA folder, signing keys, three devices' private shards (40, 24 and 32 reviews) and a test set."""
     from coordinator.cli import main as coordinator
 
     root = tmp_path_factory.mktemp("fleet-files")
@@ -180,6 +180,7 @@ def fleet_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     tokenizer.save_pretrained(root / "tiny-llama")
     write_jsonl(root / "a.jsonl", sentiment_examples(40, seed=1))
     write_jsonl(root / "b.jsonl", sentiment_examples(24, seed=2))
+    write_jsonl(root / "c.jsonl", sentiment_examples(32, seed=4))
     write_jsonl(root / "test.jsonl", sentiment_examples(32, seed=3))
     assert coordinator(["keys", "init", "--out", str(root / "keys")]) == 0
     return {
@@ -188,6 +189,7 @@ def fleet_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "trust": root / "keys" / "coordinator.pub",
         "a": root / "a.jsonl",
         "b": root / "b.jsonl",
+        "c": root / "c.jsonl",
         "test": root / "test.jsonl",
     }
 
