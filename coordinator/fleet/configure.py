@@ -78,12 +78,16 @@ class Choice:
         return (
             f"{self.candidate.label()}; {self.steps} steps of {self.batch_size} (micro-batch {self.micro_batch}) on "
             f"{self.backend}; {self.predicted_peak_bytes / MIB:,.0f} of {self.budget_bytes / MIB:,.0f} MiB planned; "
-            f"{self.round_seconds:,.0f} s at {self.throughput.gflops:,.3g} GFLOP/s ({self.throughput.source}); "
+            f"{self.round_seconds:,.0f} s at {_gflops(self.throughput.gflops)} GFLOP/s ({self.throughput.source}); "
             f"utility {self.utility.describe()}"
         )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self) | {"round_seconds": self.round_seconds, "why": self.describe()}
+
+
+def _gflops(value: float) -> str:
+    return f"{value:,.0f}" if value >= 10 else f"{value:.3g}"
 
 
 def _lora_spec(kind: Any, r: int) -> str:
