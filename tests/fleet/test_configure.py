@@ -134,3 +134,19 @@ def test_choosing_per_device_options_need_per_device():
         JobSpec("reviews", min_steps=3)
     with pytest.raises(ConfigError, match="--lora-ranks"):
         JobSpec("reviews", per_device=True, lora_ranks=(4,))  # the default adapter is whole layers
+
+
+def test_fleet_dispatch_queues_a_per_device_job_and_refuses_bad_ranks(tmp_path: Path, capsys):
+    from coordinator.cli import main as coordinator
+    from coordinator.fleet.registry import Registry
+
+    state = ["--state", str(tmp_path / "state")]
+    base = ["fleet", "dispatch", "--dataset", "reviews", "--adapter-kind", "lora:r=8", *state]
+    assert coordinator([*base, "--per-device", "--lora-ranks", "8,2", "--deadline", "300", "--min-steps", "10"]) == 0
+    (job,) = Registry(tmp_path / "state").jobs()
+    spec = JobSpec.from_dict(job["spec"])
+    assert (spec.per_device, spec.lora_ranks, spec.deadline_s, spec.min_steps) == (True, (8, 2), 300.0, 10)
+    assert coordinator([*base, "--per-device", "--lora-ranks", "8,x"]) == 2
+    assert "--lora-ranks '8,x' is not a comma-separated list" in capsys.readouterr().err
+    assert coordinator([*base, "--lora-ranks", "4"]) == 2
+    assert "add --per-device" in capsys.readouterr().err
