@@ -61,15 +61,14 @@ def aggregate_privacy(runs: list[ResultMetrics]) -> PrivacyRecord:
     return max(records, key=lambda record: record.epsilon or 0.0)
 
 
-def lora_ranks(results: list[DeviceResult]) -> list[int] | None:
-    """The LoRA ranks of `results` when they differ (a per-device job gave devices different ranks), else None."""
+def mixed_lora_ranks(results: list[DeviceResult]) -> bool:
+    """Whether `results` are LoRA adapters of more than one rank (a per-device job gave devices different ranks)."""
     if {result.metrics.adapter_kind for result in results} != {"lora"}:
-        return None
-    ranks = [int(result.metrics.adapter_options["r"]) for result in results]
-    return ranks if len(set(ranks)) > 1 else None
+        return False
+    return len({int(result.metrics.adapter_options["r"]) for result in results}) > 1
 
 
-def ranked(weights: dict[str, torch.Tensor], options: dict) -> RankedLoRA:
+def _ranked(weights: dict[str, torch.Tensor], options: dict) -> RankedLoRA:
     return RankedLoRA(weights, int(options["r"]), float(options["alpha"]))
 
 
@@ -93,7 +92,7 @@ def average_ranks(
             updates = clip_updates(updates, zero, clip_norm)
         return rule.combine(updates, weights, weighted_mean)
 
-    devices = [ranked(result.weights, result.metrics.adapter_options) for result in results]
+    devices = [_ranked(result.weights, result.metrics.adapter_options) for result in results]
     return combine_ranks(devices, starts, shares, combine, previous)
 
 
@@ -113,7 +112,7 @@ def write_aggregate(
     runs = [result.metrics for result in results]
     options = runs[0].adapter_options
     metadata: dict[str, object] = {"model": runs[0].model.name, "aggregate_round": round_}
-    if ranked_starts is not None or lora_ranks(results) is not None:
+    if ranked_starts is not None or mixed_lora_ranks(results):
         starts, previous = ranked_starts or ([None] * len(results), None)
         combined = average_ranks(results, starts, previous, rule, clip_norm)
         weights, options = combined.weights, options | {"r": combined.r, "alpha": combined.alpha}

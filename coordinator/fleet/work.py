@@ -19,7 +19,7 @@ from coordinator.adapters.lora_ranks import RankedLoRA, factored
 from coordinator.bundles.export import export_bundle
 from coordinator.bundles.request import BundleRequest
 from coordinator.errors import ConfigError, DataError
-from coordinator.fleet.aggregate import ranked, write_aggregate
+from coordinator.fleet.aggregate import write_aggregate
 from coordinator.fleet.configure import Fleet, configure
 from coordinator.fleet.cost import Throughput, measured_throughput, prior_throughput
 from coordinator.fleet.jobs import JobSpec
@@ -30,8 +30,7 @@ from device_profiles import DeviceProfile, validate
 from edge_runtime.bundle import ADAPTER_FILE
 from edge_runtime.data import load_examples
 from edge_runtime.files import atomic_directory
-from edge_runtime.manifest import read_metrics
-from edge_runtime.trainer import ADAPTER, METRICS
+from edge_runtime.trainer import ADAPTER
 from edge_runtime.transfer import pack_directory
 
 log = logging.getLogger(__name__)
@@ -173,15 +172,16 @@ def _per_device_lora(spec: JobSpec) -> bool:
     return spec.per_device and spec.bundle.adapter().name == "lora"
 
 
-def _write_cut_starts(work: Path, job: str, round_: int, configurations: dict[str, Any], aggregate: Path) -> None:
+def _write_cut_starts(
+    work: Path, job: str, round_: int, configurations: dict[str, Any], aggregate: Path, model: str
+) -> None:
     """Each LoRA rank the job's devices train, cut from this round's aggregate: what they start the next from."""
-    metrics = read_metrics((aggregate / METRICS).read_bytes(), str(aggregate / METRICS))
-    whole = ranked(load_adapter(aggregate / ADAPTER)[0], metrics.adapter_options).dense()
+    whole = _ranked_file(aggregate / ADAPTER).dense()
     with atomic_directory(work / "jobs" / job / f"round-{round_}" / "starts") as staging:
         for kind_text in sorted({c["candidate"]["adapter_kind"] for c in configurations.values()}):
             kind = adapter_kind(kind_text)
             cut = factored(whole, kind.r, kind.alpha)  # type: ignore[attr-defined]
-            metadata = {"model": metrics.model.name, "lora_r": cut.r, "lora_alpha": cut.alpha}
+            metadata = {"model": model, "lora_r": cut.r, "lora_alpha": cut.alpha}
             save_adapter(cut.weights, staging / f"{_slug(kind_text)}.safetensors", metadata)
 
 
@@ -199,17 +199,14 @@ def finish_round(shop: Workshop, job: str, round_: int, spec: JobSpec) -> dict[s
     configurations = shop.registry.job(job)["detail"].get("configurations") or {}
     if _per_device_lora(spec):
         sent = [start_adapter(shop.work, job, round_, configurations[t["device"]]) for t in received]
-        before = None
-        if round_ > 1:
-            before = ranked(load_adapter(previous / ADAPTER)[0], read_metrics(
-                (previous / METRICS).read_bytes(), str(previous / METRICS)).adapter_options)  # fmt: skip
+        before = _ranked_file(previous / ADAPTER) if round_ > 1 else None  # its file records its rank and alpha
         starts = ([_ranked_file(path) if path else None for path in sent], before)
     elif spec.clip_norm is not None:  # updates are measured from what the round started from
         start_file = previous / ADAPTER if round_ > 1 else Path(received[0]["bundle"]).parent / "bundle" / ADAPTER_FILE
         start = load_adapter(start_file)[0]
     write_aggregate(results, out, round_, spec.rule, start, spec.clip_norm, starts)
     if _per_device_lora(spec) and round_ < spec.rounds:
-        _write_cut_starts(shop.work, job, round_, configurations, out)
+        _write_cut_starts(shop.work, job, round_, configurations, out, loaded.name)
     evaluation = None
     if spec.test is not None:
         request = spec.bundle
