@@ -108,6 +108,7 @@ class FleetService:
         self.last_sent: dict[tuple[str, int, str], float] = {}
         self.traffic: dict[str, list[int]] = {}
         self.baseline: dict[tuple[str, int, str], list[int]] = {}
+        self.configurations: dict[str, dict[str, Any]] = {}  # per-device jobs' choices: fixed once prepared
         self.rejections: collections.deque[str] = collections.deque(maxlen=KEPT_REJECTIONS)
         self.refused = 0
         channels = ("status", "profile", "events", "acks")
@@ -275,8 +276,11 @@ class FleetService:
         return self.offers[path]
 
     def _configuration(self, job: str, device: str) -> dict[str, Any] | None:
-        """What a per-device job chose for `device` (None: the job's one configuration)."""
-        return (self.registry.job(job)["detail"].get("configurations") or {}).get(device)
+        """What a per-device job chose for `device` (None: the job's one configuration). Read from the registry once
+        per job: every device's choices are one JSON value, and every message about a task would decode it again."""
+        if job not in self.configurations:
+            self.configurations[job] = self.registry.job(job)["detail"].get("configurations") or {}
+        return self.configurations[job].get(device)
 
     def _start(self, job: str, round_: int, device: str) -> Path | None:
         """The adapter `device` starts round `round_` from (None in round 1)."""
