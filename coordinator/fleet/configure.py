@@ -207,15 +207,12 @@ def _fixed(
     options: dict[str, dict[Candidate, Choice]],
 ) -> dict[str, Choice]:  # fmt: skip
     """The candidate every device can run, at the steps the slowest of them can: the best such, per device."""
-    best: dict[str, Choice] = {}
+    runnable: list[dict[str, Choice]] = []
     for candidate in order:
         if not options or not all(candidate in by_device for by_device in options.values()):
             continue
         steps = min(by_device[candidate].steps for by_device in options.values())
         fixed = {d: _option(d, fleet, spec, loaded, candidate, shapes[candidate], steps) for d in options}
-        if not all(isinstance(choice, Choice) for choice in fixed.values()):
-            continue
-        first = next(iter(fixed.values()))
-        if not best or first.utility.key() > next(iter(best.values())).utility.key():  # type: ignore[union-attr]
-            best = fixed  # type: ignore[assignment]
-    return best
+        if all(isinstance(choice, Choice) for choice in fixed.values()):
+            runnable.append(fixed)  # type: ignore[arg-type]
+    return max(runnable, key=lambda fixed: next(iter(fixed.values())).utility.key(), default={})
