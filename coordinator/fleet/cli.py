@@ -239,6 +239,8 @@ def _ranks(text: str | None) -> tuple[int, ...]:
 
 def format_configurations(detail: dict[str, Any]) -> str:
     """A per-device job's choices, one device a line, with why; what one configuration for all would have been."""
+    from coordinator.fleet.configure import Candidate
+
     lines = []
     for device, choice in sorted((detail.get("configurations") or {}).items()):
         lines.append(f"  {device} ({choice['profile']}): {choice['why']}")
@@ -247,7 +249,8 @@ def format_configurations(detail: dict[str, Any]) -> str:
     fixed = detail.get("fixed") or {}
     if fixed:
         one = next(iter(fixed.values()))
-        lines.append(f"  one configuration for all would be: {one['why'].split('; ')[0]}, {one['steps']} steps each")
+        label = Candidate(**one["candidate"]).label()
+        lines.append(f"  one configuration for all would be: {label}, {one['steps']} steps each")
     elif detail.get("configurations"):
         lines.append("  no single configuration fits every device")
     return "\n".join(["per-device configuration:", *lines]) if lines else ""
