@@ -58,9 +58,9 @@ def expected_utility(
 ) -> Utility:
     """The utility of training `adapter` (a kind name) through `emulator` for `steps` steps; `middle` is the
     number of middle layers of the full model (the emulator keeps `keep` of them)."""
-    spec = EmulatorSpec.parse(emulator, keep)
-    curve = _table(path).get((model, task, recipe_key(emulator, keep), adapter.partition(":")[0]))
+    spec, kind = EmulatorSpec.parse(emulator, keep), adapter.partition(":")[0]
+    curve = _table(path).get((model, task, spec.label(), kind))
     accuracy = max((value for step, value in curve if step <= steps), default=None) if curve else None
     kept = min(1.0, (spec.keep or keep) / middle) if middle else 1.0
-    source = f"validation curve of {spec.label()}, {adapter.partition(':')[0]}, best by step {steps}"
+    source = f"validation curve of {spec.label()}, {kind}, best by step {steps}"
     return Utility(accuracy, kept, spec.store == "float32", steps, source if curve else "prior")
