@@ -13,7 +13,7 @@ LLAMA_CPP := llama-cpp-python==$(LLAMA_VERSION)
 WHEELS := $(CACHE)/wheels
 LLAMA_FLAGS := -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
 
-.PHONY: setup mosquitto demo test lint bench bench-studies clean
+.PHONY: setup services demo test lint bench bench-studies clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -31,14 +31,16 @@ $(STAMP): pyproject.toml Makefile
 setup: $(STAMP)
 	$(BIN)/coordinator prepare
 
-# Mosquitto is what the MQTT tests run against (Debian's package); without root or sudo they are skipped,
-# except in CI (.ci/run sets OFFSITE_EDGE_REQUIRE_MOSQUITTO=1), where a missing broker fails the run.
-mosquitto:
-	@command -v mosquitto >/dev/null || test -x /usr/sbin/mosquitto || { \
+# Mosquitto and PostgreSQL are what the MQTT and registry-server tests run against (Debian's packages); without
+# root or sudo they are skipped, except in CI (.ci/run sets OFFSITE_EDGE_REQUIRE_MOSQUITTO=1 and
+# OFFSITE_EDGE_REQUIRE_POSTGRES=1), where a missing server fails the run. The tests start their own, on loopback.
+services:
+	@{ command -v mosquitto >/dev/null || test -x /usr/sbin/mosquitto; } && ls /usr/lib/postgresql/*/bin/postgres \
+		>/dev/null 2>&1 || { \
 		SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo -n); \
-		$$SUDO apt-get install -y -qq mosquitto >/dev/null 2>&1 || \
-		{ $$SUDO apt-get update -qq >/dev/null && $$SUDO apt-get install -y -qq mosquitto >/dev/null; } || \
-		echo "warning: could not install mosquitto (needs root or sudo); its tests will be skipped"; }
+		$$SUDO apt-get install -y -qq mosquitto postgresql >/dev/null 2>&1 || \
+		{ $$SUDO apt-get update -qq >/dev/null && $$SUDO apt-get install -y -qq mosquitto postgresql >/dev/null; } || \
+		echo "warning: could not install mosquitto and postgresql (needs root or sudo); their tests will be skipped"; }
 
 # The fleet end to end: embedded broker, coordinator service, two edge daemons with private shards,
 # one federated job of two rounds; then the fleet table and the five-setting table.
@@ -47,7 +49,7 @@ demo: setup
 		--train $(SENTIMENT)/train.jsonl --test $(SENTIMENT)/test.jsonl \
 		--devices 2 --rounds 2 --steps 80 --limit-test 500 --out runs/demo
 
-test: setup mosquitto
+test: setup services
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 

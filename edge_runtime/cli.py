@@ -174,7 +174,8 @@ def _run(args: argparse.Namespace) -> None:
     from edge_runtime.mqtt import BrokerAddress, tls_from_args
     from edge_runtime.wire import Topics
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    # force: onnxruntime's tools call basicConfig when imported, which would leave INFO unshown
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", force=True)
     password = os.environ.get(args.password_env)
     user = args.username or (args.device_id if password else None)
     address = BrokerAddress.parse(args.broker, user, password, tls_from_args(args))

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import json
 import logging
 import shutil
 import tarfile
@@ -11,6 +13,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from edge_runtime.files import atomic_directory, atomic_path
+from edge_runtime.records import RecordError, from_dict
 from edge_runtime.wire import CHUNK_BYTES, Chunk, Offer, WireError
 
 log = logging.getLogger(__name__)
@@ -18,6 +21,9 @@ log = logging.getLogger(__name__)
 WINDOW = 32
 # Without a chunk for this long, the receiver asks again for whatever is missing.
 STALL_SECONDS = 5.0
+# Without a chunk of its own for this long, the receiver looks on disk for chunks another process stored.
+SHARED_LOOK_SECONDS = 0.25
+OFFER_FILE = "offer.json"  # in the parts folder: what a process that did not ask needs to store a chunk
 
 
 def sha256_file(path: Path) -> str:
@@ -106,6 +112,10 @@ class Download:
     download.start()            # asks for the first window of chunks
     download.receive(chunk)     # idempotent: a chunk delivered twice is stored once
     download.tick()             # asks again after a stall
+
+    Several processes may share `directory` (service workers behind an MQTT shared subscription, which hands each
+    chunk to any of them): the one that asked drives the transfer, the others `store_shared_chunk`, and the one
+    that asked finds their chunks on disk.
     """
 
     def __init__(
@@ -124,9 +134,18 @@ class Download:
         self.last_progress = time.monotonic()
         self.received_bytes = 0
         self.done = self.target.is_file()
+        if not self.done:
+            self._make_parts()
+        self.last_missing = len(self.missing())  # chunks not on disk when last counted
+
+    def _make_parts(self) -> None:
         self.parts.mkdir(parents=True, exist_ok=True)
+        with atomic_path(self.parts / OFFER_FILE) as temporary:
+            temporary.write_text(json.dumps(dataclasses.asdict(self.offer)))
 
     def missing(self) -> list[int]:
+        if self.done:
+            return []
         have = {int(p.name) for p in self.parts.iterdir() if p.name.isdigit()}
         return [i for i in range(self.offer.chunks) if i not in have]
 
@@ -155,17 +174,30 @@ class Download:
             with atomic_path(path) as temporary:
                 temporary.write_bytes(chunk.data)
             self.received_bytes += len(chunk.data)
+            self.last_missing -= 1
         self.outstanding.discard(chunk.index)
         self.last_progress = time.monotonic()
         if len(self.outstanding) <= WINDOW // 2:
             self._ask()
 
     def tick(self) -> None:
-        """After a stall (a lost message, a restarted broker or sender), ask again for what is missing."""
-        if not self.done and time.monotonic() - self.last_progress > STALL_SECONDS:
+        """After a stall (a lost message, a restarted broker or sender), ask again for what is missing; between,
+        take in the chunks another process stored."""
+        if self.done:
+            return
+        quiet = time.monotonic() - self.last_progress
+        if quiet > STALL_SECONDS:
             log.info("transfer %s… stalled; asking again for %d chunks", self.offer.transfer[:12], len(self.missing()))
             self.last_progress = time.monotonic()
             self.start()
+        elif quiet > SHARED_LOOK_SECONDS:
+            missing = set(self.missing())
+            if len(missing) < self.last_missing:  # another process stored some since we last counted
+                self.last_missing = len(missing)
+                self.last_progress = time.monotonic()
+                self.outstanding &= missing
+                if len(self.outstanding) <= WINDOW // 2:
+                    self._ask()
 
     def _assemble(self) -> None:
         with atomic_path(self.target) as temporary:
@@ -174,8 +206,32 @@ class Download:
                     out.write((self.parts / f"{index:07d}").read_bytes())
             if temporary.stat().st_size != self.offer.size or sha256_file(temporary) != self.offer.transfer:
                 shutil.rmtree(self.parts)  # every chunk passed its own hash, yet the whole did not: start over
-                self.parts.mkdir()
+                self._make_parts()
                 raise WireError(f"transfer {self.offer.transfer[:12]}… does not match its sha256 when whole")
         shutil.rmtree(self.parts, ignore_errors=True)
         self.done = True
         self.finished(self.target)
+
+
+def store_shared_chunk(directory: Path, chunk: Chunk) -> bool:
+    """Keep `chunk` of a transfer another process is receiving into `directory` (its Download asked for it); False
+    when no such transfer is under way there. A chunk of a transfer already whole is dropped."""
+    parts = directory / f".{chunk.transfer}.parts"
+    if (directory / chunk.transfer).is_file():
+        return True
+    try:
+        offer = from_dict(Offer, json.loads((parts / OFFER_FILE).read_text()), "shared transfer's offer")
+    except FileNotFoundError:
+        return False
+    except (RecordError, ValueError) as error:
+        raise WireError(f"{parts / OFFER_FILE} is unreadable ({error})") from None
+    if not 0 <= chunk.index < offer.chunks:
+        raise WireError(f"chunk {chunk.index} is outside 0..{offer.chunks - 1} of {chunk.transfer[:12]}…")
+    path = parts / f"{chunk.index:07d}"
+    try:
+        if not path.exists():
+            with atomic_path(path) as temporary:
+                temporary.write_bytes(chunk.data)
+    except FileNotFoundError:  # assembled and cleaned up meanwhile: this chunk is no longer needed
+        pass
+    return True

@@ -13,7 +13,13 @@ from pathlib import Path
 from typing import Any
 
 from coordinator.errors import ConfigError
-from coordinator.fleet.registry import JOB_DONE, Registry, default_state_directory
+from coordinator.fleet.registry import (
+    HEARTBEAT_SECONDS,
+    JOB_DONE,
+    WORKER_TIMEOUT_SECONDS,
+    Registry,
+    default_state_directory,
+)
 from coordinator.options import add_request_options, request_from_args
 from edge_runtime.mqtt import add_tls_options
 
@@ -32,6 +38,15 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--key", type=Path, help="signing key (default: coordinator.key where `keys init` put it)")
     serve.add_argument("--prefix", default="offsite", help="topic prefix shared with the devices")
     serve.add_argument("--state", type=Path, help=f"registry and files (default {default_state_directory()})")
+    serve.add_argument(
+        "--worker", action="store_true", help="one of several services sharing --state (or its files on a shared "
+        "disk) and --registry, behind one --broker with MQTT 5 shared subscriptions: each device message goes to one"
+    )  # fmt: skip
+    serve.add_argument(
+        "--worker-timeout", type=float, default=WORKER_TIMEOUT_SECONDS, metavar="SECONDS",
+        help="with --worker: a worker silent this long is gone; its jobs and downloads are taken over",
+    )  # fmt: skip
+    add_registry_option(serve)
     add_tls_options(serve)
 
     fleet = commands.add_parser("fleet", help="the fleet registry: devices, dispatch, status, results")
@@ -81,6 +96,15 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     results.add_argument("job")
     for action in (enroll, devices, dispatch, status, results):
         action.add_argument("--state", type=Path, help=f"the service's --state (default {default_state_directory()})")
+        add_registry_option(action)
+
+
+def add_registry_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--registry", metavar="URL", default=os.environ.get("OFFSITE_EDGE_REGISTRY"),
+        help="postgresql://USER@HOST:PORT/DATABASE: the registry on a PostgreSQL server (password from PGPASSWORD or "
+        "~/.pgpass; default $OFFSITE_EDGE_REGISTRY, else the SQLite file in --state)",
+    )  # fmt: skip
 
 
 def _embedded_tls(args: argparse.Namespace) -> tuple[Path, Path] | None:
@@ -102,10 +126,19 @@ def serve(args: argparse.Namespace) -> None:
     from edge_runtime.wire import Topics
     from exporters.bundle import PRIVATE_KEY, default_key_directory
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    # force: onnxruntime's tools call basicConfig when imported, which would leave INFO unshown
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S", force=True
+    )
     state = args.state or default_state_directory()
-    lock = lock_state(state)  # noqa: F841 (held until this process ends)
-    registry, topics, tls = Registry(state), Topics(args.prefix), _embedded_tls(args)
+    if args.worker and not args.broker:
+        raise ConfigError("--worker needs --broker: the workers share an MQTT 5 broker (Mosquitto, EMQX, HiveMQ); "
+                          "the embedded one speaks MQTT 3.1.1 only, without shared subscriptions")  # fmt: skip
+    if args.worker_timeout <= 2 * HEARTBEAT_SECONDS:
+        raise ConfigError(f"--worker-timeout {args.worker_timeout:g} must exceed two heartbeats "
+                          f"({2 * HEARTBEAT_SECONDS:g} s)")  # fmt: skip
+    lock = lock_state(state, shared=args.worker)  # noqa: F841 (held until this process ends)
+    registry, topics, tls = Registry(state, args.registry), Topics(args.prefix), _embedded_tls(args)
     broker = None
     if args.broker:
         address = BrokerAddress.parse(
@@ -115,13 +148,14 @@ def serve(args: argparse.Namespace) -> None:
         broker = EmbeddedBroker(BrokerAccess(registry.enrolled_key, topics), port=args.listen, tls=tls).start()
         address = broker.coordinator_address(args.ca)
     key = args.key or default_key_directory() / PRIVATE_KEY
-    service = FleetService(registry, address, key, state / "files", topics)
+    service = FleetService(registry, address, key, state / "files", topics, args.worker, args.worker_timeout)
     url = str(address)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     where = f"embedded broker {url}" if broker else url
-    print(f"coordinator: serving the fleet on {where}; registry {state}; Ctrl-C stops", flush=True)
+    role = f"worker {service.worker_id}" if args.worker else "coordinator"
+    print(f"{role}: serving the fleet on {where}; registry {registry.db.where}; Ctrl-C stops", flush=True)
     try:
         service.run(stop)
     finally:
@@ -159,8 +193,23 @@ def format_status(registry: Registry, job: str | None) -> str:
             for t in tasks
         )
         reason = j["detail"].get("reason", "")
-        rows.append([j["id"], j["state"], f"{j['round']}/{spec['rounds']}", spec["dataset"], progress or reason])
-    return _table(rows, ["job", "state", "round", "dataset", "devices"]) if rows else "no jobs"
+        state = j["state"] + (f" by {j['owner']}" if j["owner"] else "")
+        rows.append([j["id"], state, f"{j['round']}/{spec['rounds']}", spec["dataset"], progress or reason])
+    table = _table(rows, ["job", "state", "round", "dataset", "devices"]) if rows else "no jobs"
+    return "\n".join([table, *format_workers(registry)])
+
+
+def format_workers(registry: Registry, recent: float = 600.0) -> list[str]:
+    """A line on the services heard from in the last `recent` seconds, when more than one was."""
+    now = time.time()
+    workers = [w for w in registry.workers() if now - w["heartbeat"] < recent]
+    if len(workers) < 2:
+        return []
+    states = []
+    for worker in workers:
+        silent = now - worker["heartbeat"]
+        states.append(f"{worker['id']} ({'alive' if silent < WORKER_TIMEOUT_SECONDS else f'silent {silent:.0f} s'})")
+    return [f"service workers: {', '.join(states)}"]
 
 
 def _mib(value: Any) -> str:
@@ -259,7 +308,7 @@ def format_configurations(detail: dict[str, Any]) -> str:
 def fleet(args: argparse.Namespace) -> None:
     from coordinator.fleet.jobs import JobSpec
 
-    registry = Registry(args.state or default_state_directory())
+    registry = Registry(args.state or default_state_directory(), args.registry)
     if args.fleet_command == "enroll":
         print(enroll(registry, args.device, args.key, args.remove))
         return

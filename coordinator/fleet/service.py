@@ -6,9 +6,11 @@ import collections
 import dataclasses
 import fcntl
 import logging
+import math
 import os
 import queue
 import secrets
+import socket
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -17,7 +19,7 @@ from typing import Any
 
 from coordinator.errors import ConfigError, DataError
 from coordinator.fleet.jobs import JobSpec
-from coordinator.fleet.registry import JOB_DONE, TASK_DONE, Registry
+from coordinator.fleet.registry import HEARTBEAT_SECONDS, JOB_DONE, TASK_DONE, WORKER_TIMEOUT_SECONDS, Registry
 from coordinator.fleet.work import (
     Workshop,
     check_result_adapter,
@@ -33,7 +35,7 @@ from edge_runtime.manifest import read_metrics
 from edge_runtime.mqtt import BrokerAddress, Connection
 from edge_runtime.records import RecordError, from_dict
 from edge_runtime.trainer import ADAPTER, METRICS, bundle_id
-from edge_runtime.transfer import Download, Outbox, offer_for, sha256_file, unpack_archive
+from edge_runtime.transfer import Download, Outbox, offer_for, sha256_file, store_shared_chunk, unpack_archive
 from edge_runtime.wire import (
     Chunk,
     Done,
@@ -54,24 +56,26 @@ log = logging.getLogger(__name__)
 RESEND_SECONDS = 15.0  # a job not yet answered is sent again (freshly signed) this often
 TICK_SECONDS = 0.5
 KEPT_REJECTIONS = 100  # the latest refusals kept for `rejections`; `refused` counts them all
+SHARED_GROUP = "coordinators"  # the MQTT 5 shared subscription group the workers of one prefix form
 
 
-def lock_state(state: Path) -> object:
+def lock_state(state: Path, shared: bool = False) -> object:
     """Hold `state/serve.lock` for as long as the returned handle lives: one service per state folder (two would
-    send every job twice and race on the files)."""
+    send every job twice and race on the files), or any number of `shared` workers (`serve --worker`)."""
     state.mkdir(parents=True, exist_ok=True)
     handle = (state / "serve.lock").open("a+")
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(handle, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
     except BlockingIOError:
         handle.seek(0)
         owner = handle.read().strip() or "?"
         handle.close()
         raise ConfigError(f"another `coordinator serve` (pid {owner}) is serving {state}; stop it or pass another "
-                          "--state") from None  # fmt: skip
-    handle.truncate(0)
-    handle.write(str(os.getpid()))
-    handle.flush()
+                          "--state (services share one only when each runs with --worker)") from None  # fmt: skip
+    if not shared:  # a worker does not: the pid shown is the single service's, or a worker's that came first
+        handle.truncate(0)
+        handle.write(str(os.getpid()))
+        handle.flush()
     return handle
 
 
@@ -87,9 +91,24 @@ def parse_wire_job_id(wire: str) -> tuple[str, int]:
 
 
 class FleetService:
-    """Runs until `stop` is set; everything it must remember is in the registry and under `work`."""
+    """Runs until `stop` is set; everything it must remember is in the registry and under `work`.
 
-    def __init__(self, registry: Registry, address: BrokerAddress, key_path: Path, work: Path, topics: Topics) -> None:
+    With `shared`, it is one of several workers: the broker hands each device message to one of them (an MQTT 5
+    shared subscription), they share the registry and `work`, and each step of a job (preparing, a round's
+    aggregation) is claimed in the registry by one worker and taken over when that worker falls silent for
+    `worker_timeout` seconds.
+    """
+
+    def __init__(
+        self,
+        registry: Registry,
+        address: BrokerAddress,
+        key_path: Path,
+        work: Path,
+        topics: Topics,
+        shared: bool = False,
+        worker_timeout: float = WORKER_TIMEOUT_SECONDS,
+    ) -> None:
         from exporters.bundle import load_private_key
 
         self.registry = registry
@@ -103,25 +122,35 @@ class FleetService:
         self.offered_to: dict[str, set[str]] = {}  # transfer → the devices that were sent a job naming it
         self.device_keys: dict[str, Any] = {}  # enrolled PEM → its parsed key
         self.downloads: dict[str, Download] = {}
-        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fleet-work")
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fleet-work")
         self.pending: dict[str, Future] = {}
-        self.last_sent: dict[tuple[str, int, str], float] = {}
-        self.traffic: dict[str, list[int]] = {}
-        self.baseline: dict[tuple[str, int, str], list[int]] = {}
+        self.unflushed: dict[str, list[int]] = {}  # bytes sent and received per device, not yet in the registry
+        self.shared, self.worker_timeout = shared, worker_timeout
+        self.worker_id = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(2)}"
+        self.last_heartbeat = -math.inf
         self.configurations: dict[str, dict[str, Any]] = {}  # per-device jobs' choices: fixed once prepared
         self.rejections: collections.deque[str] = collections.deque(maxlen=KEPT_REJECTIONS)
         self.refused = 0
-        channels = ("status", "profile", "events", "acks")
-        subscriptions = [topics.all_devices(channel) for channel in channels] + [topics.all_devices("results/+")]
+        # Every worker hears status and profile (retained, which a shared subscription is not sent); one hears each
+        # of the rest.
+        split = f"$share/{topics.prefix.replace('/', '-')}-{SHARED_GROUP}/" if shared else ""
+        subscriptions = [topics.all_devices("status"), topics.all_devices("profile")] + [
+            split + topics.all_devices(channel) for channel in ("events", "acks", "results/+")
+        ]
         self.connection = Connection(address, f"coordinator-{secrets.token_hex(3)}", subscriptions, self._queue)
 
     def _queue(self, topic: str, payload: bytes) -> None:
         self.inbox.put((topic, payload))
 
     def _count(self, device: str, sent: int = 0, received: int = 0) -> None:
-        counters = self.traffic.setdefault(device, [0, 0])
+        counters = self.unflushed.setdefault(device, [0, 0])
         counters[0] += sent
         counters[1] += received
+
+    def _flush_traffic(self) -> None:
+        if self.unflushed:
+            traffic, self.unflushed = self.unflushed, {}
+            self.registry.add_traffic({device: (sent, received) for device, (sent, received) in traffic.items()})
 
     def _publish(self, device: str, channel: str, payload: bytes) -> None:
         self._count(device, sent=len(payload))
@@ -159,11 +188,11 @@ class FleetService:
         self._count(device, received=len(payload))
         if Chunk.is_frame(payload):
             chunk = Chunk.decode(payload)
-            if channel == "results" and (self.work / "incoming" / device / chunk.transfer).is_file():
-                return  # a late duplicate of a result already complete (asked twice after a stall)
-            if channel != "results" or chunk.transfer not in self.downloads:
+            if channel == "results" and chunk.transfer in self.downloads:
+                self.downloads[chunk.transfer].receive(chunk)
+            # a late duplicate of a result already whole, or a chunk another worker asked for: kept for it on disk
+            elif channel != "results" or not store_shared_chunk(self.work / "incoming" / device, chunk):
                 raise WireError(f"{device} sent a chunk of {chunk.transfer[:12]}…, which is not an expected result")
-            self.downloads[chunk.transfer].receive(chunk)
             return
         record = decode(payload)
         self._check_sender(device, record)
@@ -176,6 +205,8 @@ class FleetService:
         elif isinstance(record, Event) and channel == "events":
             self._on_event(device, record)
         elif isinstance(record, Request) and channel == "acks":
+            if device not in self.offered_to.get(record.transfer, ()):
+                self._offer_open_tasks(device)  # another worker may have sent the job that names it
             if device not in self.offered_to.get(record.transfer, ()):
                 raise WireError(f"{device} asks for {record.transfer[:12]}…, which no job sent to it names")
             for chunk in self.outbox.chunks(record.transfer, record.indices):
@@ -224,6 +255,9 @@ class FleetService:
             return
         if offer.transfer in self.downloads:
             return
+        if not self.registry.claim_receiver(job, round_, device, self.worker_id, time.time() - self.worker_timeout):
+            log.debug("%s's result of %s is being fetched by another worker", device, wire_job)
+            return
         limit = result_limit(Path(task["bundle"]))
         if offer.size > limit:
             raise WireError(f"{device} offers a {offer.size:,}-byte result of {wire_job}; results are under {limit:,}")
@@ -263,10 +297,11 @@ class FleetService:
             raise DataError(f"{device}'s result for {job} round {round_} was not trained from the bundle and start "
                             f"adapter sent to it ({str(metrics.bundle)[:24]}…, sent {origin[:24]}…)")  # fmt: skip
         check_result_adapter(folder / ADAPTER, bundle, f"{device}'s result for {job} round {round_}")
-        sent, received = self.traffic.get(device, [0, 0])
-        start_sent, start_received = self.baseline.get((job, round_, device), [0, 0])
-        self.registry.task_result(job, round_, device, folder, metrics, sent - start_sent, received - start_received)
-        log.info("%s result of %s round %d stored (%d examples)", device, job, round_, metrics.examples)
+        self._flush_traffic()  # the result's chunks count to the task they finish
+        if self.registry.task_result(job, round_, device, folder, metrics):
+            log.info("%s result of %s round %d stored (%d examples)", device, job, round_, metrics.examples)
+        else:
+            log.info("%s result of %s round %d was already counted", device, job, round_)
 
     # -- jobs -----------------------------------------------------------------------------------------------
 
@@ -313,16 +348,21 @@ class FleetService:
             secrets.token_hex(16),
         )
         self._send(device, "jobs", record)
-        self.last_sent[(job, round_, device)] = time.monotonic()
 
-    def _start_round(self, job: str, round_: int, bundles: dict[str, str]) -> None:
-        self.registry.set_job(job, "running", round_)
-        self.registry.set_round(job, round_, "running")
-        for device, bundle in bundles.items():
-            self.registry.add_task(job, round_, device, bundle)
-            self.baseline[(job, round_, device)] = list(self.traffic.get(device, [0, 0]))
+    def _start_round(self, job: str, round_: int, bundles: dict[str, str], expected: str, **change: Any) -> bool:
+        """Start round `round_` if this worker still holds `job` in state `expected` (`change`: what
+        `Registry.start_round` records with it), and send each device its job; whether it did."""
+        if not self.registry.start_round(job, round_, bundles, self.worker_id, expected, **change):
+            return False
+        for device in bundles:
             self._send_job(job, round_, device)
         log.info("%s round %d sent to %s", job, round_, ", ".join(bundles))
+        return True
+
+    def _offer_open_tasks(self, device: str) -> None:
+        """Offer the files of `device`'s unfinished tasks (a worker that did not send them answers its requests)."""
+        for task in self.registry.open_tasks(device):
+            self._offers_for(task["job"], task["round"], device, task["bundle"])
 
     def _targets(self, spec: JobSpec) -> dict[str, dict[str, Any]]:
         devices = {d["id"]: d for d in self.registry.devices() if d["profile"]}
@@ -344,39 +384,52 @@ class FleetService:
             outcome = future.result()
         except (OffsiteError, ProfileError) as error:
             log.error("%s failed: %s", job, error)
-            self.registry.set_job(job, "failed", reason=str(error))
+            self.registry.fail_job(job, str(error), self.worker_id)
             return
         except Exception as error:  # a bug in one job's export or evaluation must not stop the service
             log.exception("%s failed unexpectedly", job)
-            self.registry.set_job(job, "failed", reason=f"internal error: {error!r}")
+            self.registry.fail_job(job, f"internal error: {error!r}", self.worker_id)
             return
         kind = outcome.pop("kind")
         if kind == "prepared":
             bundles = outcome.pop("bundles")
-            self.registry.set_job(job, "running", **outcome)  # the model's sha256; a per-device job's choices
             for device, why in (outcome.get("left_out") or {}).items():
                 log.warning("%s: %s is left out: %s", job, device, why)
-            self._start_round(job, 1, bundles)
+            # the detail: the model's sha256; a per-device job's choices
+            if not self._start_round(job, 1, bundles, "preparing", detail=outcome):
+                log.warning("%s was taken over by another worker; this one's preparation is dropped", job)
             return
-        round_, rounds = outcome["round"], outcome["rounds"]
-        self.registry.set_round(job, round_, "done", outcome["aggregate"], outcome["evaluation"])
-        log.info("%s round %d aggregated over %d devices: %s", job, round_, outcome["devices"], outcome["evaluation"])
-        if round_ < rounds:
+        round_, aggregate, evaluation = outcome["round"], outcome["aggregate"], outcome["evaluation"]
+        if round_ < outcome["rounds"]:
             bundles = {t["device"]: t["bundle"] for t in self.registry.tasks(job, round_) if t["state"] == "received"}
-            self._start_round(job, round_ + 1, bundles)
+            counted = self._start_round(job, round_ + 1, bundles, "aggregating", finished=(aggregate, evaluation))
         else:
-            self.registry.set_job(job, "done", round_, aggregate=outcome["aggregate"])
+            counted = self.registry.finish_job(job, round_, self.worker_id, aggregate, evaluation)
+        if not counted:
+            log.warning("%s was taken over by another worker; its aggregation of round %d here is dropped", job, round_)
+            return
+        log.info("%s round %d aggregated over %d devices: %s", job, round_, outcome["devices"], evaluation)
+
+    def _heartbeat(self) -> None:
+        """Say this worker is alive; take back the jobs of workers that fell silent."""
+        if time.monotonic() - self.last_heartbeat < HEARTBEAT_SECONDS:
+            return
+        self.last_heartbeat = time.monotonic()
+        self.registry.heartbeat(self.worker_id, socket.gethostname(), os.getpid())
+        for job in self.registry.reclaim(time.time() - self.worker_timeout):
+            log.warning("%s: its worker fell silent; the step it was on starts again", job)
 
     def _tick(self) -> None:
+        self._heartbeat()
         for job in self.registry.jobs("pending"):
             try:
                 spec = JobSpec.from_dict(job["spec"])
                 targets = self._targets(spec)
             except (ConfigError, RecordError) as error:
-                self.registry.set_job(job["id"], "failed", reason=str(error))
+                self.registry.fail_job(job["id"], str(error))
                 continue
-            self.registry.set_job(job["id"], "preparing", devices=sorted(targets))
-            self.pending[job["id"]] = self.worker.submit(prepare_job, self.workshop, job["id"], spec, targets)
+            if self.registry.claim_job(job["id"], "pending", "preparing", self.worker_id, devices=sorted(targets)):
+                self.pending[job["id"]] = self.pool.submit(prepare_job, self.workshop, job["id"], spec, targets)
         for job_id, future in list(self.pending.items()):
             if future.done():
                 self.pending.pop(job_id)
@@ -385,7 +438,8 @@ class FleetService:
             try:
                 self._tick_round(job)
             except (OffsiteError, RecordError) as error:  # one job's bad spec fails that job, not the service
-                self.registry.set_job(job["id"], "failed", reason=str(error))
+                self.registry.fail_job(job["id"], str(error))
+        self._flush_traffic()
         for transfer, download in list(self.downloads.items()):
             try:
                 download.tick()
@@ -406,10 +460,14 @@ class FleetService:
             key = (job["id"], round_, task["device"])
             if late and task["state"] not in TASK_DONE:
                 reason = f"no result within the round's {spec.deadline_s:g} s deadline"
-                log.warning("%s round %d: %s skipped: %s", job["id"], round_, task["device"], reason)
-                self.registry.set_task(*key, "skipped", reason=reason)
-                task["state"] = "skipped"
-            elif task["state"] == "sent" and time.monotonic() - self.last_sent.get(key, 0) > RESEND_SECONDS:
+                if self.registry.set_task(*key, "skipped", reason=reason):
+                    log.warning("%s round %d: %s skipped: %s", job["id"], round_, task["device"], reason)
+                task["state"] = (self.registry.task(*key) or {}).get("state")
+            elif (
+                task["state"] == "sent"
+                and (task["sent_at"] or 0) < time.time() - RESEND_SECONDS
+                and self.registry.claim_resend(*key, RESEND_SECONDS)  # one worker sends it
+            ):
                 self._send_job(job["id"], round_, task["device"])
         if not tasks or not all(task["state"] in TASK_DONE for task in tasks):
             return
@@ -418,17 +476,18 @@ class FleetService:
             reason = (
                 f"{received} of {len(tasks)} devices answered round {round_}; the job needs {spec.quorum} (--quorum)"
             )
-            self.registry.set_job(job["id"], "failed", reason=reason)
+            self.registry.fail_job(job["id"], reason)
             return
-        self.registry.set_job(job["id"], "aggregating")
-        self.pending[job["id"]] = self.worker.submit(finish_round, self.workshop, job["id"], round_, spec)
+        if self.registry.claim_job(job["id"], "running", "aggregating", self.worker_id):
+            self.pending[job["id"]] = self.pool.submit(finish_round, self.workshop, job["id"], round_, spec)
 
     def _resume(self) -> None:
-        """After a restart: jobs cut off while preparing or aggregating start that step again, and the files of
-        running rounds are offered again (a device in the middle of a download goes on asking for chunks)."""
+        """After a restart: jobs cut off while preparing or aggregating start that step again (at once when this is
+        the only service; as the other workers' silence shows, when shared), and the files of running rounds are
+        offered again (a device in the middle of a download goes on asking for chunks)."""
+        if not self.shared:
+            self.registry.reclaim(math.inf)
         for job in self.registry.jobs():
-            if job["state"] in ("preparing", "aggregating"):
-                self.registry.set_job(job["id"], "pending" if job["state"] == "preparing" else "running")
             if job["state"] in ("running", "aggregating"):
                 for task in self.registry.tasks(job["id"], job["round"]):
                     if task["state"] not in TASK_DONE:
@@ -455,7 +514,7 @@ class FleetService:
             while not stop.is_set():
                 self.step()
         finally:
-            self.worker.shutdown(wait=False, cancel_futures=True)
+            self.pool.shutdown(wait=False, cancel_futures=True)
             self.connection.close()
 
     def jobs_done(self) -> bool:

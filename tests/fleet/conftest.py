@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import getpass
 import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -29,6 +30,7 @@ from edge_runtime.mqtt import BrokerAddress, TlsFiles
 from edge_runtime.wire import Topics
 from tests.certificates import Pki
 from tests.conftest import make_model, make_tokenizer, sentiment_examples
+from tests.postgres import Postgres
 
 USERS = ("coordinator", "a", "b", "c")
 # A device may write only its own device topics and read only its jobs and transfers; the coordinator reads all.
@@ -170,6 +172,22 @@ def broker(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Mosquitto
 
 
 @pytest.fixture(scope="session")
+def postgres_server() -> Iterator[Postgres]:
+    server = Postgres().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def registry_url(request: pytest.FixtureRequest) -> str | None:
+    """Each registry test runs on both databases: None (the SQLite file) or a fresh PostgreSQL database's URL."""
+    if request.param == "sqlite":
+        return None
+    server = request.getfixturevalue("postgres_server")
+    return server.database(f"test_{secrets.token_hex(4)}")
+
+
+@pytest.fixture(scope="session")
 def fleet_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A tiny LLaMA folder, signing keys, three devices' private shards (40, 24 and 32 reviews) and a test set."""
     from coordinator.cli import main as coordinator
@@ -209,13 +227,15 @@ def tiny_spec(files: dict[str, Path], **change: object) -> dict[str, object]:
 class Fleet:
     """A coordinator service and edge daemons, each on its own thread, against one broker; stopped on exit."""
 
-    def __init__(self, broker: Mosquitto | Amqtt, files: dict[str, Path], root: Path) -> None:
+    def __init__(
+        self, broker: Mosquitto | Amqtt, files: dict[str, Path], root: Path, registry_url: str | None = None
+    ) -> None:
         self.broker, self.files, self.root = broker, files, root
         self.stop = threading.Event()
         self.threads: list[threading.Thread] = []
         self.daemons: dict[str, EdgeDaemon] = {}
         self.service = FleetService(
-            Registry(root / "coordinator"),
+            Registry(root / "coordinator", registry_url),
             broker.address("coordinator"),
             files["key"],
             root / "coordinator" / "files",
@@ -277,8 +297,8 @@ class Fleet:
 def make_fleet(fleet_files: dict[str, Path], tmp_path: Path) -> Iterator[Callable[[Mosquitto | Amqtt], Fleet]]:
     fleets: list[Fleet] = []
 
-    def make(broker: Mosquitto | Amqtt) -> Fleet:
-        fleets.append(Fleet(broker, fleet_files, tmp_path / f"fleet-{len(fleets)}"))
+    def make(broker: Mosquitto | Amqtt, registry_url: str | None = None) -> Fleet:
+        fleets.append(Fleet(broker, fleet_files, tmp_path / f"fleet-{len(fleets)}", registry_url))
         return fleets[-1]
 
     yield make

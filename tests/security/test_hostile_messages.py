@@ -77,7 +77,7 @@ def service(fleet_files, tmp_path):
     made.registry.add_task(job, 1, "a", str(folder / "bundle.tar"))
     made.wire_job = f"{job}-r1"  # type: ignore[attr-defined]
     yield made
-    made.worker.shutdown()
+    made.pool.shutdown()
 
 
 def _service_cases(wire_job: str) -> dict[str, tuple[str, bytes, str]]:

@@ -65,6 +65,18 @@ def test_a_second_service_on_the_same_state_folder_is_refused(tmp_path: Path) ->
     lock_state(tmp_path / "state")  # free again once the first is gone
 
 
+def test_workers_share_a_state_folder_that_a_single_service_holds_alone(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    workers = [lock_state(state, shared=True), lock_state(state, shared=True)]
+    with pytest.raises(ConfigError, match="only when each runs with --worker"):
+        lock_state(state)
+    del workers
+    single = lock_state(state)
+    with pytest.raises(ConfigError, match="is serving"):
+        lock_state(state, shared=True)
+    del single
+
+
 def test_concurrent_task_updates_keep_every_field(tmp_path: Path) -> None:
     """Read-then-write in one transaction: threads merging different detail fields into one task lose none."""
     registry = Registry(tmp_path / "state")
