@@ -68,6 +68,7 @@ bench-studies: setup
 	$(BIN)/python -m bench.adapter_kinds
 	$(BIN)/python -m bench.poisoning
 	$(BIN)/python -m bench.fleet
+	$(BIN)/python -m bench.fleet_workers
 	$(BIN)/python -m bench.privacy
 	$(BIN)/python -m bench.privacy_accuracy
 	$(BIN)/python -m bench.gguf

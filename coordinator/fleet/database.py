@@ -14,10 +14,16 @@ from typing import Any, Protocol
 from urllib.parse import urlparse
 
 from coordinator.errors import ConfigError
+from edge_runtime.errors import OffsiteError
 
 # The row lock a read-then-write takes on PostgreSQL; SQLite has no such clause (BEGIN IMMEDIATE locks the file).
 FOR_UPDATE = " FOR UPDATE"
 SCHEMA_LOCK = 0x0FF5173  # the advisory lock the registry's schema is created under (any fixed number)
+
+
+class RegistryUnavailable(OffsiteError):
+    """The registry could not be reached or was busy past its timeout; the statement did not happen. Worth trying
+    again: the service waits a tick and goes on (a PostgreSQL connection is made again at the next statement)."""
 
 
 class Run(Protocol):
@@ -43,20 +49,28 @@ class SqliteDatabase:
         return [dict(row) for row in cursor.fetchall()], cursor.rowcount
 
     def run(self, sql: str, *args: Any) -> tuple[list[dict[str, Any]], int]:
-        with self.lock:
+        with self.lock, self._unavailable():
             return self._run(sql, *args)
 
     @contextmanager
     def transaction(self) -> Iterator[Run]:
         """This process's other threads wait on the lock; other processes on SQLite's write lock (BEGIN IMMEDIATE)."""
-        with self.lock:
+        with self.lock, self._unavailable():
             self.db.execute("BEGIN IMMEDIATE")
             try:
                 yield self._run
             except BaseException:
-                self.db.execute("ROLLBACK")
+                if self.db.in_transaction:
+                    self.db.execute("ROLLBACK")
                 raise
             self.db.execute("COMMIT")
+
+    @contextmanager
+    def _unavailable(self) -> Iterator[None]:
+        try:
+            yield
+        except sqlite3.OperationalError as error:  # locked past the timeout, disk full, unreadable
+            raise RegistryUnavailable(f"the registry {self.where} is unavailable: {error}") from None
 
     def create(self, schema: str, added: tuple[tuple[str, str, str], ...]) -> None:
         """The tables, and the columns (table, column, type) a file written by an earlier version lacks."""
@@ -80,11 +94,28 @@ class PostgresDatabase:
             raise ConfigError("--registry postgresql://… needs psycopg: pip install 'psycopg[binary]'") from None
         parsed = urlparse(url)
         self.where = f"postgresql://{parsed.hostname or 'localhost'}:{parsed.port or 5432}{parsed.path}"
+        self.psycopg, self.url, self.dict_row = psycopg, url, dict_row
         try:
-            self.db = psycopg.connect(url, autocommit=True, row_factory=dict_row, connect_timeout=10)
-        except psycopg.OperationalError as error:
-            raise ConfigError(f"cannot open the registry at {self.where}: {str(error).strip()}") from None
+            self.db = self._connect()
+        except RegistryUnavailable as error:
+            raise ConfigError(str(error)) from None
         self.lock = threading.Lock()
+
+    def _connect(self) -> Any:
+        try:
+            return self.psycopg.connect(self.url, autocommit=True, row_factory=self.dict_row, connect_timeout=10)
+        except self.psycopg.OperationalError as error:
+            raise RegistryUnavailable(f"cannot open the registry at {self.where}: {str(error).strip()}") from None
+
+    @contextmanager
+    def _connection(self) -> Iterator[Any]:
+        """The connection (made again if the last one broke); a lost server raises RegistryUnavailable."""
+        if self.db.broken or self.db.closed:
+            self.db = self._connect()
+        try:
+            yield self.db
+        except self.psycopg.OperationalError as error:
+            raise RegistryUnavailable(f"the registry at {self.where} is unavailable: {str(error).strip()}") from None
 
     def _run_with(self, db: Any) -> Run:
         def run(sql: str, *args: Any) -> tuple[list[dict[str, Any]], int]:
@@ -95,13 +126,13 @@ class PostgresDatabase:
         return run
 
     def run(self, sql: str, *args: Any) -> tuple[list[dict[str, Any]], int]:
-        with self.lock:
-            return self._run_with(self.db)(sql, *args)
+        with self.lock, self._connection() as db:
+            return self._run_with(db)(sql, *args)
 
     @contextmanager
     def transaction(self) -> Iterator[Run]:
-        with self.lock, self.db.transaction():
-            yield self._run_with(self.db)
+        with self.lock, self._connection() as db, db.transaction():
+            yield self._run_with(db)
 
     def create(self, schema: str, added: tuple[tuple[str, str, str], ...]) -> None:
         """The tables, in one transaction; workers starting together wait on an advisory lock (two concurrent

@@ -265,18 +265,8 @@ class Registry:
             if finished is not None:
                 self._finish_round(run, job, round_ - 1, *finished)
             self._put_round(run, job, round_, "running", None, None, None)
-            now = time.time()
             for device, bundle in bundles.items():
-                run(
-                    "INSERT INTO tasks (job, round, device, state, detail, bundle, started, sent_at) "
-                    "VALUES (?, ?, ?, 'sent', '{}', ?, ?, ?) ON CONFLICT DO NOTHING",
-                    job,
-                    round_,
-                    device,
-                    bundle,
-                    now,
-                    now,
-                )
+                self._insert_task(run, job, round_, device, bundle)
         return True
 
     def finish_job(self, job: str, round_: int, owner: str, aggregate: Path, evaluation: Any) -> bool:
@@ -289,18 +279,18 @@ class Registry:
         return True
 
     # tasks
-    def add_task(self, job: str, round_: int, device: str, bundle: str) -> None:
+    @staticmethod
+    def _insert_task(run: Run, job: str, round_: int, device: str, bundle: str) -> None:
+        """A task just sent (a second insert of it changes nothing)."""
         now = time.time()
-        self._exec(
+        run(
             "INSERT INTO tasks (job, round, device, state, detail, bundle, started, sent_at) "
             "VALUES (?, ?, ?, 'sent', '{}', ?, ?, ?) ON CONFLICT DO NOTHING",
-            job,
-            round_,
-            device,
-            bundle,
-            now,
-            now,
+            *(job, round_, device, bundle, now, now),
         )
+
+    def add_task(self, job: str, round_: int, device: str, bundle: str) -> None:
+        self._insert_task(self.db.run, job, round_, device, bundle)
 
     def tasks(self, job: str, round_: int | None = None) -> list[dict[str, Any]]:
         if round_ is None:
@@ -340,54 +330,27 @@ class Registry:
             )
         return True
 
+    def _change_task(self, key: tuple, assignments: str, values: tuple, condition: str, *condition_values: Any) -> bool:
+        """Set one task's `assignments` (SQL, with `values`) if `condition` holds (SQL); whether it did."""
+        sql = f"UPDATE tasks SET {assignments} WHERE job = ? AND round = ? AND device = ? AND {condition}"
+        return self.db.run(sql, *values, *key, *condition_values)[1] > 0
+
     def claim_resend(self, job: str, round_: int, device: str, every: float) -> bool:
         """Whether this worker sends `device` its job again now: still unanswered and last sent over `every` s ago."""
         now = time.time()
-        return (
-            self.db.run(
-                "UPDATE tasks SET sent_at = ? WHERE job = ? AND round = ? AND device = ? AND state = 'sent' "
-                "AND (sent_at IS NULL OR sent_at < ?)",
-                now,
-                job,
-                round_,
-                device,
-                now - every,
-            )[1]
-            > 0
-        )
+        condition = "state = 'sent' AND (sent_at IS NULL OR sent_at < ?)"
+        return self._change_task((job, round_, device), "sent_at = ?", (now,), condition, now - every)
 
     def claim_receiver(self, job: str, round_: int, device: str, worker: str, alive_after: float) -> bool:
         """Whether `worker` fetches `device`'s result: nobody else is, or the one who was has gone silent."""
-        return (
-            self.db.run(
-                f"UPDATE tasks SET receiver = ? WHERE job = ? AND round = ? AND device = ? AND {_OPEN_TASK} "
-                f"AND (receiver = ? OR NOT {_alive('receiver')})",
-                worker,
-                job,
-                round_,
-                device,
-                worker,
-                alive_after,
-            )[1]
-            > 0
-        )
+        condition = f"{_OPEN_TASK} AND (receiver = ? OR NOT {_alive('receiver')})"
+        return self._change_task((job, round_, device), "receiver = ?", (worker,), condition, worker, alive_after)
 
     def task_result(self, job: str, round_: int, device: str, result: Path, metrics: ResultMetrics) -> bool:
         """Count `device`'s result, once: False when the task was already received or skipped."""
-        return (
-            self.db.run(
-                f"UPDATE tasks SET state = 'received', result = ?, metrics = ?, examples = ?, finished = ? "
-                f"WHERE job = ? AND round = ? AND device = ? AND {_OPEN_TASK}",
-                str(result),
-                json.dumps(metrics.to_dict()),
-                metrics.examples,
-                time.time(),
-                job,
-                round_,
-                device,
-            )[1]
-            > 0
-        )
+        values = (str(result), json.dumps(metrics.to_dict()), metrics.examples, time.time())
+        assignments = "state = 'received', result = ?, metrics = ?, examples = ?, finished = ?"
+        return self._change_task((job, round_, device), assignments, values, _OPEN_TASK)
 
     def add_traffic(self, traffic: dict[str, tuple[int, int]]) -> None:
         """Bytes (sent, received) each device's messages took, added to its open tasks (and to those finished within

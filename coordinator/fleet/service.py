@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from coordinator.errors import ConfigError, DataError
+from coordinator.fleet.database import RegistryUnavailable
 from coordinator.fleet.jobs import JobSpec
 from coordinator.fleet.registry import HEARTBEAT_SECONDS, JOB_DONE, TASK_DONE, WORKER_TIMEOUT_SECONDS, Registry
 from coordinator.fleet.work import (
@@ -381,7 +382,7 @@ class FleetService:
 
     def _on_work_done(self, job: str, future: Future) -> None:
         try:
-            outcome = future.result()
+            outcome = dict(future.result())
         except (OffsiteError, ProfileError) as error:
             log.error("%s failed: %s", job, error)
             self.registry.fail_job(job, str(error), self.worker_id)
@@ -432,8 +433,8 @@ class FleetService:
                 self.pending[job["id"]] = self.pool.submit(prepare_job, self.workshop, job["id"], spec, targets)
         for job_id, future in list(self.pending.items()):
             if future.done():
+                self._on_work_done(job_id, future)  # again next tick if the registry was unavailable
                 self.pending.pop(job_id)
-                self._on_work_done(job_id, future)
         for job in self.registry.jobs("running"):
             try:
                 self._tick_round(job)
@@ -504,7 +505,11 @@ class FleetService:
                 self._handle(topic, payload)
             except Exception as error:  # every handler is total: counted, logged, refused
                 self._refuse(error, f"a message on {topic[:200]!r}")
-        self._tick()
+        try:
+            self._tick()
+        except RegistryUnavailable as error:  # a database restart: what this tick missed, the next one does
+            log.warning("%s; trying again", error)
+            time.sleep(TICK_SECONDS)
 
     def run(self, stop: threading.Event) -> None:
         self._resume()

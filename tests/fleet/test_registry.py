@@ -199,3 +199,18 @@ def test_fleet_status_names_the_workers_and_the_silent_one(tmp_path: Path, regis
     status = format_status(w1, None)
     assert f"{job}  preparing by w1" in status
     assert status.endswith("service workers: w1 (alive), w2 (silent 60 s)")
+
+
+def test_a_lost_registry_server_is_a_clear_error_and_the_next_statement_reconnects(
+    tmp_path: Path, postgres_server
+) -> None:
+    from coordinator.fleet.database import RegistryUnavailable
+
+    registry = Registry(tmp_path, postgres_server.database("fleet_reconnect"))
+    job = registry.add_job({})
+    (row,), _ = registry.db.run("SELECT pg_backend_pid() AS pid")
+    Registry(tmp_path, postgres_server.url("fleet_reconnect")).db.run("SELECT pg_terminate_backend(?)", row["pid"])
+    lost = r"registry at postgresql://127\.0\.0\.1:\d+/fleet_reconnect is unavailable"
+    with pytest.raises(RegistryUnavailable, match=lost):
+        registry.jobs()
+    assert [j["id"] for j in registry.jobs()] == [job]

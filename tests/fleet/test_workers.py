@@ -91,3 +91,28 @@ def test_a_worker_needs_an_mqtt5_broker_of_its_own(tmp_path: Path, capsys) -> No
 
     assert coordinator(["serve", "--worker", "--state", str(tmp_path)]) != 0
     assert "--worker needs --broker" in capsys.readouterr().err
+
+
+def test_a_registry_outage_costs_the_service_a_tick_not_its_life(tmp_path: Path, fleet_files, monkeypatch) -> None:
+    from coordinator.fleet.database import RegistryUnavailable
+    from coordinator.fleet.registry import Registry
+    from coordinator.fleet.service import FleetService
+    from edge_runtime.mqtt import BrokerAddress
+    from edge_runtime.wire import Topics
+
+    registry = Registry(tmp_path / "state")
+    service = FleetService(registry, BrokerAddress("127.0.0.1", 1), fleet_files["key"], tmp_path / "files", Topics())
+    job = registry.add_job(tiny_spec(fleet_files, devices=["nobody"]))
+    jobs = registry.jobs
+    outage = iter([True, False])
+
+    def flaky(state: str | None = None) -> list:
+        if next(outage, False):
+            raise RegistryUnavailable("the registry at postgresql://db:5432/fleet is unavailable: server closed")
+        return jobs(state)
+
+    monkeypatch.setattr(registry, "jobs", flaky)
+    service.step(wait=0.01)  # the outage: logged, the tick skipped
+    service.step(wait=0.01)  # the next tick sees the job (and fails it: no such device)
+    assert registry.job(job)["state"] == "failed"
+    assert "never announced a profile" in registry.job(job)["detail"]["reason"]
