@@ -1,0 +1,245 @@
+"""A heterogeneous fleet's accuracy (SmolLM2-135M, sentiment): each device's own configuration against the best
+single configuration every device could run, both chosen by the same search for the same three devices.
+
+    python -m bench.heterogeneous [--deadline 600] [--steps 400] [--rounds 1]
+
+Three devices announce the Raspberry Pi 5, Jetson Orin Nano and Jetson AGX Orin profiles; `fleet dispatch
+--per-device --deadline S` chooses each one's configuration (`coordinator.fleet.configure`, the profiles' prior
+throughput). Each setting then runs its rounds for real on this machine: every device trains its adapter (PyTorch,
+the reference the device backends are checked against) through its chosen emulator for its steps, on its own
+shard of the training file, from the last aggregate; FedAvg by examples; the aggregate plugged into the full model
+is scored on the whole test split. Only the deadline is simulated (a device's time is its profile's, not this
+machine's); no choice here looks at the test split.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench.markdown import machine_line, save_figure, write_section
+from coordinator.adapters import plugged_in
+from coordinator.adapters.layers import LayerAdapter, adapter_parameters, adapter_state
+from coordinator.compression import EmulatorSpec, make_emulator
+from coordinator.datasets import dataset_path
+from coordinator.emulator import Split
+from coordinator.fleet.configure import Choice, Fleet, configure
+from coordinator.fleet.cost import prior_throughput
+from coordinator.fleet.jobs import JobSpec
+from coordinator.models import load_model
+from coordinator.options import add_request_options, request_from_args
+from coordinator.tasks import make_task
+from coordinator.train import TrainConfig, train
+from device_profiles import load_profile
+from edge_runtime.data import Example, load_examples
+from edge_runtime.files import write_json_atomic
+
+REPO = Path(__file__).resolve().parent.parent
+OUT = REPO / "bench" / "results" / "heterogeneous.json"
+DEVICES = {"pi": "raspberry-pi-5-8gb", "nano": "jetson-orin-nano-8gb", "agx": "jetson-agx-orin-64gb"}
+EVAL_BATCH = 16
+
+
+def shards(examples: list[Example], count: int, seed: int = 0) -> list[list[Example]]:
+    """The training file dealt into `count` private shards of unequal size (2:3:4 for three)."""
+    shuffled = examples[:]
+    random.Random(seed).shuffle(shuffled)
+    weights = [count - 1 + i for i in range(count)]
+    bounds = [round(len(shuffled) * sum(weights[:i]) / sum(weights)) for i in range(count + 1)]
+    return [shuffled[bounds[i] : bounds[i + 1]] for i in range(count)]
+
+
+def run_setting(
+    name: str, choices: dict[str, Choice], loaded: Any, split: Split, data: dict[str, list[Example]], task: Any,
+    test: list[Example], rounds: int, training: TrainConfig,
+) -> dict[str, Any]:  # fmt: skip
+    """`rounds` federated rounds with each device on its `choices` entry; the plug-in score after each."""
+    emulators: dict[str, Any] = {}
+    aggregate: dict[str, torch.Tensor] | None = None
+    scores, trained_seconds = [], 0.0
+    for round_ in range(1, rounds + 1):
+        weights, examples = [], []
+        for device, choice in sorted(choices.items()):
+            if choice.candidate.adapter_kind != "layers":
+                raise SystemExit(f"{device} chose a {choice.candidate.adapter_kind} adapter; this study trains layers")
+            spec = EmulatorSpec.parse(choice.candidate.emulator, split.keep)
+            if choice.candidate.emulator not in emulators:
+                emulators[choice.candidate.emulator] = make_emulator(loaded.model, split, spec, loaded.tokenizer)
+            emulator, device_split = emulators[choice.candidate.emulator], spec.split_for(split)
+            adapter = adapter_parameters(emulator, device_split.bottom, device_split.top)
+            initial = adapter_state(emulator, device_split.bottom, device_split.top)
+            with torch.no_grad():
+                for key, parameter in adapter.items():
+                    parameter.copy_(aggregate[key] if aggregate is not None else initial[key])
+            config = replace(training, steps=choice.steps)  # the job's batch, length and rate; the device's steps
+            start = time.perf_counter()
+            train(emulator, adapter.values(), task, data[device], config, f"{name} r{round_} {device}")
+            trained_seconds += time.perf_counter() - start
+            weights.append(adapter_state(emulator, device_split.bottom, device_split.top))
+            examples.append(len(data[device]))
+            with torch.no_grad():  # the emulator goes back to its own adapter for the next device
+                for key, parameter in adapter.items():
+                    parameter.copy_(initial[key])
+        total = sum(examples)
+        aggregate = {key: sum(w[key] * n / total for w, n in zip(weights, examples, strict=True)) for key in weights[0]}
+        with plugged_in(LayerAdapter(), loaded.model, aggregate, split.bottom, split.top):
+            scores.append(task.score(loaded.model, test, EVAL_BATCH))
+        print(f"{name} round {round_}: plug-in {scores[-1]:.4f}", flush=True)
+    devices = {
+        d: {"profile": c.profile, "emulator": c.candidate.label(), "steps": c.steps, "round_seconds": c.round_seconds}
+        for d, c in sorted(choices.items())
+    }
+    return {
+        "devices": devices,
+        "plug_in": scores,
+        "train_seconds_here": round(trained_seconds, 1),
+    }
+
+
+def measure(deadline: float, steps: int, rounds: int) -> dict[str, Any]:
+    parser = argparse.ArgumentParser()
+    add_request_options(parser, steps=steps)
+    request = request_from_args(parser.parse_args([]))  # what `fleet dispatch` sends by default
+    spec = JobSpec("reviews", request, rounds, per_device=True, deadline_s=deadline)
+    loaded = load_model(request.model)
+    train_examples = load_examples(dataset_path("sentiment", "train"))
+    test = load_examples(dataset_path("sentiment", "test"))
+    task = make_task(loaded.tokenizer, train_examples, test)
+    profiles = {device: load_profile(name) for device, name in DEVICES.items()}
+    throughputs = {device: prior_throughput(profile) for device, profile in profiles.items()}
+    fleet = Fleet(profiles, dict.fromkeys(DEVICES, "ort"), throughputs)
+    configuration = configure(loaded, spec, fleet)
+    if configuration.left_out or not configuration.fixed:
+        raise SystemExit(f"--deadline {deadline:g} leaves out {configuration.left_out} or fits no single configuration")
+    data = dict(zip(sorted(DEVICES), shards(train_examples, len(DEVICES)), strict=True))
+    split = Split(*request.adapter_layers, keep=request.keep)
+    zero_shot = task.score(loaded.model, test, EVAL_BATCH)
+    print(f"zero-shot {zero_shot:.4f}", flush=True)
+    settings = {}
+    for name, choices in (("per-device", configuration.chosen), ("one for all", configuration.fixed)):
+        settings[name] = run_setting(name, choices, loaded, split, data, task, test, rounds, request.training)
+    return {
+        "machine": machine_line(),
+        "deadline": deadline,
+        "steps": steps,
+        "rounds": rounds,
+        "test_examples": len(test),
+        "shards": {device: len(examples) for device, examples in data.items()},
+        "zero_shot": zero_shot,
+        "settings": settings,
+    }
+
+
+def report(results: dict[str, Any]) -> str:
+    rounds = results["rounds"]
+    lines = [
+        "| configuration | " + " | ".join(f"{d} ({DEVICES[d]})" for d in sorted(DEVICES)) + " | "
+        + " | ".join(f"plug-in after round {r}" for r in range(1, rounds + 1)) + " |",
+        "| --- | " + " | ".join("---" for _ in DEVICES) + " | " + " | ".join("---" for _ in range(rounds)) + " |",
+    ]  # fmt: skip
+    for name, setting in results["settings"].items():
+        devices = [f"{v['emulator']}, {v['steps']} steps ({v['round_seconds']:.0f} s)" for _, v in
+                   sorted(setting["devices"].items())]  # fmt: skip
+        scores = [f"{100 * s:.1f} %" for s in setting["plug_in"]]
+        lines.append(f"| {name} | " + " | ".join(devices) + " | " + " | ".join(scores) + " |")
+    lines.append(f"| full model zero-shot | | | | {100 * results['zero_shot']:.1f} % |" + " |" * (rounds - 1))
+    return "\n".join(lines)
+
+
+def _plot(saved: dict[str, Any], path: Path) -> None:
+    """Per measured command line, each setting's plug-in accuracy after its last round, beside zero-shot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 3.8))
+    labels = list(saved)
+    names = sorted({name for results in saved.values() for name in results["settings"]})
+    width = 0.8 / len(names)
+    for offset, name in enumerate(names):
+        heights = [100 * saved[label]["settings"][name]["plug_in"][-1] for label in labels]
+        positions = [i + (offset - (len(names) - 1) / 2) * width for i in range(len(labels))]
+        bars = axis.bar(positions, heights, width, label=name)
+        axis.bar_label(bars, fmt="%.1f", fontsize=8)
+    zero_shot = 100 * next(iter(saved.values()))["zero_shot"]
+    axis.axhline(zero_shot, color="grey", linestyle=":", label=f"full model zero-shot ({zero_shot:.1f})")
+    axis.set_xticks(range(len(labels)), [label.replace(" --rounds", "\n--rounds") for label in labels], fontsize=8)
+    axis.set_ylim(60, 95)
+    axis.set_ylabel("plug-in accuracy after the last round (%)")
+    axis.set_title("Pi 5 + Orin Nano + AGX Orin: each device's configuration vs one for all")
+    axis.legend(fontsize=8, loc="lower right")
+    figure.tight_layout()
+    save_figure(figure, path)
+
+
+def _label(results: dict[str, Any]) -> str:
+    return f"--deadline {results['deadline']:g} --steps {results['steps']} --rounds {results['rounds']}"
+
+
+def publish(saved: dict[str, Any]) -> None:
+    """Every measured command line's table, and all of them in one plot."""
+    latest = saved[next(reversed(saved))]
+    _plot(saved, OUT.with_suffix(".png"))
+    tables = []
+    for label, results in saved.items():
+        tables += [f"`python -m bench.heterogeneous {label}` ({results['machine']}):", "", report(results), ""]
+    print("\n".join(tables))
+    results = latest
+    body = "\n".join(
+        [
+            "## Heterogeneous fleet: each device's own configuration vs one for all (SmolLM2-135M, sentiment)",
+            "",
+            "Three devices with the Raspberry Pi 5, Jetson Orin Nano and Jetson AGX Orin profiles; `fleet dispatch "
+            "--per-device --deadline S --steps N` with every other option at its default (the default emulator "
+            "and 2+2 layer adapter). The same search "
+            "(`coordinator/fleet/configure.py`, the profiles' prior throughput, 70 % of the deadline for training) "
+            "gives each device's configuration and the best single one every device could run (the slowest "
+            "device's steps for all). Each then ran for real here: every device trains through its emulator for "
+            "its steps on its own shard of the training file (shards of "
+            + ", ".join(f"{n:,}" for n in results["shards"].values())
+            + " reviews), from the last aggregate; FedAvg by examples; the aggregate plugged into the full model is "
+            f"scored on the whole test split ({results['test_examples']:,} reviews). Only the devices' time is "
+            "simulated (their profiles', in parentheses: the predicted training seconds per round).",
+            "",
+            *tables,
+            "Reading (the runs above): within the deadline the search gives the AGX and the Orin Nano the job's "
+            "steps and the Pi what fits. At 400 steps (600 s), where this recipe's single-device validation curve "
+            "rises (the utility table: 78 % at 50 steps, 86 % at 100, 89–91 % from 200 on), the per-device "
+            "aggregate scores 87.1 % against 84.1 % for one configuration at the Pi's 109 steps: 3 points more in the "
+            "same deadline. At 80 steps (165 s), inside the curve's early dip (its first ~60 steps lower accuracy "
+            "before they raise it), more steps hurt: 80/80/30 steps aggregate to 71.8 % and then 75.2 %, below "
+            "zero-shot, while 30 steps each (barely moved from the full model's layers) give 82.9 % and 82.7 %. The "
+            "search scored 80 steps no worse than 30 there: its utility is a single-device curve (one noisy run per "
+            "recipe), and it does not model averaging adapters trained for different numbers of steps (FedNova's "
+            "normalization is the known remedy). One run per setting.",
+            "",
+            f"![plug-in accuracy per setting](bench/results/{OUT.with_suffix('.png').name})",
+        ]
+    )
+    write_section("heterogeneous", body)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--deadline", type=float, default=600.0, help="seconds a round may take on the devices")
+    parser.add_argument("--steps", type=int, default=400, help="the job's steps per device per round")
+    parser.add_argument("--rounds", type=int, default=1)
+    args = parser.parse_args()
+    results = measure(args.deadline, args.steps, args.rounds)
+    saved = json.loads(OUT.read_text()) if OUT.exists() else {}
+    saved.pop(_label(results), None)
+    saved[_label(results)] = results  # the latest last
+    write_json_atomic(OUT, saved)
+    publish(saved)
+
+
+if __name__ == "__main__":
+    main()
