@@ -10,7 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from edge_runtime.transfer import Download, Outbox, offer_for, pack_directory, unpack_archive
+from edge_runtime import transfer
+from edge_runtime.transfer import (
+    Download,
+    Outbox,
+    offer_for,
+    pack_directory,
+    store_shared_chunk,
+    unpack_archive,
+)
 from edge_runtime.wire import Chunk, Offer, WireError
 
 
@@ -57,6 +65,36 @@ def test_a_restarted_receiver_asks_only_for_the_missing_chunks(tmp_path: Path) -
     assert asked == [[1, 3, 5, 7, 8, 9]]
     _pull(again, outbox, asked)
     assert finished[0].read_bytes() == source.read_bytes()
+
+
+def test_chunks_another_process_stores_complete_the_download_that_asked(tmp_path: Path, monkeypatch) -> None:
+    """Two service workers behind a shared subscription: the broker hands some chunks to the one that did not ask;
+    it keeps them in the shared folder, where the one that asked finds them and goes on."""
+    monkeypatch.setattr(transfer, "SHARED_LOOK_SECONDS", 0.0)
+    source = _source(tmp_path, size=50_000)
+    outbox = Outbox()
+    offer = outbox.add(source, offer_for(source, "adapter", chunk_bytes=1000))  # 50 chunks, asked 32 at a time
+    stray = Chunk.decode(next(outbox.chunks(offer.transfer, [0])).encode())
+    assert not store_shared_chunk(tmp_path / "in", stray)  # nobody is receiving it yet: not kept
+    asked: list[list[int]] = []
+    finished: list[Path] = []
+    download = Download(offer, tmp_path / "in", asked.append, finished.append)
+    download.start()
+    assert asked == [list(range(32))]
+    for chunk in outbox.chunks(offer.transfer, asked.pop()):  # every chunk of the window goes to the other worker
+        assert store_shared_chunk(tmp_path / "in", Chunk.decode(chunk.encode()))
+    download.tick()  # the one that asked sees them on disk and asks for the rest at once, not after a stall
+    assert asked == [list(range(32, 50))]
+    for chunk in outbox.chunks(offer.transfer, asked.pop()):
+        store_shared_chunk(tmp_path / "in", Chunk.decode(chunk.encode()))
+    download.tick()
+    assert finished == [tmp_path / "in" / offer.transfer] and finished[0].read_bytes() == source.read_bytes()
+    assert store_shared_chunk(tmp_path / "in", stray)  # a late duplicate of a whole transfer: dropped quietly
+    beyond = Chunk(offer.transfer, 50, b"x")
+    second = Download(outbox.add(source, offer), tmp_path / "other", lambda ids: None, lambda path: None)
+    assert second.offer == offer
+    with pytest.raises(WireError, match=r"outside 0\.\.49"):
+        store_shared_chunk(tmp_path / "other", beyond)
 
 
 def test_a_whole_that_fails_its_sha256_is_refused_and_fetched_again(tmp_path: Path) -> None:
