@@ -175,11 +175,18 @@ def test_a_device_cannot_write_another_devices_topics(broker, make_fleet) -> Non
         lambda topic, payload: seen.append((topic, payload)),
     ).start()
     intruder = _raw_client(broker, "b", fleet.device_address("b"))
+    first = Status("b", "online", time.time()).encode()
+
+    def heard_first() -> bool:  # until the watcher's subscription is in force (b may say it again)
+        intruder.publish(TOPICS.device("b", "status"), first, qos=1).wait_for_publish(5)
+        return (TOPICS.device("b", "status"), first) in seen
+
+    wait_for(heard_first, 30, "b's first status")
     forged = Status("a", "offline", time.time()).encode()
     intruder.publish(TOPICS.device("a", "status"), forged, qos=1).wait_for_publish(5)
-    own = Status("b", "online", time.time()).encode()
+    own = Status("b", "busy", time.time()).encode()  # after the forged one, from the same client: in order
     intruder.publish(TOPICS.device("b", "status"), own, qos=1).wait_for_publish(5)
-    wait_for(lambda: (TOPICS.device("b", "status"), own) in seen, 10, "b's own status")
+    wait_for(lambda: (TOPICS.device("b", "status"), own) in seen, 30, "b's own status")
     assert (TOPICS.device("a", "status"), forged) not in seen  # the broker dropped it: b may not write a's topics
     intruder.disconnect()
     watcher.close()
