@@ -391,17 +391,5 @@ class Registry:
     def _finish_round(self, run: Run, job: str, round_: int, aggregate: Path, evaluation: Any) -> None:
         self._put_round(run, job, round_, "done", str(aggregate), json.dumps(evaluation), time.time())
 
-    def set_round(self, job: str, round_: int, state: str, aggregate: Path | None = None, evaluation=None) -> None:
-        with self.db.transaction() as run:
-            self._put_round(
-                run,
-                job,
-                round_,
-                state,
-                str(aggregate) if aggregate else None,
-                json.dumps(evaluation) if evaluation is not None else None,
-                time.time() if state == "done" else None,
-            )
-
     def rounds(self, job: str) -> list[dict[str, Any]]:
         return self._exec("SELECT * FROM rounds WHERE job = ? ORDER BY round", job)
