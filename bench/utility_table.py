@@ -2,9 +2,10 @@
 
     python -m bench.utility_table
 
-Reads the saved results of `bench.recipe_choice` (whole layers, one file per recipe), `bench.adapter_kinds` (LoRA,
-bias, prompt: the learning rate whose curve peaks highest on validation) and `bench.utility` (smaller emulators).
-Only validation numbers (reviews carved from the training file) go in; no test score does.
+Reads the saved results of `bench.steps_curve` (complete runs of N steps: the "runs" curves), `bench.recipe_choice`
+(whole layers, one file per recipe), `bench.adapter_kinds` (LoRA, bias, prompt: the learning rate whose curve peaks
+highest on validation) and `bench.utility` (smaller emulators): the "checkpoints" curves. Only validation numbers
+(reviews carved from the training file) go in; no test score does.
 """
 
 from __future__ import annotations
@@ -12,15 +13,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from coordinator.fleet.utility import TABLE, recipe_key
+from coordinator.fleet.utility import CHECKPOINTS, RUNS, TABLE, recipe_key
 from edge_runtime.files import write_json_atomic
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MODEL, TASK = "smollm2-135m", "classification"
 
 
-def _row(emulator: str, adapter: str, curve: list, source: str) -> dict:
+def _row(emulator: str, adapter: str, curve: list, source: str, kind: str = CHECKPOINTS) -> dict:
     return {
+        "kind": kind,
         "model": MODEL,
         "task": TASK,
         "emulator": recipe_key(emulator, 0),
@@ -35,7 +37,7 @@ def curves() -> list[dict]:
     rows: dict[tuple[str, str], dict] = {}
 
     def keep_best(row: dict) -> None:
-        key = (row["emulator"], row["adapter"])
+        key = (row["emulator"], row["adapter"], row["kind"])
         if key not in rows or max(v for _, v in row["curve"]) > max(v for _, v in rows[key]["curve"]):
             rows[key] = row
 
@@ -50,6 +52,9 @@ def curves() -> list[dict]:
         run = json.loads(path.read_text())
         selection = run["offsite_emulator"]["train"]["selection"]
         keep_best(_row(run["emulator"]["spec"], run["kind"], selection["validation_curve"], run["command"]))
+    for path in sorted((RESULTS / "steps_curve").glob("*.json")):
+        run = json.loads(path.read_text())
+        keep_best(_row(run["spec"], run["adapter"], run["curve"], run["command"], RUNS))
     return [rows[key] for key in sorted(rows)]
 
 
@@ -58,7 +63,8 @@ def main() -> None:
     write_json_atomic(TABLE, {"schema": 1, "curves": rows})
     for row in rows:
         best = max(row["curve"], key=lambda point: point[1])
-        print(f"{row['emulator']:<40} {row['adapter']:<7} best {100 * best[1]:.1f} % at step {best[0]}")
+        best_text = f"best {100 * best[1]:.1f} % at step {best[0]}"
+        print(f"{row['emulator']:<40} {row['adapter']:<7} {row['kind']:<11} {best_text}")
     print(f"wrote {TABLE.relative_to(Path.cwd()) if TABLE.is_relative_to(Path.cwd()) else TABLE}")
 
 

@@ -299,7 +299,9 @@ def format_configurations(detail: dict[str, Any]) -> str:
     if fixed:
         one = next(iter(fixed.values()))
         label = Candidate(**one["candidate"]).label()
-        lines.append(f"  one configuration for all would be: {label}, {one['steps']} steps each")
+        expected = one["utility"]["accuracy"]
+        utility = f" ({100 * expected:.1f} % expected)" if expected is not None else ""
+        lines.append(f"  one configuration for all would be: {label}, {one['steps']} steps each{utility}")
     elif detail.get("configurations"):
         lines.append("  no single configuration fits every device")
     return "\n".join(["per-device configuration:", *lines]) if lines else ""

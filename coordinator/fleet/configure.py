@@ -3,9 +3,10 @@
 For each device: every candidate emulator (the job's recipe, the same stored int8 with recomputation, and any the
 operator adds) and adapter (for LoRA, the job's rank and smaller ones) is planned against the device's memory
 budget (the memory planner), timed on its throughput (`cost.py`: measured from its last result, else its
-profile), given as many steps as fit the round's deadline, and scored by expected utility (`utility.py`); the
-best feasible one is the device's. The best single configuration every device could run is recorded beside, so
-`fleet status` shows what the per-device choice gained.
+profile), allowed as many steps as fit the round's deadline, and scored by expected utility (`utility.py`) at
+the step count up to that many where its measured runs peak; the best feasible one is the device's. The best
+single configuration every device could run (at the steps the slowest allows, chosen the same way) is recorded
+beside, so `fleet status` shows what the per-device choice gained.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from coordinator.bundles.request import BundleRequest
 from coordinator.compression import EmulatorSpec, make_emulator
 from coordinator.fleet.cost import Throughput, step_flops
 from coordinator.fleet.jobs import JobSpec
-from coordinator.fleet.utility import Utility, expected_utility
+from coordinator.fleet.utility import Utility, expected_utility, measured_steps
 from coordinator.models import LoadedModel
 from device_profiles import DeviceProfile
 from edge_runtime.memory import MIB, BudgetError, ModelShape, choose_micro_batch
@@ -66,6 +67,8 @@ class Choice:
     throughput: Throughput
     utility: Utility
     shape: ModelShape
+    steps_fit: int  # the most steps its memory and deadline allowed; `steps` is where the utility peaks
+    untrained: float | None  # the measured runs' value at 0 steps (the full model's own); None: not measured
 
     @property
     def round_seconds(self) -> float:
@@ -76,11 +79,20 @@ class Choice:
 
     def describe(self) -> str:
         return (
-            f"{self.candidate.label()}; {self.steps} steps of {self.batch_size} (micro-batch {self.micro_batch}) on "
+            f"{self.candidate.label()}; {self.steps} steps{self._fewer()} of {self.batch_size} (micro-batch "
+            f"{self.micro_batch}) on "
             f"{self.backend}; {self.predicted_peak_bytes / MIB:,.0f} of {self.budget_bytes / MIB:,.0f} MiB planned; "
             f"{self.round_seconds:,.0f} s at {_gflops(self.throughput.gflops)} GFLOP/s ({self.throughput.source}); "
-            f"utility {self.utility.describe()}"
+            f"utility {self.utility.describe()}{self._warning()}"
         )
+
+    def _warning(self) -> str:
+        if self.untrained is None or self.utility.accuracy is None or self.utility.accuracy >= self.untrained:
+            return ""
+        return f"; below the untrained full model's {100 * self.untrained:.1f} %: more steps or a longer deadline"
+
+    def _fewer(self) -> str:
+        return f" ({self.steps_fit} fit; the measured runs peak earlier)" if self.steps < self.steps_fit else ""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self) | {"round_seconds": self.round_seconds, "why": self.describe()}
@@ -155,19 +167,21 @@ def _option(
         return f"{candidate.label()}: does not fit {profile.budget_bytes / MIB:,.0f} MiB"
     flops = step_flops(shape, training.batch_size, training.max_length, task)
     step_seconds = fleet.throughputs[device].step_seconds(flops)
-    steps = training.steps if steps_cap is None else steps_cap
+    most = training.steps if steps_cap is None else steps_cap
     if spec.deadline_s is not None:
-        steps = min(steps, math.floor(spec.deadline_s * TRAINING_SHARE / step_seconds))
-    if steps < spec.fewest_steps:
-        return f"{candidate.label()}: {step_seconds:.1f} s a step leaves {steps} steps in the deadline"
+        most = min(most, math.floor(spec.deadline_s * TRAINING_SHARE / step_seconds))
+    if most < spec.fewest_steps:
+        return f"{candidate.label()}: {step_seconds:.1f} s a step leaves {most} steps in the deadline"
     layers = loaded.model.config.num_hidden_layers
     bottom, top = base.adapter_layers
-    utility = expected_utility(
-        base.model, task, candidate.emulator, base.keep, candidate.adapter_kind, steps, layers - bottom - top
-    )
+    recipe = (base.model, task, candidate.emulator, base.keep, candidate.adapter_kind)
+    counts = measured_steps(*recipe, spec.fewest_steps, most)
+    utility = max((expected_utility(*recipe, n, layers - bottom - top) for n in counts), key=Utility.key)
+    untrained = expected_utility(*recipe, 0, layers - bottom - top)
     return Choice(
-        device, profile.name, backend, candidate, steps, training.batch_size, micro_batch, task, predicted.total,
-        profile.budget_bytes, flops, fleet.throughputs[device], utility, shape,
+        device, profile.name, backend, candidate, utility.steps, training.batch_size, micro_batch, task,
+        predicted.total, profile.budget_bytes, flops, fleet.throughputs[device], utility, shape, most,
+        untrained.accuracy if untrained.measured_as_run else None,
     )  # fmt: skip
 
 
@@ -211,7 +225,7 @@ def _fixed(
     for candidate in order:
         if not options or not all(candidate in by_device for by_device in options.values()):
             continue
-        steps = min(by_device[candidate].steps for by_device in options.values())
+        steps = min(by_device[candidate].steps_fit for by_device in options.values())
         fixed = {d: _option(d, fleet, spec, loaded, candidate, shapes[candidate], steps) for d in options}
         if all(isinstance(choice, Choice) for choice in fixed.values()):
             runnable.append(fixed)  # type: ignore[arg-type]

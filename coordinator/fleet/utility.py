@@ -1,16 +1,22 @@
 """Expected utility of a device configuration: the plug-in accuracy the studies measured on validation data.
 
-`utility_table.json` (written by `python -m bench.utility_table` from the saved results of `bench.recipe_choice`
-and `bench.adapter_kinds`) holds, per model, task, emulator recipe and adapter kind, the plug-in accuracy on
-validation reviews carved from the training file every 50 steps. A configuration's utility after `steps` steps is
-the best the curve reached by then (a device's adapter is averaged, not chosen, but a curve's dips are noise of
-one run). Where the table has no curve (another model, task or recipe), configurations are ranked by a prior
-instead: the share of the middle the emulator keeps, float storage over int8, then more steps.
+`utility_table.json` (written by `python -m bench.utility_table`) holds, per model, task, emulator recipe and
+adapter kind, plug-in accuracies on validation reviews carved from the training file, of two kinds:
+
+- "runs" (`bench.steps_curve`): the last adapter of a complete run of N steps, its learning-rate schedule spread
+  over those N: what a device given N steps returns. Between measured N the value is interpolated; past the
+  last one it stays flat. A configuration measured this way ranks above any measured only the other way.
+- "checkpoints" (`bench.recipe_choice`, `bench.adapter_kinds`, `bench.utility`): every 50 steps of one longer
+  run, mid-schedule. A configuration's utility after `steps` steps is the best the curve reached by then.
+
+Where the table has neither (another model, task or recipe), configurations are ranked by a prior instead: the
+share of the middle the emulator keeps, float storage over int8, then more steps.
 """
 
 from __future__ import annotations
 
 import json
+from bisect import bisect_right
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -18,6 +24,8 @@ from pathlib import Path
 from coordinator.compression import EmulatorSpec
 
 TABLE = Path(__file__).with_name("utility_table.json")
+RUNS, CHECKPOINTS = "runs", "checkpoints"
+Curve = list[tuple[int, float]]
 
 
 @dataclass(frozen=True)
@@ -25,13 +33,15 @@ class Utility:
     """How good a configuration is expected to be; compares greater for the better one."""
 
     accuracy: float | None  # from the table; None: not measured
+    measured_as_run: bool  # from complete runs of `steps` steps, as a device trains
     middle_kept: float  # share of the middle layers the emulator keeps
     float_storage: bool
     steps: int
     source: str
 
-    def key(self) -> tuple[float, float, bool, int]:
-        return (self.accuracy if self.accuracy is not None else -1.0, self.middle_kept, self.float_storage, self.steps)
+    def key(self) -> tuple[bool, float, float, bool, int]:
+        accuracy = self.accuracy if self.accuracy is not None else -1.0
+        return (self.measured_as_run, accuracy, self.middle_kept, self.float_storage, self.steps)
 
     def describe(self) -> str:
         if self.accuracy is None:
@@ -46,21 +56,56 @@ def recipe_key(emulator: str, keep: int) -> str:
 
 
 @cache
-def _table(path: Path) -> dict[tuple[str, str, str, str], list[tuple[int, float]]]:
+def _table(path: Path) -> dict[tuple[str, str, str, str, str], Curve]:
     if not path.is_file():
         return {}
     rows = json.loads(path.read_text(encoding="utf-8"))["curves"]
-    return {(r["model"], r["task"], r["emulator"], r["adapter"]): [tuple(p) for p in r["curve"]] for r in rows}
+    return {
+        (r["model"], r["task"], r["emulator"], r["adapter"], r.get("kind", CHECKPOINTS)): [tuple(p) for p in r["curve"]]
+        for r in rows
+    }
+
+
+def _curve(model: str, task: str, emulator: str, keep: int, adapter: str, kind: str, path: Path | None) -> Curve | None:
+    return _table(path or TABLE).get((model, task, recipe_key(emulator, keep), adapter.partition(":")[0], kind))
+
+
+def interpolate(curve: Curve, steps: int) -> float:
+    """The curve's value at `steps`: linear between its points, flat past its last."""
+    points = sorted(curve)
+    at = bisect_right([step for step, _ in points], steps)
+    if at == len(points):
+        return points[-1][1]
+    if at == 0:
+        return points[0][1]
+    (left, low), (right, high) = points[at - 1], points[at]
+    return low + (high - low) * (steps - left) / (right - left)
+
+
+def measured_steps(
+    model: str, task: str, emulator: str, keep: int, adapter: str, fewest: int, most: int, path: Path | None = None
+) -> list[int]:
+    """The step counts worth trying for a device that may train between `fewest` and `most` steps: every count
+    the runs curve measured in that range, and `most` (the configuration's utility may peak before the most
+    steps the deadline allows, e.g. in the early dip where steps still fit the adapter to the emulator)."""
+    curve = _curve(model, task, emulator, keep, adapter, RUNS, path) or []
+    return sorted({step for step, _ in curve if fewest <= step <= most} | {most})
 
 
 def expected_utility(
-    model: str, task: str, emulator: str, keep: int, adapter: str, steps: int, middle: int, path: Path = TABLE
+    model: str, task: str, emulator: str, keep: int, adapter: str, steps: int, middle: int, path: Path | None = None
 ) -> Utility:
     """The utility of training `adapter` (a kind name) through `emulator` for `steps` steps; `middle` is the
     number of middle layers of the full model (the emulator keeps `keep` of them)."""
     spec, kind = EmulatorSpec.parse(emulator, keep), adapter.partition(":")[0]
-    curve = _table(path).get((model, task, spec.label(), kind))
-    accuracy = max((value for step, value in curve if step <= steps), default=None) if curve else None
     kept = min(1.0, (spec.keep or keep) / middle) if middle else 1.0
-    source = f"validation curve of {spec.label()}, {kind}, best by step {steps}"
-    return Utility(accuracy, kept, spec.store == "float32", steps, source if curve else "prior")
+    runs = _curve(model, task, emulator, keep, adapter, RUNS, path)
+    if runs:
+        source = f"runs of {spec.label()}, {kind}, at {steps} steps"
+        return Utility(interpolate(runs, steps), True, kept, spec.store == "float32", steps, source)
+    checkpoints = _curve(model, task, emulator, keep, adapter, CHECKPOINTS, path)
+    if checkpoints:
+        accuracy = max((value for step, value in checkpoints if step <= steps), default=None)
+        source = f"validation curve of {spec.label()}, {kind}, best by step {steps}"
+        return Utility(accuracy, False, kept, spec.store == "float32", steps, source)
+    return Utility(None, False, kept, spec.store == "float32", steps, "prior")

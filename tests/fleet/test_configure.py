@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -9,10 +10,12 @@ import pytest
 
 from coordinator.bundles.request import BundleRequest
 from coordinator.errors import ConfigError
+from coordinator.fleet import utility
+from coordinator.fleet.cli import format_configurations
 from coordinator.fleet.configure import Candidate, Fleet, candidate_shapes, candidates, configure
 from coordinator.fleet.cost import Throughput, step_flops
 from coordinator.fleet.jobs import JobSpec
-from coordinator.fleet.utility import expected_utility
+from coordinator.fleet.utility import expected_utility, interpolate, measured_steps, recipe_key
 from coordinator.models import LoadedModel
 from coordinator.train import TrainConfig
 from device_profiles import GIB, validate
@@ -124,6 +127,7 @@ def test_the_measured_table_ranks_by_validation_accuracy_and_others_by_the_prior
     early = expected_utility("smollm2-135m", "classification", "greedy:harmonize=64", 22, "layers", 49, 26)
     small = expected_utility("smollm2-135m", "classification", "greedy", 9, "layers", 300, 26)
     assert measured.accuracy is not None and early.accuracy is not None and small.accuracy is not None
+    assert measured.measured_as_run and early.measured_as_run and not small.measured_as_run
     assert measured.key() > small.key() and measured.key() > early.key()  # keep 9 never beat zero-shot
     prior = expected_utility("tiny-llama", "classification", "uniform", 2, "layers", 10, 4)
     assert prior.accuracy is None and prior.middle_kept == 0.5 and prior.source == "prior"
@@ -150,3 +154,61 @@ def test_fleet_dispatch_queues_a_per_device_job_and_refuses_bad_ranks(tmp_path: 
     assert "--lora-ranks '8,x' is not a comma-separated list" in capsys.readouterr().err
     assert coordinator([*base, "--lora-ranks", "4"]) == 2
     assert "add --per-device" in capsys.readouterr().err
+
+
+def _runs_table(path: Path, curve: list[list[float]]) -> Path:
+    row = {"model": "tiny-llama", "task": "classification", "emulator": recipe_key("uniform", 4), "adapter": "layers"}
+    path.write_text(json.dumps({"schema": 1, "curves": [row | {"kind": "runs", "curve": curve}]}))
+    return path
+
+
+def test_runs_curves_interpolate_between_measured_steps_and_stay_flat_past_them(tmp_path: Path):
+    curve = [(0, 0.8), (10, 0.6), (30, 0.9)]
+    assert [interpolate(curve, n) for n in (0, 5, 10, 20, 30, 500)] == pytest.approx([0.8, 0.7, 0.6, 0.75, 0.9, 0.9])
+    table = _runs_table(tmp_path / "table.json", [[0, 0.8], [10, 0.6], [30, 0.9]])
+    assert measured_steps("tiny-llama", "classification", "uniform", 4, "layers", 5, 25, table) == [10, 25]
+    assert measured_steps("tiny-llama", "classification", "uniform", 4, "layers", 5, 30, table) == [10, 30]
+    assert measured_steps("other", "classification", "uniform", 4, "layers", 5, 25, table) == [25]  # no curve
+    run = expected_utility("tiny-llama", "classification", "uniform", 4, "layers:x", 20, 6, table)
+    assert run.measured_as_run and run.accuracy == pytest.approx(0.75) and "at 20 steps" in run.source
+
+
+def test_a_device_trains_fewer_steps_where_the_measured_runs_peak_earlier(loaded, tmp_path, monkeypatch):
+    # Complete runs of this recipe: 10 steps help, 20 hurt (the early dip), 40 help most.
+    monkeypatch.setattr(utility, "TABLE", _runs_table(tmp_path / "table.json", [[0, 0.8], [10, 0.85], [20, 0.7],
+                                                                               [40, 0.9]]))  # fmt: skip
+    spec = _spec()  # 40 steps, at least 10, a 60 s deadline
+    order = candidates(spec)
+    flops = step_flops(candidate_shapes(loaded, spec, order[:1])[order[0]], BATCH, LENGTH, "classification")
+    profiles = {"fast": _profile("fast", 64 * GIB, 5000), "slow": _profile("slow", 64 * GIB, 1)}
+    speeds = {"fast": Throughput(5000, "profile"), "slow": Throughput(flops * 25.5 / (60.0 * 0.7) / 1e9, "profile")}
+    chosen = configure(loaded, spec, Fleet(profiles, {d: "torch" for d in profiles}, speeds))
+
+    fast, slow = chosen.chosen["fast"], chosen.chosen["slow"]
+    assert (fast.candidate, fast.steps, fast.steps_fit) == (order[0], STEPS, STEPS)
+    assert fast.utility.accuracy == pytest.approx(0.9)
+    # 25 steps fit the slow device; 10 are expected to do better than 20 or 25 (0.85 against 0.70 and 0.75).
+    assert (slow.candidate, slow.steps, slow.steps_fit) == (order[0], 10, 25)
+    assert "10 steps (25 fit; the measured runs peak earlier)" in slow.describe()
+    # One configuration for all is held to the slow device's 25 steps and chooses 10 of them too: never better
+    # than each device's own.
+    assert {(c.candidate, c.steps) for c in chosen.fixed.values()} == {(order[0], 10)}
+    for device, choice in chosen.chosen.items():
+        assert choice.utility.key() >= chosen.fixed[device].utility.key()
+    detail = {name: {d: c.to_dict() for d, c in choices.items()} for name, choices in
+              (("configurations", chosen.chosen), ("fixed", chosen.fixed))}  # fmt: skip
+    assert "one configuration for all would be: uniform:keep=4, layers, 10 steps each (85.0 % expected)" in (
+        format_configurations(detail)
+    )
+    # Expected below the full model's own 80 %: the choice says so.
+    assert slow.untrained == pytest.approx(0.8) and "below the untrained" not in slow.describe()
+    worse = replace(slow, utility=replace(slow.utility, accuracy=0.7))
+    assert "below the untrained full model's 80.0 %: more steps or a longer deadline" in worse.describe()
+
+
+def test_the_shipped_utility_table_is_the_one_the_saved_studies_make():
+    from bench.utility_table import curves
+
+    shipped = json.loads(utility.TABLE.read_text())["curves"]
+    assert shipped == curves()  # python -m bench.utility_table rewrites it after a study
+    assert {row["kind"] for row in shipped} == {utility.RUNS, utility.CHECKPOINTS}
