@@ -26,7 +26,7 @@ import torch
 
 from bench.markdown import machine_line, save_figure, write_section
 from coordinator.adapters import plugged_in
-from coordinator.adapters.layers import LayerAdapter, adapter_parameters, adapter_state
+from coordinator.adapters.layers import LayerAdapter, adapter_parameters, adapter_state, plug_in, weighted_mean
 from coordinator.compression import EmulatorSpec, make_emulator
 from coordinator.datasets import dataset_path
 from coordinator.emulator import Split
@@ -75,20 +75,15 @@ def run_setting(
             emulator, device_split = emulators[choice.candidate.emulator], spec.split_for(split)
             adapter = adapter_parameters(emulator, device_split.bottom, device_split.top)
             initial = adapter_state(emulator, device_split.bottom, device_split.top)
-            with torch.no_grad():
-                for key, parameter in adapter.items():
-                    parameter.copy_(aggregate[key] if aggregate is not None else initial[key])
+            plug_in(emulator, aggregate if aggregate is not None else initial)
             config = replace(training, steps=choice.steps)  # the job's batch, length and rate; the device's steps
             start = time.perf_counter()
             train(emulator, adapter.values(), task, data[device], config, f"{name} r{round_} {device}")
             trained_seconds += time.perf_counter() - start
             weights.append(adapter_state(emulator, device_split.bottom, device_split.top))
             examples.append(len(data[device]))
-            with torch.no_grad():  # the emulator goes back to its own adapter for the next device
-                for key, parameter in adapter.items():
-                    parameter.copy_(initial[key])
-        total = sum(examples)
-        aggregate = {key: sum(w[key] * n / total for w, n in zip(weights, examples, strict=True)) for key in weights[0]}
+            plug_in(emulator, initial)  # the emulator goes back to its own adapter for the next device
+        aggregate = weighted_mean(weights, [n / sum(examples) for n in examples])  # FedAvg by examples, as the service
         with plugged_in(LayerAdapter(), loaded.model, aggregate, split.bottom, split.top):
             scores.append(task.score(loaded.model, test, EVAL_BATCH))
         print(f"{name} round {round_}: plug-in {scores[-1]:.4f}", flush=True)

@@ -21,11 +21,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from bench.markdown import machine_line, measuring_command, save_figure, write_section
 from coordinator.adapters import plugged_in
-from coordinator.adapters.layers import LayerAdapter, adapter_parameters, adapter_state
+from coordinator.adapters.layers import LayerAdapter, adapter_parameters, adapter_state, plug_in
 from coordinator.compression import EmulatorSpec, make_emulator
 from coordinator.datasets import dataset_path
 from coordinator.emulator import Split
@@ -65,9 +63,7 @@ def measure(emulator_text: str | None, steps: list[int], seeds: list[int]) -> di
     seconds = 0.0
     for seed in seeds:
         for count in steps:
-            with torch.no_grad():
-                for key, parameter in adapter.items():
-                    parameter.copy_(initial[key])
+            plug_in(emulator, initial)
             config = replace(request.training, steps=count, seed=seed)
             start = time.perf_counter()
             train(emulator, adapter.values(), task, rest, config, f"{count} steps, seed {seed}")
