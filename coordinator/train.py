@@ -97,7 +97,8 @@ class _PrivateSteps:
         return (loss_sum / rows if rows else math.nan), rows
 
 
-def _endless(task: Task, examples: Sequence[Example], batch_size: int, seed: int) -> Iterator[Batch]:
+def endless_batches(task: Task, examples: Sequence[Example], batch_size: int, seed: int) -> Iterator[Batch]:
+    """`task`'s batches of `examples`, epoch after epoch, each epoch shuffled by `seed` plus its number."""
     epoch = 0
     while True:
         yield from task.batches(examples, batch_size, seed=seed + epoch)
@@ -135,7 +136,7 @@ def train(
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: learning_rate_factor(step, config.steps, config.warmup_ratio)
     )
-    batches = _endless(task, examples, config.batch_size, config.seed)
+    batches = endless_batches(task, examples, config.batch_size, config.seed)
     private = _PrivateSteps(model, trainable, task, examples, config, privacy) if privacy is not None else None
     report = TrainReport(0, 0, 0.0, sum(p.numel() for p in trainable))
     if private is not None:

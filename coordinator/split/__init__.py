@@ -1,0 +1,1 @@
+"""Split learning (SFPrompt): the device trains a soft prompt on the first layers, the server runs the rest."""

@@ -1,0 +1,180 @@
+"""Split training of a soft prompt: the device's steps, the server's half of each exchange, the bytes they move.
+
+One exchange, as the wire carries it: the device sends the cut (hidden states and mask); the server answers the
+label words' logits [B, C] at each row's last token; the device computes the loss with its labels and sends that
+loss's gradient on the logits; the server answers the gradient at the cut, and the device finishes the backward
+pass into its prompt. No label is sent as such, but the logits' gradient is (softmax - one-hot) / B, so a server
+that knows its own logits reads every label from it: split learning does not hide labels without noise on that
+gradient. With `local_steps`, that many steps on the local head's loss
+follow each exchange (SFPrompt's local-loss update). With `prune_fraction`, the device first scores its examples
+through the model it is about to train and drops the easiest.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from coordinator.errors import ConfigError
+from coordinator.split.local import LocalHead
+from coordinator.split.sides import Cut, DeviceSide, ServerSide
+from coordinator.tasks import Batch, ClassificationTask, pad
+from coordinator.train import TrainConfig, endless_batches
+from edge_runtime.data import Example
+from edge_runtime.pruning import SCORES, Pruned, el2n, label_loss, prune
+from edge_runtime.schedule import learning_rate_factor
+
+
+@dataclass(frozen=True)
+class SplitSetup:
+    """How a split job trains: local-loss steps after each exchange, and the share of easiest examples dropped."""
+
+    local_steps: int = 0
+    prune_fraction: float = 0.0
+    prune_score: str = "el2n"
+
+    def __post_init__(self) -> None:
+        if self.local_steps < 0:
+            raise ConfigError(f"local_steps={self.local_steps} must be 0 (every step goes to the server) or more")
+        if not 0 <= self.prune_fraction < 1:
+            raise ConfigError(f"prune_fraction={self.prune_fraction} must be in [0, 1), e.g. 0.3")
+        if self.prune_score not in SCORES:
+            raise ConfigError(f"prune_score={self.prune_score!r} must be one of {', '.join(SCORES)}")
+
+
+@dataclass
+class SplitReport:
+    """What a split run did: its steps of each kind, the bytes each way, what pruning dropped."""
+
+    exchanges: int = 0
+    local_steps: int = 0
+    samples: int = 0
+    bytes_up: int = 0  # device to server: cuts, masks, logit gradients
+    bytes_down: int = 0  # server to device: label logits, cut gradients
+    seconds: float = 0.0
+    losses: list[float] = field(default_factory=list)
+    pruned: dict[str, object] | None = None
+
+
+class ServerExchange:
+    """The server's half of one exchange; it holds the graph between the two calls."""
+
+    def __init__(self, server: ServerSide, label_token_ids: torch.Tensor) -> None:
+        self.server, self.label_token_ids = server, label_token_ids
+        self._sent: torch.Tensor | None = None
+        self._logits: torch.Tensor | None = None
+
+    def logits(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The label words' logits [B, C] for a received cut."""
+        self._sent = hidden.detach().requires_grad_(True)
+        self._logits = self.server.last_token_logits(Cut(self._sent, attention_mask))[:, self.label_token_ids]
+        return self._logits.detach()
+
+    def gradient(self, logits_gradient: torch.Tensor) -> torch.Tensor:
+        """The gradient at the cut [B, P + T, H] for the device's gradient on the logits."""
+        if self._sent is None or self._logits is None:
+            raise RuntimeError("a logit gradient arrived before its cut")
+        self._logits.backward(logits_gradient)
+        gradient, self._sent, self._logits = self._sent.grad, None, None
+        return gradient
+
+
+def _in_order(task: ClassificationTask, examples: Sequence[Example]) -> Batch:
+    """One batch of `examples` in their own order (the task's batches sort by length)."""
+    encoded = [task.encode(example) for example in examples]
+    ids, mask = pad([ids for ids, _ in encoded], task.tokenizer.pad_token_id)
+    return Batch(ids, mask, torch.tensor([label for _, label in encoded]))
+
+
+def _sent(cut: Cut) -> int:
+    """Bytes of a cut on the wire: its hidden states, a byte per mask entry."""
+    return cut.nbytes() + cut.attention_mask.nelement()
+
+
+def _label_logits(cut: Cut, labels: int) -> int:
+    """Bytes of the label logits [B, C] (or their gradient) for a cut."""
+    return cut.hidden.shape[0] * labels * cut.hidden.element_size()
+
+
+@torch.no_grad()
+def score_examples(
+    device: DeviceSide, exchange: ServerExchange, task: ClassificationTask, examples: Sequence[Example],
+    score: str, batch_size: int, report: SplitReport,
+) -> list[float]:  # fmt: skip
+    """Each example's pruning score through the current prompt (EL2N or loss over the label words)."""
+    measure = el2n if score == "el2n" else label_loss
+    scores: list[float] = []
+    for start in range(0, len(examples), batch_size):
+        batch = _in_order(task, examples[start : start + batch_size])
+        cut = device(batch.input_ids, batch.attention_mask)
+        probabilities = exchange.logits(cut.hidden, cut.attention_mask).softmax(dim=-1)
+        report.bytes_up += _sent(cut)  # scoring sends no gradient, receives none
+        report.bytes_down += _label_logits(cut, probabilities.shape[1])
+        scores += [measure(row.tolist(), int(label)) for row, label in zip(probabilities, batch.targets, strict=True)]
+    return scores
+
+
+def _exchange_step(
+    cut: Cut, targets: torch.Tensor, exchange: ServerExchange, local_head: LocalHead | None, report: SplitReport
+) -> torch.Tensor:
+    """One step through the server: the gradients it sets on the device's side, and the step's loss."""
+    logits = exchange.logits(cut.hidden, cut.attention_mask).requires_grad_(True)
+    loss = F.cross_entropy(logits, targets)  # on the device, with its labels
+    loss.backward()
+    cut.hidden.backward(exchange.gradient(logits.grad))
+    if local_head is not None:  # the head learns to read the cut on the server's steps too
+        F.cross_entropy(local_head(Cut(cut.hidden.detach(), cut.attention_mask)), targets).backward()
+    report.exchanges += 1
+    report.bytes_up += _sent(cut) + _label_logits(cut, logits.shape[1])
+    report.bytes_down += _label_logits(cut, logits.shape[1]) + cut.nbytes()
+    return loss
+
+
+def train_split(
+    device: DeviceSide, server: ServerSide, task: ClassificationTask, examples: Sequence[Example],
+    training: TrainConfig, setup: SplitSetup, local_head: LocalHead | None = None, description: str = "split",
+) -> SplitReport:  # fmt: skip
+    """Train `device`'s soft prompt for `training.steps` steps (exchanges and local steps together); seeded."""
+    if setup.local_steps and local_head is None:
+        raise ConfigError("local_steps needs a local head on the device (LocalHead)")
+    torch.manual_seed(training.seed)
+    report = SplitReport()
+    exchange = ServerExchange(server, task.label_token_ids)
+    if setup.prune_fraction:
+        scores = score_examples(device, exchange, task, examples, setup.prune_score, training.batch_size, report)
+        pruned: Pruned = prune(scores, setup.prune_fraction, setup.prune_score)
+        report.pruned = pruned.record()
+        examples = [examples[i] for i in pruned.kept]
+    head_parameters = list(local_head.parameters()) if local_head is not None else []
+    optimizer = torch.optim.AdamW([device.soft_prompt, *head_parameters], lr=training.lr)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: learning_rate_factor(step, training.steps, training.warmup_ratio)
+    )
+    batches = endless_batches(task, examples, training.batch_size, training.seed)
+    start = time.perf_counter()
+    with tqdm(total=training.steps, desc=description, unit="step", leave=False) as progress:
+        for step in range(training.steps):
+            batch = next(batches)
+            cut = device(batch.input_ids, batch.attention_mask)
+            if step % (setup.local_steps + 1) == 0:
+                loss = _exchange_step(cut, batch.targets, exchange, local_head, report)
+            else:
+                loss = F.cross_entropy(local_head(cut), batch.targets)  # type: ignore[misc]
+                loss.backward()
+                report.local_steps += 1
+            nn.utils.clip_grad_norm_([device.soft_prompt, *head_parameters], training.max_grad_norm)
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            report.samples += len(batch)
+            report.losses.append(float(loss.detach()))
+            progress.set_postfix(loss=f"{report.losses[-1]:.3f}")
+            progress.update()
+    report.seconds = time.perf_counter() - start
+    return report
