@@ -77,6 +77,7 @@ bench-studies: setup
 	$(BIN)/python -m bench.utility
 	$(BIN)/python -m bench.layer_windows
 	$(BIN)/python -m bench.steps_curve --seeds 0 1
+	$(BIN)/python -m bench.steps_curve --steps 20 40 80 200 --seeds 0 1 --devices 3
 	$(BIN)/python -m bench.utility_table
 	$(BIN)/python -m bench.heterogeneous
 	$(BIN)/python -m bench.heterogeneous --deadline 165 --steps 80 --rounds 2 --seeds 0 1 2

@@ -234,19 +234,20 @@ def publish(saved: dict[str, Any]) -> None:
             "simulated (their profiles', in parentheses: the predicted training seconds per round).",
             "",
             *tables,
-            "Reading (the runs above): the search scores a device's steps by complete runs of that many steps "
-            "(`bench.steps_curve`: through this recipe they score below the untrained full model until about 150 "
-            "steps, 66 % at 40, 78 % at 80, 87 % at 200, on validation) and may give a device fewer steps than "
-            "fit. At 400 steps (600 s) it gives the AGX and the Orin Nano 400 and the Pi the 109 that fit: the "
-            "per-device aggregate scores 87.1 % against 84.1 % for one configuration at the Pi's 109 steps. At 80 "
-            "steps (165 s) every choice is expected below the untrained model, and `fleet status` says so; the "
-            "Pi gets 20 of the 30 steps that fit (its runs peak there), one configuration for all 20 steps each. "
-            "Over three seeds (each deals the shards and orders the data) the per-device job plugs in at 82.2 % "
-            "after two rounds against 81.0 %, winning on two seeds of three, with a wider spread: short runs through "
-            "a lossy emulator are a lottery (single runs of 20–80 steps differ by 3–6 points between two seeds on "
-            "the same data), and averaging three devices' adapters narrows it. (Before the search knew complete "
-            "runs it scored 80 steps by step 80 of a 400-step run, gave this setting 80/80/30 steps against 30 "
-            "each, and one seed had it losing, 75.2 % against 82.7 %.)",
+            "Reading (the runs above, made before the search scored a job's steps by the aggregate of several "
+            "devices' runs): the search scored a device's steps by one device's complete runs of that many steps "
+            "(`bench.steps_curve`: 66 % at 40, 78 % at 80, 87 % at 200 on validation, below the untrained full "
+            "model until about 150 steps) and may give a device fewer steps than fit. At 400 steps (600 s) it "
+            "gives the AGX and the Orin Nano 400 and the Pi the 109 that fit: the per-device aggregate scores "
+            "87.1 % against 84.1 % for one configuration at the Pi's 109 steps. At 80 steps (165 s) every choice "
+            "is expected below the untrained model, and `fleet status` says so; it gave 80/80/20 steps against 20 "
+            "each. Over three seeds (each deals the shards and orders the data) the per-device job plugs in at "
+            "82.2 % after two rounds against 81.0 %, winning on two seeds of three, with a wider spread. Scored by "
+            "the aggregate of three devices' runs (`bench.steps_curve --devices 3`, below: 76 % at 20 and 30, 77 % "
+            "at 40, 73 % at 80, 83 % at 200), the search now makes the same choices at 600 s and gives 40/40/30 "
+            "against 30 each at 165 s; that setting is still to be measured again. (Before the search knew "
+            "complete runs it scored 80 steps by step 80 of a 400-step run, gave this setting 80/80/30 steps "
+            "against 30 each, and one seed had it losing, 75.2 % against 82.7 %.)",
             "",
             f"![plug-in accuracy per setting](bench/results/{OUT.with_suffix('.png').name})",
         ]

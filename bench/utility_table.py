@@ -2,7 +2,8 @@
 
     python -m bench.utility_table
 
-Reads the saved results of `bench.steps_curve` (complete runs of N steps: the "runs" curves), `bench.recipe_choice`
+Reads the saved results of `bench.steps_curve` (complete runs of N steps: the "runs" curves; with `--devices K`,
+their FedAvg aggregate over K devices: the "aggregates" curves), `bench.recipe_choice`
 (whole layers, one file per recipe), `bench.adapter_kinds` (LoRA, bias, prompt: the learning rate whose curve peaks
 highest on validation) and `bench.utility` (smaller emulators): the "checkpoints" curves. Only validation numbers
 (reviews carved from the training file) go in; no test score does.
@@ -13,7 +14,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from coordinator.fleet.utility import CHECKPOINTS, RUNS, TABLE, recipe_key
+from coordinator.fleet.utility import AGGREGATES, CHECKPOINTS, RUNS, TABLE, recipe_key
 from edge_runtime.files import write_json_atomic
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -54,7 +55,8 @@ def curves() -> list[dict]:
         keep_best(_row(run["emulator"]["spec"], run["kind"], selection["validation_curve"], run["command"]))
     for path in sorted((RESULTS / "steps_curve").glob("*.json")):
         run = json.loads(path.read_text())
-        keep_best(_row(run["spec"], run["adapter"], run["curve"], run["command"], RUNS))
+        kind = AGGREGATES if run.get("devices", 1) > 1 else RUNS
+        keep_best(_row(run["spec"], run["adapter"], run["curve"], run["command"], kind))
     return [rows[key] for key in sorted(rows)]
 
 

@@ -3,8 +3,9 @@
 For each device: every candidate emulator (the job's recipe, the same stored int8 with recomputation, and any the
 operator adds) and adapter (for LoRA, the job's rank and smaller ones) is planned against the device's memory
 budget (the memory planner), timed on its throughput (`cost.py`: measured from its last result, else its
-profile), allowed as many steps as fit the round's deadline, and scored by expected utility (`utility.py`) at
-the step count up to that many where its measured runs peak; the best feasible one is the device's. The best
+profile), allowed as many steps as fit the round's deadline, and scored by expected utility (`utility.py`: for a
+job of several devices, the aggregate of several devices' runs where measured) at the step count up to that many
+where that peaks; the best feasible one is the device's. The best
 single configuration every device could run (at the steps the slowest allows, chosen the same way) is recorded
 beside, so `fleet status` shows what the per-device choice gained.
 """
@@ -175,9 +176,10 @@ def _option(
     layers = loaded.model.config.num_hidden_layers
     bottom, top = base.adapter_layers
     recipe = (base.model, task, candidate.emulator, base.keep, candidate.adapter_kind)
-    counts = measured_steps(*recipe, spec.fewest_steps, most)
-    utility = max((expected_utility(*recipe, n, layers - bottom - top) for n in counts), key=Utility.key)
-    untrained = expected_utility(*recipe, 0, layers - bottom - top)
+    devices = len(fleet.profiles)
+    counts = measured_steps(*recipe, spec.fewest_steps, most, devices)
+    utility = max((expected_utility(*recipe, n, layers - bottom - top, devices) for n in counts), key=Utility.key)
+    untrained = expected_utility(*recipe, 0, layers - bottom - top, devices)
     return Choice(
         device, profile.name, backend, candidate, utility.steps, training.batch_size, micro_batch, task,
         predicted.total, profile.budget_bytes, flops, fleet.throughputs[device], utility, shape, most,

@@ -6,6 +6,10 @@ adapter kind, plug-in accuracies on validation reviews carved from the training 
 - "runs" (`bench.steps_curve`): the last adapter of a complete run of N steps, its learning-rate schedule spread
   over those N: what a device given N steps returns. Between measured N the value is interpolated; past the
   last one it stays flat. A configuration measured this way ranks above any measured only the other way.
+- "aggregates" (`bench.steps_curve --devices K`): the FedAvg aggregate of K devices' complete N-step runs on
+  their own shards: what one round of a job returns. Averaging cancels much of each short run's damage, so a job
+  of several devices scores a device's steps by this curve where it is measured (whatever the job's K; each
+  device's steps as if all ran that many), by "runs" where not.
 - "checkpoints" (`bench.recipe_choice`, `bench.adapter_kinds`, `bench.utility`): every 50 steps of one longer
   run, mid-schedule. A configuration's utility after `steps` steps is the best the curve reached by then.
 
@@ -24,7 +28,7 @@ from pathlib import Path
 from coordinator.compression import EmulatorSpec
 
 TABLE = Path(__file__).with_name("utility_table.json")
-RUNS, CHECKPOINTS = "runs", "checkpoints"
+RUNS, AGGREGATES, CHECKPOINTS = "runs", "aggregates", "checkpoints"
 Curve = list[tuple[int, float]]
 
 
@@ -33,7 +37,7 @@ class Utility:
     """How good a configuration is expected to be; compares greater for the better one."""
 
     accuracy: float | None  # from the table; None: not measured
-    measured_as_run: bool  # from complete runs of `steps` steps, as a device trains
+    measured_as_run: bool  # from complete runs of `steps` steps (or their aggregate), as a device trains
     middle_kept: float  # share of the middle layers the emulator keeps
     float_storage: bool
     steps: int
@@ -82,27 +86,41 @@ def interpolate(curve: Curve, steps: int) -> float:
     return low + (high - low) * (steps - left) / (right - left)
 
 
+def _runs(
+    model: str, task: str, emulator: str, keep: int, adapter: str, devices: int, path: Path | None
+) -> tuple[str, Curve] | None:
+    """The complete-runs curve a job of `devices` devices is scored by, and its kind; None: not measured."""
+    for kind in (AGGREGATES, RUNS) if devices > 1 else (RUNS,):
+        curve = _curve(model, task, emulator, keep, adapter, kind, path)
+        if curve:
+            return kind, curve
+    return None
+
+
 def measured_steps(
-    model: str, task: str, emulator: str, keep: int, adapter: str, fewest: int, most: int, path: Path | None = None
-) -> list[int]:
+    model: str, task: str, emulator: str, keep: int, adapter: str, fewest: int, most: int, devices: int = 1,
+    path: Path | None = None,
+) -> list[int]:  # fmt: skip
     """The step counts worth trying for a device that may train between `fewest` and `most` steps: every count
     the runs curve measured in that range, and `most` (the configuration's utility may peak before the most
     steps the deadline allows, e.g. in the early dip where steps still fit the adapter to the emulator)."""
-    curve = _curve(model, task, emulator, keep, adapter, RUNS, path) or []
+    _, curve = _runs(model, task, emulator, keep, adapter, devices, path) or (RUNS, [])
     return sorted({step for step, _ in curve if fewest <= step <= most} | {most})
 
 
 def expected_utility(
-    model: str, task: str, emulator: str, keep: int, adapter: str, steps: int, middle: int, path: Path | None = None
-) -> Utility:
-    """The utility of training `adapter` (a kind name) through `emulator` for `steps` steps; `middle` is the
-    number of middle layers of the full model (the emulator keeps `keep` of them)."""
+    model: str, task: str, emulator: str, keep: int, adapter: str, steps: int, middle: int, devices: int = 1,
+    path: Path | None = None,
+) -> Utility:  # fmt: skip
+    """The utility of training `adapter` (a kind name) through `emulator` for `steps` steps in a job of `devices`
+    devices; `middle` is the number of middle layers of the full model (the emulator keeps `keep` of them)."""
     spec, kind = EmulatorSpec.parse(emulator, keep), adapter.partition(":")[0]
     kept = min(1.0, (spec.keep or keep) / middle) if middle else 1.0
-    runs = _curve(model, task, emulator, keep, adapter, RUNS, path)
+    runs = _runs(model, task, emulator, keep, adapter, devices, path)
     if runs:
-        source = f"runs of {spec.label()}, {kind}, at {steps} steps"
-        return Utility(interpolate(runs, steps), True, kept, spec.store == "float32", steps, source)
+        what = "aggregates of devices' runs" if runs[0] == AGGREGATES else "runs"
+        source = f"{what} of {spec.label()}, {kind}, at {steps} steps"
+        return Utility(interpolate(runs[1], steps), True, kept, spec.store == "float32", steps, source)
     checkpoints = _curve(model, task, emulator, keep, adapter, CHECKPOINTS, path)
     if checkpoints:
         accuracy = max((value for step, value in checkpoints if step <= steps), default=None)

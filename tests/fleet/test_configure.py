@@ -156,9 +156,12 @@ def test_fleet_dispatch_queues_a_per_device_job_and_refuses_bad_ranks(tmp_path: 
     assert "add --per-device" in capsys.readouterr().err
 
 
-def _runs_table(path: Path, curve: list[list[float]]) -> Path:
+def _runs_table(path: Path, curve: list[list[float]], aggregates: list[list[float]] | None = None) -> Path:
     row = {"model": "tiny-llama", "task": "classification", "emulator": recipe_key("uniform", 4), "adapter": "layers"}
-    path.write_text(json.dumps({"schema": 1, "curves": [row | {"kind": "runs", "curve": curve}]}))
+    rows = [row | {"kind": "runs", "curve": curve}]
+    if aggregates:
+        rows.append(row | {"kind": "aggregates", "curve": aggregates})
+    path.write_text(json.dumps({"schema": 1, "curves": rows}))
     return path
 
 
@@ -166,10 +169,10 @@ def test_runs_curves_interpolate_between_measured_steps_and_stay_flat_past_them(
     curve = [(0, 0.8), (10, 0.6), (30, 0.9)]
     assert [interpolate(curve, n) for n in (0, 5, 10, 20, 30, 500)] == pytest.approx([0.8, 0.7, 0.6, 0.75, 0.9, 0.9])
     table = _runs_table(tmp_path / "table.json", [[0, 0.8], [10, 0.6], [30, 0.9]])
-    assert measured_steps("tiny-llama", "classification", "uniform", 4, "layers", 5, 25, table) == [10, 25]
-    assert measured_steps("tiny-llama", "classification", "uniform", 4, "layers", 5, 30, table) == [10, 30]
-    assert measured_steps("other", "classification", "uniform", 4, "layers", 5, 25, table) == [25]  # no curve
-    run = expected_utility("tiny-llama", "classification", "uniform", 4, "layers:x", 20, 6, table)
+    assert measured_steps("tiny-llama", "classification", "uniform", 4, "layers", 5, 25, path=table) == [10, 25]
+    assert measured_steps("tiny-llama", "classification", "uniform", 4, "layers", 5, 30, path=table) == [10, 30]
+    assert measured_steps("other", "classification", "uniform", 4, "layers", 5, 25, path=table) == [25]  # no curve
+    run = expected_utility("tiny-llama", "classification", "uniform", 4, "layers:x", 20, 6, path=table)
     assert run.measured_as_run and run.accuracy == pytest.approx(0.75) and "at 20 steps" in run.source
 
 
@@ -206,9 +209,29 @@ def test_a_device_trains_fewer_steps_where_the_measured_runs_peak_earlier(loaded
     assert "below the untrained full model's 80.0 %: more steps or a longer deadline" in worse.describe()
 
 
+def test_a_job_of_several_devices_scores_steps_by_the_aggregate_of_devices_runs(loaded, tmp_path, monkeypatch):
+    # One device's runs dip at 20 steps; the aggregate of several devices' runs does not (averaging cancels it).
+    runs, aggregates = [[0, 0.8], [10, 0.85], [20, 0.7], [40, 0.9]], [[0, 0.8], [10, 0.82], [20, 0.86], [40, 0.9]]
+    monkeypatch.setattr(utility, "TABLE", _runs_table(tmp_path / "table.json", runs, aggregates))
+    recipe = ("tiny-llama", "classification", "uniform", 4, "layers")
+    alone, job = expected_utility(*recipe, 20, 6, devices=1), expected_utility(*recipe, 20, 6, devices=3)
+    assert (alone.accuracy, job.accuracy) == pytest.approx((0.7, 0.86))
+    assert job.measured_as_run and job.source.startswith("aggregates of devices' runs") and "runs of" in alone.source
+    assert measured_steps(*recipe, 5, 25, devices=3) == [10, 20, 25]
+
+    spec = _spec()  # 40 steps, at least 10, a 60 s deadline
+    order = candidates(spec)
+    flops = step_flops(candidate_shapes(loaded, spec, order[:1])[order[0]], BATCH, LENGTH, "classification")
+    profiles = {"fast": _profile("fast", 64 * GIB, 5000), "slow": _profile("slow", 64 * GIB, 1)}
+    speeds = {"fast": Throughput(5000, "profile"), "slow": Throughput(flops * 25.5 / (60.0 * 0.7) / 1e9, "profile")}
+    slow = configure(loaded, spec, Fleet(profiles, {d: "torch" for d in profiles}, speeds)).chosen["slow"]
+    # Alone its runs would peak at 10 of the 25 steps that fit (the test above); in the job it trains all 25.
+    assert (slow.steps, slow.steps_fit) == (25, 25) and slow.utility.accuracy == pytest.approx(0.87)
+
+
 def test_the_shipped_utility_table_is_the_one_the_saved_studies_make():
     from bench.utility_table import curves
 
     shipped = json.loads(utility.TABLE.read_text())["curves"]
     assert shipped == curves()  # python -m bench.utility_table rewrites it after a study
-    assert {row["kind"] for row in shipped} == {utility.RUNS, utility.CHECKPOINTS}
+    assert {row["kind"] for row in shipped} == {utility.RUNS, utility.AGGREGATES, utility.CHECKPOINTS}
