@@ -7,9 +7,10 @@ adapter kind, plug-in accuracies on validation reviews carved from the training 
   over those N: what a device given N steps returns. Between measured N the value is interpolated; past the
   last one it stays flat. A configuration measured this way ranks above any measured only the other way.
 - "aggregates" (`bench.steps_curve --devices K`): the FedAvg aggregate of K devices' complete N-step runs on
-  their own shards: what one round of a job returns. Averaging cancels much of each short run's damage, so a job
-  of several devices scores a device's steps by this curve where it is measured (whatever the job's K; each
-  device's steps as if all ran that many), by "runs" where not.
+  their own shards: what one round of a job returns, from K runs per seed (short runs through a lossy emulator
+  vary by tens of points; the aggregate scores about its devices' mean, with less spread). A job of several
+  devices scores a device's steps by this curve where it is measured (whatever the job's K; each device's steps
+  as if all ran that many), by "runs" where not.
 - "checkpoints" (`bench.recipe_choice`, `bench.adapter_kinds`, `bench.utility`): every 50 steps of one longer
   run, mid-schedule. A configuration's utility after `steps` steps is the best the curve reached by then.
 
@@ -118,9 +119,10 @@ def expected_utility(
     kept = min(1.0, (spec.keep or keep) / middle) if middle else 1.0
     runs = _runs(model, task, emulator, keep, adapter, devices, path)
     if runs:
-        what = "aggregates of devices' runs" if runs[0] == AGGREGATES else "runs"
+        measured, curve = runs
+        what = "aggregates of devices' runs" if measured == AGGREGATES else "runs"
         source = f"{what} of {spec.label()}, {kind}, at {steps} steps"
-        return Utility(interpolate(runs[1], steps), True, kept, spec.store == "float32", steps, source)
+        return Utility(interpolate(curve, steps), True, kept, spec.store == "float32", steps, source)
     checkpoints = _curve(model, task, emulator, keep, adapter, CHECKPOINTS, path)
     if checkpoints:
         accuracy = max((value for step, value in checkpoints if step <= steps), default=None)

@@ -5,9 +5,9 @@ label words' logits [B, C] at each row's last token; the device computes the los
 loss's gradient on the logits; the server answers the gradient at the cut, and the device finishes the backward
 pass into its prompt. No label is sent as such, but the logits' gradient is (softmax - one-hot) / B, so a server
 that knows its own logits reads every label from it: split learning does not hide labels without noise on that
-gradient. With `local_steps`, that many steps on the local head's loss
-follow each exchange (SFPrompt's local-loss update). With `prune_fraction`, the device first scores its examples
-through the model it is about to train and drops the easiest.
+gradient. With `local_steps`, that many steps on the local head's loss follow each exchange (SFPrompt's local-loss
+update). With `prune_fraction`, the device first scores its examples through the model it is about to train and
+drops the easiest.
 """
 
 from __future__ import annotations
