@@ -97,26 +97,37 @@ def build_emulator(
     spec = spec_for(model.config.model_type)
     num_layers = model.config.num_hidden_layers
     kept = split.kept_layers(num_layers, middle)
-    config = copy.deepcopy(model.config)
-    config.num_hidden_layers = len(kept)
-    if isinstance(getattr(config, "layer_types", None), list):
-        config.layer_types = [config.layer_types[i] for i in kept]
+    config = config_with_layers(model.config, kept)
     record = EmulatorRecord(recipe, num_layers, kept, split.bottom, split.top)
     set_emulator_record(config, record)
     emulator = type(model)(config).to(model.dtype)
+    emulator.load_state_dict(state_with_layers(model.state_dict(), spec.layers, kept), strict=True)
+    emulator.eval()
+    return emulator
+
+
+def config_with_layers(config: object, kept: list[int]) -> object:
+    """A copy of a model config for a model holding only the `kept` layers (full-model indices)."""
+    config = copy.deepcopy(config)
+    config.num_hidden_layers = len(kept)
+    if isinstance(getattr(config, "layer_types", None), list):
+        config.layer_types = [config.layer_types[i] for i in kept]
+    return config
+
+
+def state_with_layers(state: dict[str, torch.Tensor], layers: str, kept: list[int]) -> dict[str, torch.Tensor]:
+    """`state` with only the `kept` layers under the `layers` ModuleList, numbered again from 0 in that order."""
     position = {source: target for target, source in enumerate(kept)}
-    state = {}
-    for name, tensor in model.state_dict().items():
-        located = split_layer_name(name, spec.layers)
+    subset = {}
+    for name, tensor in state.items():
+        located = split_layer_name(name, layers)
         if located is not None:
             index, rest = located
             if index not in position:
                 continue
-            name = f"{spec.layers}.{position[index]}.{rest}"
-        state[name] = tensor
-    emulator.load_state_dict(state, strict=True)
-    emulator.eval()
-    return emulator
+            name = f"{layers}.{position[index]}.{rest}"
+        subset[name] = tensor
+    return subset
 
 
 def split_layer_name(name: str, layers: str) -> tuple[int, str] | None:

@@ -22,7 +22,7 @@ from transformers import PreTrainedModel
 
 from coordinator.adapters.prompt import PromptAdapter
 from coordinator.architectures import spec_for
-from coordinator.emulator import split_layer_name
+from coordinator.emulator import config_with_layers, state_with_layers
 from coordinator.errors import ConfigError
 from edge_runtime.soft_prompt import SOFT_PROMPT
 
@@ -90,21 +90,10 @@ def _backbone_of(model: PreTrainedModel, layers: range, final_norm: bool) -> nn.
     """A copy of `model`'s backbone holding only `layers` (full-model indices), with or without its final norm."""
     spec = spec_for(model.config.model_type)
     backbone = model.get_submodule(spec.backbone)
-    relative = spec.layers.removeprefix(spec.backbone + ".")
-    config = copy.deepcopy(model.config)
-    config.num_hidden_layers = len(layers)
-    if isinstance(getattr(config, "layer_types", None), list):
-        config.layer_types = [config.layer_types[i] for i in layers]
-    part = type(backbone)(config).to(model.dtype)
-    state = {}
-    for name, tensor in backbone.state_dict().items():
-        located = split_layer_name(name, relative)
-        if located is not None:
-            if located[0] not in layers:
-                continue
-            name = f"{relative}.{located[0] - layers.start}.{located[1]}"
-        state[name] = tensor.detach().clone()
-    part.load_state_dict(state, strict=True)
+    kept = list(layers)
+    part = type(backbone)(config_with_layers(model.config, kept)).to(model.dtype)
+    state = state_with_layers(backbone.state_dict(), spec.layers.removeprefix(spec.backbone + "."), kept)
+    part.load_state_dict(state, strict=True)  # copies into the part's own tensors: nothing is shared
     if not final_norm:
         setattr(part, spec.final_norm.removeprefix(spec.backbone + "."), nn.Identity())
     return part.eval().requires_grad_(False)
