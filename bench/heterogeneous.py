@@ -234,20 +234,18 @@ def publish(saved: dict[str, Any]) -> None:
             "simulated (their profiles', in parentheses: the predicted training seconds per round).",
             "",
             *tables,
-            "Reading (the runs above, made before the search scored a job's steps by the aggregate of several "
-            "devices' runs): the search scored a device's steps by one device's complete runs of that many steps "
-            "(`bench.steps_curve`: 66 % at 40, 78 % at 80, 87 % at 200 on validation, below the untrained full "
-            "model until about 150 steps) and may give a device fewer steps than fit. At 400 steps (600 s) it "
-            "gives the AGX and the Orin Nano 400 and the Pi the 109 that fit: the per-device aggregate scores "
-            "87.1 % against 84.1 % for one configuration at the Pi's 109 steps. At 80 steps (165 s) every choice "
-            "is expected below the untrained model, and `fleet status` says so; it gave 80/80/20 steps against 20 "
-            "each. Over three seeds (each deals the shards and orders the data) the per-device job plugs in at "
-            "82.2 % after two rounds against 81.0 %, winning on two seeds of three, with a wider spread. Scored by "
-            "the aggregate of three devices' runs (`bench.steps_curve --devices 3`, below: 76 % at 20 and 30, 77 % "
-            "at 40, 73 % at 80, 83 % at 200), the search now makes the same choices at 600 s and gives 40/40/30 "
-            "against 30 each at 165 s; that setting is still to be measured again. (Before the search knew "
-            "complete runs it scored 80 steps by step 80 of a 400-step run, gave this setting 80/80/30 steps "
-            "against 30 each, and one seed had it losing, 75.2 % against 82.7 %.)",
+            "Reading: the search scores a device's steps by what a round of three devices' complete runs "
+            "returns (`bench.steps_curve --devices 3`: 76 % at 20 and 30 steps, 77 % at 40, 73 % at 80, 83 % at "
+            "200 on validation; a single device's runs: 66 % at 40, 78 % at 80, 87 % at 200) and may give a "
+            "device fewer steps than fit. At 400 steps (600 s) it gives the AGX and the Orin Nano 400 and the Pi "
+            "the 109 that fit: the per-device aggregate scores 87.1 % against 84.1 % for one configuration at the "
+            "Pi's 109 steps. At 80 steps (165 s) every choice is expected below the untrained model, and `fleet "
+            "status` says so; it gives 40/40/30 steps against 30 each. Over three seeds (each deals the shards and "
+            "orders the data) the per-device job leads after one round with a narrower spread, and both are back "
+            "at zero-shot after two: so short a round does not pay, however the steps are spread. (Earlier "
+            "searches gave this setting 80/80/20 against 20 each, scored by one device's runs: 82.2 % against "
+            "81.0 % after two rounds, 78.8–84.2 against 80.7–81.3; and 80/80/30 against 30, scored by step 80 of "
+            "a 400-step run, which lost on one seed, 75.2 % against 82.7 %.)",
             "",
             f"![plug-in accuracy per setting](bench/results/{OUT.with_suffix('.png').name})",
         ]
