@@ -32,9 +32,10 @@ DEVICE_STATES = ("online", "busy", "offline")
 # What a device reports of a job: the daemon's events and, when a job is sent again, its state on disk.
 EVENTS = ("queued", "downloading", "accepted", "training", "progress", "trained", "delivered", "rejected", "failed")
 
-# Per-device channels. The device writes the first five, the coordinator the last two.
-DEVICE_CHANNELS = ("status", "profile", "events", "acks", "results")
-COORDINATOR_CHANNELS = ("jobs", "transfer")
+# Per-device channels. The device writes the first six, the coordinator the last three (`split` and `answers`:
+# split learning's exchanges, edge_runtime/split_wire.py).
+DEVICE_CHANNELS = ("status", "profile", "events", "acks", "results", "split")
+COORDINATOR_CHANNELS = ("jobs", "transfer", "answers")
 
 
 class WireError(OffsiteError):
@@ -290,6 +291,27 @@ def decode(payload: bytes) -> Record:
         raise WireError(str(error)) from None
 
 
+def pack_frame(magic: bytes, header: dict[str, Any], data: bytes) -> bytes:
+    """A binary frame: `magic`, the JSON header's length (4 bytes, big-endian), the header, then `data`."""
+    encoded = json.dumps(header, sort_keys=True).encode()
+    return magic + struct.pack(">I", len(encoded)) + encoded + data
+
+
+def unpack_frame(payload: bytes, magic: bytes, what: str) -> tuple[dict[str, Any], bytes]:
+    """(header, data) of a `pack_frame` frame; WireError if it is oversize, cut short or not a JSON object."""
+    if len(payload) > MAX_MESSAGE_BYTES:
+        raise WireError(f"{what} of {len(payload):,} bytes is over the {MAX_MESSAGE_BYTES:,}-byte limit")
+    start = len(magic) + 4
+    if payload[: len(magic)] != magic or len(payload) < start:
+        raise WireError(f"{what} is cut short or lacks its magic bytes")
+    (length,) = struct.unpack(">I", payload[len(magic) : start])
+    try:
+        header = json_object(payload[start : start + length], f"{what} header")
+    except RecordError as error:
+        raise WireError(str(error)) from None
+    return header, payload[start + length :]
+
+
 @dataclass(frozen=True)
 class Chunk:
     """One slice of a transfer: `index`, its bytes, and their sha256 (checked on receipt)."""
@@ -299,17 +321,10 @@ class Chunk:
     data: bytes
 
     def encode(self) -> bytes:
-        header = json.dumps(
-            {
-                "kind": "chunk",
-                "schema": WIRE_SCHEMA,
-                "transfer": self.transfer,
-                "index": self.index,
-                "sha256": hashlib.sha256(self.data).hexdigest(),
-            },
-            sort_keys=True,
-        ).encode()
-        return FRAME_MAGIC + struct.pack(">I", len(header)) + header + self.data
+        digest = hashlib.sha256(self.data).hexdigest()
+        header = {"kind": "chunk", "schema": WIRE_SCHEMA, "transfer": self.transfer, "index": self.index,
+                  "sha256": digest}  # fmt: skip
+        return pack_frame(FRAME_MAGIC, header, self.data)
 
     @staticmethod
     def is_frame(payload: bytes) -> bool:
@@ -318,19 +333,9 @@ class Chunk:
     @classmethod
     def decode(cls, payload: bytes) -> "Chunk":
         """Parse a frame and check its sha256; raise WireError if it is cut, oversize or corrupted."""
-        if len(payload) > MAX_MESSAGE_BYTES:
-            raise WireError(f"chunk of {len(payload):,} bytes is over the {MAX_MESSAGE_BYTES:,}-byte limit")
-        start = len(FRAME_MAGIC) + 4
-        if not cls.is_frame(payload) or len(payload) < start:
-            raise WireError("chunk frame is cut short or lacks its magic bytes")
-        (length,) = struct.unpack(">I", payload[len(FRAME_MAGIC) : start])
-        try:
-            header = json_object(payload[start : start + length], "chunk header")
-        except RecordError as error:
-            raise WireError(str(error)) from None
+        header, data = unpack_frame(payload, FRAME_MAGIC, "chunk frame")
         if header.get("schema") != WIRE_SCHEMA:
             raise WireError(f"chunk schema {str(header.get('schema'))[:20]!r} is not {WIRE_SCHEMA}")
-        data = payload[start + length :]
         if hashlib.sha256(data).hexdigest() != header.get("sha256"):
             raise WireError(f"chunk {header.get('index')} of {str(header.get('transfer'))[:12]} fails its sha256")
         index, transfer = header.get("index"), header.get("transfer")

@@ -15,8 +15,8 @@ from edge_runtime.identity import check_login, parse_public_key
 from edge_runtime.wire import DEVICE_ID, NAME, Topics
 
 COORDINATOR_USER = "coordinator"
-DEVICE_WRITES = ("status", "profile", "events", "acks")  # and results/JOB
-DEVICE_READS = ("jobs", "transfer")
+DEVICE_WRITES = ("status", "profile", "events", "acks", "split")  # and results/JOB
+DEVICE_READS = ("jobs", "transfer", "answers")
 _POLICIES: dict[str, BrokerAccess] = {}  # amqtt builds plugins from plain config: they find their policy by id
 
 

@@ -13,8 +13,9 @@ drops the easiest.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -57,9 +58,18 @@ class SplitReport:
     samples: int = 0
     bytes_up: int = 0  # device to server: cuts, masks, logit gradients
     bytes_down: int = 0  # server to device: label logits, cut gradients
+    bytes_scoring: int = 0  # both ways, of the pruning pass (counted in bytes_up and bytes_down too)
     seconds: float = 0.0
     losses: list[float] = field(default_factory=list)
     pruned: dict[str, object] | None = None
+
+
+class Exchange(Protocol):
+    """The device's view of the server: the label logits for a cut, then the cut's gradient for theirs."""
+
+    def logits(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor: ...
+
+    def gradient(self, logits_gradient: torch.Tensor) -> torch.Tensor: ...
 
 
 class ServerExchange:
@@ -104,24 +114,26 @@ def _label_logits(cut: Cut, labels: int) -> int:
 
 @torch.no_grad()
 def score_examples(
-    device: DeviceSide, exchange: ServerExchange, task: ClassificationTask, examples: Sequence[Example],
+    device: DeviceSide, exchange: Exchange, task: ClassificationTask, examples: Sequence[Example],
     score: str, batch_size: int, report: SplitReport,
 ) -> list[float]:  # fmt: skip
     """Each example's pruning score through the current prompt (EL2N or loss over the label words)."""
     measure = el2n if score == "el2n" else label_loss
     scores: list[float] = []
-    for start in range(0, len(examples), batch_size):
+    for start in tqdm(range(0, len(examples), batch_size), desc="pruning scores", unit="batch", leave=False):
         batch = _in_order(task, examples[start : start + batch_size])
         cut = device(batch.input_ids, batch.attention_mask)
         probabilities = exchange.logits(cut.hidden, cut.attention_mask).softmax(dim=-1)
-        report.bytes_up += _sent(cut)  # scoring sends no gradient, receives none
-        report.bytes_down += _label_logits(cut, probabilities.shape[1])
+        up, down = _sent(cut), _label_logits(cut, probabilities.shape[1])  # scoring sends no gradient back
+        report.bytes_up += up
+        report.bytes_down += down
+        report.bytes_scoring += up + down
         scores += [measure(row.tolist(), int(label)) for row, label in zip(probabilities, batch.targets, strict=True)]
     return scores
 
 
 def _exchange_step(
-    cut: Cut, targets: torch.Tensor, exchange: ServerExchange, local_head: LocalHead | None, report: SplitReport
+    cut: Cut, targets: torch.Tensor, exchange: Exchange, local_head: LocalHead | None, report: SplitReport
 ) -> torch.Tensor:
     """One step through the server: the gradients it sets on the device's side, and the step's loss."""
     logits = exchange.logits(cut.hidden, cut.attention_mask).requires_grad_(True)
@@ -137,15 +149,18 @@ def _exchange_step(
 
 
 def train_split(
-    device: DeviceSide, server: ServerSide, task: ClassificationTask, examples: Sequence[Example],
+    device: DeviceSide, server: ServerSide | Exchange, task: ClassificationTask, examples: Sequence[Example],
     training: TrainConfig, setup: SplitSetup, local_head: LocalHead | None = None, description: str = "split",
+    on_step: Callable[[int], None] | None = None,
 ) -> SplitReport:  # fmt: skip
-    """Train `device`'s soft prompt for `training.steps` steps (exchanges and local steps together); seeded."""
+    """Train `device`'s soft prompt for `training.steps` steps (exchanges and local steps together); seeded.
+    `server` is the server's side in this process, or an exchange with it elsewhere (`RemoteExchange`).
+    `on_step(n)` runs after the n-th step (1-based), e.g. `BestCheckpoint.on_step`."""
     if setup.local_steps and local_head is None:
         raise ConfigError("local_steps needs a local head on the device (LocalHead)")
     torch.manual_seed(training.seed)
     report = SplitReport()
-    exchange = ServerExchange(server, task.label_token_ids)
+    exchange = ServerExchange(server, task.label_token_ids) if isinstance(server, ServerSide) else server
     if setup.prune_fraction:
         scores = score_examples(device, exchange, task, examples, setup.prune_score, training.batch_size, report)
         pruned: Pruned = prune(scores, setup.prune_fraction, setup.prune_score)
@@ -176,5 +191,7 @@ def train_split(
             report.losses.append(float(loss.detach()))
             progress.set_postfix(loss=f"{report.losses[-1]:.3f}")
             progress.update()
+            if on_step is not None:
+                on_step(step + 1)
     report.seconds = time.perf_counter() - start
     return report

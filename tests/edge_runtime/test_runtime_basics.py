@@ -15,7 +15,7 @@ from edge_runtime.files import atomic_directory, atomic_path, write_json_atomic
 def test_runtime_import_pulls_in_no_torch_or_transformers():
     code = (
         "import sys, edge_runtime.cli, edge_runtime.trainer, edge_runtime.bundle, edge_runtime.text, "
-        "edge_runtime.memory, edge_runtime.profile, edge_runtime.backends;"
+        "edge_runtime.memory, edge_runtime.profile, edge_runtime.backends, edge_runtime.split_client;"
         "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
     )
     finished = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

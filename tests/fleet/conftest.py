@@ -39,10 +39,12 @@ topic readwrite offsite/#
 
 pattern read offsite/devices/%u/jobs
 pattern read offsite/devices/%u/transfer
+pattern read offsite/devices/%u/answers
 pattern write offsite/devices/%u/status
 pattern write offsite/devices/%u/profile
 pattern write offsite/devices/%u/events
 pattern write offsite/devices/%u/acks
+pattern write offsite/devices/%u/split
 pattern write offsite/devices/%u/results/#
 """
 

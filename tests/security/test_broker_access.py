@@ -7,6 +7,7 @@ from collections.abc import Iterator
 
 import paho.mqtt.client as paho
 import pytest
+from amqtt.contexts import Action
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from paho.mqtt.enums import CallbackAPIVersion
 
@@ -89,24 +90,33 @@ def test_a_login_that_is_not_the_devices_own_is_refused(broker, who) -> None:
     own.close()
 
 
-def test_a_device_reads_only_its_own_jobs(broker) -> None:
+@pytest.mark.parametrize("channel", ["jobs", "answers"])  # answers: a split server's, for one device
+def test_a_device_reads_only_its_own_jobs_and_answers(broker, channel) -> None:
     coordinator = Client(broker.port, "coordinator-1", "coordinator", broker.access.coordinator_password)
     a, b = _device(broker, "a"), _device(broker, "b")
     assert coordinator.accepted and a.accepted and b.accepted
-    for client, device in ((a, "a"), (b, "a")):  # b tries a's jobs: refused at subscribe (0x80)
+    for client, device in ((a, "a"), (b, "a")):  # b tries a's: refused at subscribe (0x80)
         client.subscribed.clear()
-        client.client.subscribe(TOPICS.device(device, "jobs"), qos=1)
+        client.client.subscribe(TOPICS.device(device, channel), qos=1)
         assert client.subscribed.wait(10)
     assert not a.granted[0].is_failure and b.granted[0].is_failure  # type: ignore[attr-defined]
     b.subscribed.clear()
-    b.client.subscribe(TOPICS.all_devices("jobs"), qos=1)  # nor with a wildcard
+    b.client.subscribe(TOPICS.all_devices(channel), qos=1)  # nor with a wildcard
     assert b.subscribed.wait(10) and b.granted[-1].is_failure  # type: ignore[attr-defined]
-    coordinator.client.publish(TOPICS.device("a", "jobs"), b"job for a", qos=1, retain=True).wait_for_publish(5)
-    coordinator.client.publish(TOPICS.device("b", "jobs"), b"job for b", qos=1).wait_for_publish(5)
+    coordinator.client.publish(TOPICS.device("a", channel), b"job for a", qos=1, retain=True).wait_for_publish(5)
+    coordinator.client.publish(TOPICS.device("b", channel), b"job for b", qos=1).wait_for_publish(5)
     threading.Event().wait(1.0)
-    assert a.messages == [(TOPICS.device("a", "jobs"), b"job for a")] and b.messages == []
+    assert a.messages == [(TOPICS.device("a", channel), b"job for a")] and b.messages == []
     for client in (coordinator, a, b):
         client.close()
+
+
+def test_a_device_writes_split_frames_only_on_its_own_topic() -> None:
+    access = BrokerAccess({}.get)
+    assert access.topic_allowed("a", TOPICS.device("a", "split"), Action.PUBLISH)
+    assert not access.topic_allowed("b", TOPICS.device("a", "split"), Action.PUBLISH)
+    assert not access.topic_allowed("a", TOPICS.device("a", "answers"), Action.PUBLISH)  # the server's to write
+    assert access.refused_topics == 2
 
 
 def test_fleet_enroll_records_a_devices_key_and_refuses_what_is_not_one(tmp_path, capsys) -> None:

@@ -60,13 +60,16 @@ def test_training_through_the_split_plugs_into_the_full_model(task):
 def test_local_steps_spare_the_server_exchanges_and_their_bytes(task):
     examples = sentiment_examples(32)
     training = TrainConfig(steps=12, lr=1e-2, batch_size=8)
-    runs = {}
+    runs, after = {}, []
     for local_steps in (0, 3):
         model = make_model("llama", num_layers=4)
         device, server = split_model(model, 2, PROMPT)
         head = LocalHead(model, task.label_token_ids)
-        runs[local_steps] = train_split(device, server, task, examples, training, SplitSetup(local_steps), head)
+        setup = SplitSetup(local_steps)
+        runs[local_steps] = train_split(device, server, task, examples, training, setup, head, on_step=after.append)
+    assert after == [*range(1, 13), *range(1, 13)]
     assert (runs[0].exchanges, runs[0].local_steps) == (12, 0)
+    assert runs[0].bytes_scoring == 0
     assert (runs[3].exchanges, runs[3].local_steps) == (3, 9)  # steps 0, 4, 8 go to the server
     assert runs[3].bytes_up * 4 == runs[0].bytes_up and runs[3].bytes_down * 4 == runs[0].bytes_down
     hidden = 32 * 4  # the tiny model's width, float32
@@ -82,5 +85,7 @@ def test_pruning_drops_the_requested_share_before_training_and_records_it(task):
     report = train_split(device, server, task, examples, TrainConfig(steps=4, batch_size=8), setup)
     assert report.pruned == {"score": "loss", "fraction": 0.25, "dropped": 10, "kept": 30}
     assert report.samples == 30  # one epoch of the 30 kept: 8 + 8 + 8 + 6
+    hidden = 32 * 4  # the tiny model's width, float32
+    assert 40 * (PROMPT.tokens + 1) * hidden < report.bytes_scoring < report.bytes_up + report.bytes_down
     with pytest.raises(ConfigError, match=r"prune_fraction=1\.0 must be in"):
         SplitSetup(prune_fraction=1.0)
