@@ -65,6 +65,25 @@ class SplitMessage:
         return frames
 
 
+def carries(message: SplitMessage, names: set[str]) -> None:
+    """WireError unless `message` carries exactly the arrays `names`."""
+    if set(message.arrays) != names:
+        raise WireError(f"a {message.kind} message carries {sorted(message.arrays)}, not {sorted(names)}")
+
+
+def checked_array(message: SplitMessage, name: str, dtype: str, shape: tuple[int | None, ...]) -> np.ndarray:
+    """`message`'s array `name`, checked against `dtype` and `shape` (None: any size, the caller checks it) and
+    for finite values; WireError naming what differs."""
+    array = message.arrays.get(name)
+    if array is None or array.dtype != DTYPES[dtype] or array.ndim != len(shape):
+        raise WireError(f"a {message.kind} message's {name!r} is not a {len(shape)}-d {dtype} array")
+    if any(want is not None and have != want for have, want in zip(array.shape, shape, strict=True)):
+        raise WireError(f"a {message.kind} message's {name!r} has shape {array.shape}, not {shape}")
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        raise WireError(f"a {message.kind} message's {name!r} holds a NaN or infinity")
+    return array
+
+
 def _dtype(array: np.ndarray) -> str:
     for name, dtype in DTYPES.items():
         if array.dtype == dtype:

@@ -6,8 +6,7 @@ import numpy as np
 import torch
 
 from edge_runtime.split_client import SplitClient
-from edge_runtime.split_wire import SplitMessage
-from edge_runtime.wire import WireError
+from edge_runtime.split_wire import carries, checked_array
 
 
 class RemoteExchange:
@@ -23,7 +22,8 @@ class RemoteExchange:
         self.exchange += 1
         self._cut = {"hidden": hidden.detach().float().numpy(), "mask": attention_mask.to(torch.uint8).numpy()}
         answer = self.client.ask(self.exchange, "cut", self._cut)
-        return torch.from_numpy(_checked(answer, "logits", (hidden.shape[0], None)))
+        carries(answer, {"logits"})
+        return torch.from_numpy(checked_array(answer, "logits", "float32", (hidden.shape[0], None)))
 
     def gradient(self, logits_gradient: torch.Tensor) -> torch.Tensor:
         """The gradient at the cut [B, P + T, H] for the device's gradient on the logits."""
@@ -32,15 +32,5 @@ class RemoteExchange:
         if answer.kind == "unknown_cut":  # the server restarted since the cut: send it again, then the gradient
             self.client.ask(self.exchange, "cut", self._cut)
             answer = self.client.ask(self.exchange, "gradient", arrays)
-        return torch.from_numpy(_checked(answer, "gradient", self._cut["hidden"].shape))
-
-
-def _checked(answer: SplitMessage, name: str, shape: tuple[int | None, ...]) -> np.ndarray:
-    """The answer's one array `name`, of `shape` (None: any size) and finite; WireError if the server sent else."""
-    array = answer.arrays.get(name)
-    fits = array is not None and array.ndim == len(shape) and set(answer.arrays) == {name}
-    if not fits or any(want is not None and have != want for have, want in zip(array.shape, shape, strict=True)):
-        raise WireError(f"the split server answered {answer.kind} with {sorted(answer.arrays)}, not {name} {shape}")
-    if array.dtype != np.float32 or not np.isfinite(array).all():
-        raise WireError(f"the split server's {name} is not finite float32")
-    return array
+        carries(answer, {"gradient"})
+        return torch.from_numpy(checked_array(answer, "gradient", "float32", self._cut["hidden"].shape))

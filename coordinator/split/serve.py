@@ -17,13 +17,12 @@ import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from coordinator.split.sides import Cut, ServerSide
 from edge_runtime.mqtt import BrokerAddress, Connection
-from edge_runtime.split_wire import DEVICE_KINDS, Assembler, SplitFrame, SplitMessage
+from edge_runtime.split_wire import DEVICE_KINDS, Assembler, SplitFrame, SplitMessage, carries, checked_array
 from edge_runtime.wire import Topics, WireError
 
 log = logging.getLogger(__name__)
@@ -43,24 +42,6 @@ class CutLimits:
     def max_bytes(self) -> int:
         """A cut's body at its largest: float32 hidden states and a byte of mask per position."""
         return self.batch_size * self.positions * (4 * self.hidden + 1)
-
-
-def _carries(message: SplitMessage, names: set[str]) -> None:
-    if set(message.arrays) != names:
-        raise WireError(f"a {message.kind} message carries {sorted(message.arrays)}, not {sorted(names)}")
-
-
-def _array(message: SplitMessage, name: str, dtype: str, shape: tuple[int | None, ...]) -> np.ndarray:
-    """`message`'s array `name`, checked against `dtype` and `shape` (None: any size, the caller checks it) and
-    for finite values; WireError naming what differs."""
-    array = message.arrays.get(name)
-    if array is None or array.dtype != np.dtype(dtype) or array.ndim != len(shape):
-        raise WireError(f"a {message.kind} message's {name!r} is not a {len(shape)}-d {dtype} array")
-    if any(want is not None and have != want for have, want in zip(array.shape, shape, strict=True)):
-        raise WireError(f"a {message.kind} message's {name!r} has shape {array.shape}, not {shape}")
-    if array.dtype.kind == "f" and not np.isfinite(array).all():
-        raise WireError(f"a {message.kind} message's {name!r} holds a NaN or infinity")
-    return array
 
 
 @dataclass
@@ -115,9 +96,9 @@ class SplitServer:
         return self._cut_gradient(message, held[1])
 
     def _logits(self, message: SplitMessage) -> SplitMessage:
-        _carries(message, {"hidden", "mask"})
-        hidden = _array(message, "hidden", "float32", (None, None, self.limits.hidden))
-        mask = _array(message, "mask", "uint8", hidden.shape[:2])
+        carries(message, {"hidden", "mask"})
+        hidden = checked_array(message, "hidden", "float32", (None, None, self.limits.hidden))
+        mask = checked_array(message, "mask", "uint8", hidden.shape[:2])
         batch, positions = mask.shape
         if batch > self.limits.batch_size or positions > self.limits.positions:
             raise WireError(f"a cut of {batch} rows and {positions} positions is over the job's "
@@ -131,9 +112,9 @@ class SplitServer:
         return SplitMessage(self.job, message.device, message.exchange, "logits", {"logits": logits.numpy()})
 
     def _cut_gradient(self, message: SplitMessage, cut: Cut) -> SplitMessage:
-        _carries(message, {"logits_gradient"})
+        carries(message, {"logits_gradient"})
         shape = (cut.hidden.shape[0], self.limits.labels)
-        gradient = torch.from_numpy(_array(message, "logits_gradient", "float32", shape))
+        gradient = torch.from_numpy(checked_array(message, "logits_gradient", "float32", shape))
         hidden = cut.hidden.clone().requires_grad_(True)
         self.server.last_token_logits(Cut(hidden, cut.attention_mask))[:, self.label_token_ids].backward(gradient)
         arrays = {"gradient": hidden.grad.numpy()}
