@@ -59,6 +59,7 @@ bench: setup
 	$(BIN)/python -m bench.cost_growth
 	$(BIN)/python -m bench.communication
 	$(BIN)/python -m bench.device_training
+	$(BIN)/python -m bench.split_on_device
 
 # The longer accuracy studies (about eight hours on 2 cores): the recipe chosen on validation, five settings on three
 # tasks, the fleet, emulator recipes, utility, layer windows.
@@ -83,6 +84,7 @@ bench-studies: setup
 	$(BIN)/python -m bench.heterogeneous --deadline 165 --steps 80 --rounds 2 --seeds 0 1 2
 	$(BIN)/python -m bench.split_learning --setting split --lr 0.03 0.01
 	$(BIN)/python -m bench.split_learning --setting 'split, local loss' --setting 'split, local loss and pruning' --lr 0.01
+	$(BIN)/python -m bench.split_learning --setting 'split, noise on the cut (ε = 8)' --lr 0.01
 
 clean:
 	rm -rf $(VENV) runs

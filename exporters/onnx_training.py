@@ -57,6 +57,11 @@ class OptimizerSettings:
     max_grad_norm: float = 1.0
     eps: float = 1e-8
 
+    def adamw(self) -> onnxblock.optim.AdamW:
+        """The optimizer graph's block: AdamW with these settings, the gradient clipped by its global norm."""
+        clip = onnxblock.optim.ClipGradNorm(self.max_grad_norm)
+        return onnxblock.optim.AdamW(eps=self.eps, weight_decay=self.weight_decay, clip_grad=clip)
+
 
 @dataclass(frozen=True)
 class ExportCheck:
@@ -101,17 +106,19 @@ def onnx_name(parameter: str) -> str:
     return PREFIX + parameter
 
 
-def _trace(graph: TrainingGraph, sample: tuple[torch.Tensor, torch.Tensor], path: Path) -> None:
+def _trace(
+    graph: torch.nn.Module, sample: tuple[torch.Tensor, torch.Tensor], path: Path, output: str, output_axes: dict
+) -> None:
     torch.onnx.export(
         graph,
         sample,
         str(path),
         input_names=["input_ids", "attention_mask"],
-        output_names=["logits"],
+        output_names=[output],
         dynamic_axes={
             "input_ids": {0: "batch", 1: "sequence"},
             "attention_mask": {0: "batch", 1: "sequence"},
-            "logits": {0: "rows"},
+            output: output_axes,
         },
         opset_version=OPSET,
         do_constant_folding=False,
@@ -120,10 +127,18 @@ def _trace(graph: TrainingGraph, sample: tuple[torch.Tensor, torch.Tensor], path
     )
 
 
-def _export_forward(graph: TrainingGraph, sample: tuple[torch.Tensor, torch.Tensor], path: Path) -> onnx.ModelProto:
+def export_forward(
+    graph: torch.nn.Module,
+    sample: tuple[torch.Tensor, torch.Tensor],
+    path: Path,
+    output: str = "logits",
+    output_axes: dict | None = None,
+) -> onnx.ModelProto:
+    """`graph` (input_ids, attention_mask -> `output`) traced into `path` at opset 15, its weights initializers
+    only (not also inputs); the model."""
     with warnings.catch_warnings():  # the tracer warns about Python-level shape checks it freezes; harmless here
         warnings.simplefilter("ignore")
-        _trace(graph, sample, path)
+        _trace(graph, sample, path, output, output_axes or {0: "rows"})
     model = onnx.load(str(path))
     initializers = {initializer.name for initializer in model.graph.initializer}
     inputs = [value for value in model.graph.input if value.name not in initializers]
@@ -133,7 +148,7 @@ def _export_forward(graph: TrainingGraph, sample: tuple[torch.Tensor, torch.Tens
     return model
 
 
-def _alias_repeated_frozen(model: onnx.ModelProto, frozen: set[str]) -> None:
+def alias_repeated_frozen(model: onnx.ModelProto, frozen: set[str]) -> None:
     """Give each further use of a frozen initializer its own Identity alias, in place.
 
     A shared layer (the `share` recipe) uses each of its weights once per position. ONNX Runtime's gradient
@@ -156,7 +171,7 @@ def _alias_repeated_frozen(model: onnx.ModelProto, frozen: set[str]) -> None:
         model.graph.node.extend(nodes)
 
 
-def _feed_frozen(model: onnx.ModelProto, frozen: set[str]) -> dict[str, np.ndarray]:
+def feed_frozen(model: onnx.ModelProto, frozen: set[str]) -> dict[str, np.ndarray]:
     """Make each `frozen` matrix an input of the graph, in place; their values by name (edge_runtime/frozen_inputs.py
     says why)."""
     fed = [
@@ -180,7 +195,7 @@ def _rewrite(path: Path, rewrite: Callable[[onnx.ModelProto], int]) -> int:
 
 
 @contextmanager
-def _native_log_captured() -> Iterator[None]:
+def native_log_captured() -> Iterator[None]:
     """Hold back the INFO lines ONNX Runtime's C++ gradient builder writes to stderr; replay them on failure."""
     sys.stderr.flush()
     saved = os.dup(2)
@@ -198,14 +213,14 @@ def _native_log_captured() -> Iterator[None]:
             os.close(saved)
 
 
-def _quiet_options() -> onnxruntime.SessionOptions:
+def quiet_options() -> onnxruntime.SessionOptions:
     options = onnxruntime.SessionOptions()
     options.log_severity_level = 3
     return options
 
 
 def _check_forward(path: Path, graph: TrainingGraph, sample: tuple[torch.Tensor, ...]) -> tuple[float, float]:
-    session = onnxruntime.InferenceSession(str(path), _quiet_options(), providers=["CPUExecutionProvider"])
+    session = onnxruntime.InferenceSession(str(path), quiet_options(), providers=["CPUExecutionProvider"])
     ids, mask = sample[0], sample[1]
     got = session.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0]
     with torch.no_grad():
@@ -219,7 +234,7 @@ def _sample_loss(
     """One step of the exported graphs on `sample` (training, or the eval graph): the module, its state, the loss."""
     state = CheckpointState.load_checkpoint(str(directory / "checkpoint"))
     eval_model = None if train else str(directory / "eval_model.onnx")
-    module = Module(str(directory / "training_model.onnx"), state, eval_model, session_options=_quiet_options())
+    module = Module(str(directory / "training_model.onnx"), state, eval_model, session_options=quiet_options())
     module.train(train)
     ids, mask, labels = (tensor.numpy() for tensor in sample)
     batch = {"input_ids": ids, "attention_mask": mask, "labels": labels, LOSS_SCALE: np.array(1.0, np.float32)}
@@ -289,7 +304,7 @@ def export_training_artifacts(
     graph = TrainingGraph(model, backbone, head, kind).eval()
     with tempfile.TemporaryDirectory() as scratch:
         forward_path = Path(scratch) / "forward.onnx"
-        forward = _export_forward(graph, sample[:2], forward_path)
+        forward = export_forward(graph, sample[:2], forward_path)
         names = [initializer.name for initializer in forward.graph.initializer]
         wanted = [onnx_name(name) for name in trainable]
         missing = sorted(set(wanted) - set(names))
@@ -303,19 +318,15 @@ def export_training_artifacts(
             raise ExportError(f"ONNX logits differ from PyTorch by {diff:.3g} (largest |logit| {scale:.3g})")
         frozen = [name for name in names if name not in set(wanted)]
         in_checkpoint = sorted({onnx_name(name) for name in replaced} & set(frozen))
-        _alias_repeated_frozen(forward, set(frozen))
-        write_safetensors(directory / FROZEN_FILE, _feed_frozen(forward, set(frozen) - set(in_checkpoint)), {})
-        with _native_log_captured():
+        alias_repeated_frozen(forward, set(frozen))
+        write_safetensors(directory / FROZEN_FILE, feed_frozen(forward, set(frozen) - set(in_checkpoint)), {})
+        with native_log_captured():
             artifacts.generate_artifacts(
                 forward,
                 requires_grad=wanted,
                 frozen_params=in_checkpoint,
                 loss=ScaledCrossEntropy(),
-                optimizer=onnxblock.optim.AdamW(
-                    eps=optimizer.eps,
-                    weight_decay=optimizer.weight_decay,
-                    clip_grad=onnxblock.optim.ClipGradNorm(optimizer.max_grad_norm),
-                ),
+                optimizer=optimizer.adamw(),
                 artifact_directory=str(directory),
             )
         training_model = directory / "training_model.onnx"

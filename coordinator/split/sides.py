@@ -37,9 +37,6 @@ class Cut:
     hidden: torch.Tensor
     attention_mask: torch.Tensor
 
-    def nbytes(self) -> int:
-        return self.hidden.nelement() * self.hidden.element_size()
-
     def last(self) -> torch.Tensor:
         """Each row's hidden state [B, H] at its last real token (inputs are right-padded)."""
         return self.hidden[torch.arange(self.hidden.shape[0]), self.attention_mask.sum(dim=1) - 1]

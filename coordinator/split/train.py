@@ -7,14 +7,15 @@ pass into its prompt. No label is sent as such, but the logits' gradient is (sof
 that knows its own logits reads every label from it: split learning does not hide labels without noise on that
 gradient. With `local_steps`, that many steps on the local head's loss follow each exchange (SFPrompt's local-loss
 update). With `prune_fraction`, the device first scores its examples through the model it is about to train and
-drops the easiest.
+drops the easiest. With `cut_dp`, what crosses for each example is clipped and noised within that (ε, δ)
+(`edge_runtime/cut_noise.py`). The setup and report are the device's own (`edge_runtime/split_device.py`, whose
+ONNX Runtime loop trains the same prompt without torch).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -27,41 +28,15 @@ from coordinator.split.local import LocalHead
 from coordinator.split.sides import Cut, DeviceSide, ServerSide
 from coordinator.tasks import Batch, ClassificationTask, pad
 from coordinator.train import TrainConfig, endless_batches
+from edge_runtime.cut_noise import Released
 from edge_runtime.data import Example
-from edge_runtime.pruning import SCORES, Pruned, el2n, label_loss, prune
+from edge_runtime.privacy import secret_rng
+from edge_runtime.pruning import Pruned, el2n, label_loss, prune
 from edge_runtime.schedule import learning_rate_factor
+from edge_runtime.split_device import SplitReport, SplitSetup
 
-
-@dataclass(frozen=True)
-class SplitSetup:
-    """How a split job trains: local-loss steps after each exchange, and the share of easiest examples dropped."""
-
-    local_steps: int = 0
-    prune_fraction: float = 0.0
-    prune_score: str = "el2n"
-
-    def __post_init__(self) -> None:
-        if self.local_steps < 0:
-            raise ConfigError(f"local_steps={self.local_steps} must be 0 (every step goes to the server) or more")
-        if not 0 <= self.prune_fraction < 1:
-            raise ConfigError(f"prune_fraction={self.prune_fraction} must be in [0, 1), e.g. 0.3")
-        if self.prune_score not in SCORES:
-            raise ConfigError(f"prune_score={self.prune_score!r} must be one of {', '.join(SCORES)}")
-
-
-@dataclass
-class SplitReport:
-    """What a split run did: its steps of each kind, the bytes each way, what pruning dropped."""
-
-    exchanges: int = 0
-    local_steps: int = 0
-    samples: int = 0
-    bytes_up: int = 0  # device to server: cuts, masks, logit gradients
-    bytes_down: int = 0  # server to device: label logits, cut gradients
-    bytes_scoring: int = 0  # both ways, of the pruning pass (counted in bytes_up and bytes_down too)
-    seconds: float = 0.0
-    losses: list[float] = field(default_factory=list)
-    pruned: dict[str, object] | None = None
+__all__ = ["Exchange", "ServerExchange", "SplitReport", "SplitSetup", "score_examples", "train_split"]
+Release = Callable[[Cut], tuple[torch.Tensor, Released | None]]  # what crosses for a cut, and the way back
 
 
 class Exchange(Protocol):
@@ -102,50 +77,63 @@ def _in_order(task: ClassificationTask, examples: Sequence[Example]) -> Batch:
     return Batch(ids, mask, torch.tensor([label for _, label in encoded]))
 
 
-def _sent(cut: Cut) -> int:
-    """Bytes of a cut on the wire: its hidden states, a byte per mask entry."""
-    return cut.nbytes() + cut.attention_mask.nelement()
-
-
-def _label_logits(cut: Cut, labels: int) -> int:
-    """Bytes of the label logits [B, C] (or their gradient) for a cut."""
-    return cut.hidden.shape[0] * labels * cut.hidden.element_size()
+def _as_is(cut: Cut) -> tuple[torch.Tensor, Released | None]:
+    return cut.hidden, None
 
 
 @torch.no_grad()
 def score_examples(
     device: DeviceSide, exchange: Exchange, task: ClassificationTask, examples: Sequence[Example],
-    score: str, batch_size: int, report: SplitReport,
+    score: str, batch_size: int, report: SplitReport, release: Release = _as_is,
 ) -> list[float]:  # fmt: skip
-    """Each example's pruning score through the current prompt (EL2N or loss over the label words)."""
+    """Each example's pruning score through the current prompt (EL2N or loss over the label words); `release`
+    makes what crosses of each cut."""
     measure = el2n if score == "el2n" else label_loss
     scores: list[float] = []
     for start in tqdm(range(0, len(examples), batch_size), desc="pruning scores", unit="batch", leave=False):
         batch = _in_order(task, examples[start : start + batch_size])
         cut = device(batch.input_ids, batch.attention_mask)
-        probabilities = exchange.logits(cut.hidden, cut.attention_mask).softmax(dim=-1)
-        up, down = _sent(cut), _label_logits(cut, probabilities.shape[1])  # scoring sends no gradient back
-        report.bytes_up += up
-        report.bytes_down += down
-        report.bytes_scoring += up + down
+        probabilities = exchange.logits(release(cut)[0], cut.attention_mask).softmax(dim=-1)
+        report.count(cut.hidden.shape, probabilities.shape[1], scoring=True)
         scores += [measure(row.tolist(), int(label)) for row, label in zip(probabilities, batch.targets, strict=True)]
     return scores
 
 
 def _exchange_step(
-    cut: Cut, targets: torch.Tensor, exchange: Exchange, local_head: LocalHead | None, report: SplitReport
-) -> torch.Tensor:
+    cut: Cut, targets: torch.Tensor, exchange: Exchange, local_head: LocalHead | None, report: SplitReport,
+    release: Release,
+) -> torch.Tensor:  # fmt: skip
     """One step through the server: the gradients it sets on the device's side, and the step's loss."""
-    logits = exchange.logits(cut.hidden, cut.attention_mask).requires_grad_(True)
+    sent, released = release(cut)
+    logits = exchange.logits(sent, cut.attention_mask).requires_grad_(True)
     loss = F.cross_entropy(logits, targets)  # on the device, with its labels
     loss.backward()
-    cut.hidden.backward(exchange.gradient(logits.grad))
+    gradient = exchange.gradient(logits.grad)
+    cut.hidden.backward(gradient if released is None else torch.from_numpy(released.backward(gradient.numpy())))
     if local_head is not None:  # the head learns to read the cut on the server's steps too
         F.cross_entropy(local_head(Cut(cut.hidden.detach(), cut.attention_mask)), targets).backward()
     report.exchanges += 1
-    report.bytes_up += _sent(cut) + _label_logits(cut, logits.shape[1])
-    report.bytes_down += _label_logits(cut, logits.shape[1]) + cut.nbytes()
+    report.count(cut.hidden.shape, logits.shape[1])
     return loss
+
+
+def _releaser(
+    device: DeviceSide, examples: Sequence[Example], training: TrainConfig, setup: SplitSetup, report: SplitReport
+) -> Release:
+    """What crosses for a cut: the cut itself, or with `setup.cut_dp` its clipped and noised release (the noise
+    calibrated for this run, recorded in `report.cut_privacy`) and the way back through it."""
+    noise = setup.noise(training.steps, training.batch_size, len(examples))
+    if noise is None:
+        return _as_is
+    report.cut_privacy = noise.record()
+    rng, prompt_tokens = secret_rng(), device.soft_prompt.shape[0]
+
+    def release(cut: Cut) -> tuple[torch.Tensor, Released]:
+        hidden, mask = cut.hidden.detach().numpy(), cut.attention_mask.numpy()
+        released = noise.release(hidden, mask, prompt_tokens, rng)
+        return torch.from_numpy(released.hidden), released
+
+    return release
 
 
 def train_split(
@@ -161,13 +149,17 @@ def train_split(
     torch.manual_seed(training.seed)
     report = SplitReport()
     exchange = ServerExchange(server, task.label_token_ids) if isinstance(server, ServerSide) else server
+    release = _releaser(device, examples, training, setup, report)
     if setup.prune_fraction:
-        scores = score_examples(device, exchange, task, examples, setup.prune_score, training.batch_size, report)
+        batch_size = training.batch_size
+        scores = score_examples(device, exchange, task, examples, setup.prune_score, batch_size, report, release)
         pruned: Pruned = prune(scores, setup.prune_fraction, setup.prune_score)
         report.pruned = pruned.record()
         examples = [examples[i] for i in pruned.kept]
     head_parameters = list(local_head.parameters()) if local_head is not None else []
-    optimizer = torch.optim.AdamW([device.soft_prompt, *head_parameters], lr=training.lr)
+    optimizer = torch.optim.AdamW(
+        [device.soft_prompt, *head_parameters], lr=training.lr, weight_decay=training.weight_decay
+    )
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: learning_rate_factor(step, training.steps, training.warmup_ratio)
     )
@@ -178,7 +170,7 @@ def train_split(
             batch = next(batches)
             cut = device(batch.input_ids, batch.attention_mask)
             if step % (setup.local_steps + 1) == 0:
-                loss = _exchange_step(cut, batch.targets, exchange, local_head, report)
+                loss = _exchange_step(cut, batch.targets, exchange, local_head, report, release)
             else:
                 loss = F.cross_entropy(local_head(cut), batch.targets)  # type: ignore[misc]
                 loss.backward()

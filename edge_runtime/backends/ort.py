@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-import types
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +9,7 @@ import onnxruntime
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from edge_runtime.backends.ort_api import CheckpointState, Module, Optimizer
 from edge_runtime.bundle import ADAPTER_FILE
 from edge_runtime.frozen_inputs import FrozenInputs
 from edge_runtime.heap import give_back_free_heap
@@ -19,24 +18,6 @@ from edge_runtime.memory import runs_from_arena
 from edge_runtime.tensor_file import WeightView
 from edge_runtime.text import Batch
 from edge_runtime.windows import bundle_windows
-
-
-def _without_training_package_init() -> None:
-    """Let `onnxruntime.training.api` load without `onnxruntime.training/__init__.py`.
-
-    In onnxruntime-training 1.19.2 that `__init__` imports torch (through `training.optim`), which a device
-    installing `.[runtime]` does not have, and which would cost this process ~1.5 s and hundreds of MB where it
-    does. The on-device API (`training.api`) needs only ONNX Runtime's C bindings, so the package is registered
-    as a bare namespace pointing at its folder. Nothing is stubbed if the package was already imported.
-    """
-    if "onnxruntime.training" not in sys.modules:
-        package = types.ModuleType("onnxruntime.training")
-        package.__path__ = [str(Path(onnxruntime.__file__).parent / "training")]
-        sys.modules["onnxruntime.training"] = package
-
-
-_without_training_package_init()
-from onnxruntime.training.api import CheckpointState, Module, Optimizer  # noqa: E402
 
 CHECKPOINT = "ort_checkpoint"
 # Adapter weights the open window's graphs do not hold (other windows' layers), with the open window's index.

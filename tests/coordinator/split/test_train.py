@@ -1,4 +1,5 @@
-"""Split training: an exchange is exactly the full model's step, local steps spare the server, pruning records."""
+"""Split training: an exchange is exactly the full model's step, local steps spare the server, pruning records,
+the server sees only the noised release."""
 
 from __future__ import annotations
 
@@ -9,10 +10,11 @@ import torch.nn.functional as F
 from coordinator.adapters.prompt import PromptAdapter
 from coordinator.errors import ConfigError
 from coordinator.split.local import LocalHead
-from coordinator.split.sides import prompt_weights, split_model
-from coordinator.split.train import SplitSetup, train_split
+from coordinator.split.sides import Cut, prompt_weights, split_model
+from coordinator.split.train import ServerExchange, SplitSetup, train_split
 from coordinator.tasks import ClassificationTask
 from coordinator.train import TrainConfig
+from edge_runtime.manifest import DPTarget
 from tests.conftest import make_model, make_tokenizer, sentiment_examples
 
 PROMPT = PromptAdapter(tokens=3)
@@ -32,7 +34,7 @@ def test_one_exchange_makes_the_step_the_full_model_would_make(task):
 
     full = make_model("llama", num_layers=4)
     (prompt,) = PROMPT.attach(full, 1, 1).values()
-    optimizer = torch.optim.AdamW([prompt], lr=TRAINING.lr)
+    optimizer = torch.optim.AdamW([prompt], lr=TRAINING.lr, weight_decay=TRAINING.weight_decay)
     batch = next(task.batches(examples, 8, seed=TRAINING.seed))
     F.cross_entropy(task.label_logits(full, batch), batch.targets).backward()  # over the label words
     torch.nn.utils.clip_grad_norm_([prompt], TRAINING.max_grad_norm)
@@ -89,3 +91,36 @@ def test_pruning_drops_the_requested_share_before_training_and_records_it(task):
     assert 40 * (PROMPT.tokens + 1) * hidden < report.bytes_scoring < report.bytes_up + report.bytes_down
     with pytest.raises(ConfigError, match=r"prune_fraction=1\.0 must be in"):
         SplitSetup(prune_fraction=1.0)
+
+
+class _Recording(ServerExchange):
+    """The in-process server, keeping every cut it is sent."""
+
+    def __init__(self, *args) -> None:
+        super().__init__(*args)
+        self.received: list[Cut] = []
+
+    def logits(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        self.received.append(Cut(hidden.detach().clone(), attention_mask))
+        return super().logits(hidden, attention_mask)
+
+
+def test_with_noise_on_the_cut_the_server_sees_only_releases_and_the_noise_is_not_the_jobs_seed(task):
+    examples, model = sentiment_examples(16), make_model("llama", num_layers=4)
+    training = TrainConfig(steps=4, lr=1e-2, batch_size=8, warmup_ratio=0.0)
+    setup = SplitSetup(prune_fraction=0.25, cut_dp=DPTarget(epsilon=8.0, clip=2.0))
+    prompts = []
+    for _ in range(2):
+        device, server = split_model(model, 2, PROMPT)
+        exchange = _Recording(server, task.label_token_ids)
+        report = train_split(device, exchange, task, examples, training, setup)
+        prompts.append(device.soft_prompt.detach().clone())
+    assert report.cut_privacy["crossings"] == 1 + 2  # the scoring pass, then 4 steps over 12 kept: 2 epochs
+    assert report.cut_privacy["epsilon"] <= 8.0 and report.cut_privacy["clip"] == 2.0
+    sigma = report.cut_privacy["noise_multiplier"]
+    assert len(exchange.received) == 2 + 4  # two scoring batches, four exchanges
+    for cut in exchange.received:
+        real = cut.attention_mask[:, PROMPT.tokens :].bool()
+        assert float(cut.hidden[:, PROMPT.tokens :][real].std()) == pytest.approx(sigma * 2.0, rel=0.15)
+        assert torch.all(cut.hidden[:, PROMPT.tokens :][~real] == 0)
+    assert not torch.equal(prompts[0], prompts[1])  # the same job seed, other noise

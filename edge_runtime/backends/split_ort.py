@@ -1,0 +1,83 @@
+"""A split job's device side on ONNX Runtime training: the cut for a batch, then the prompt's step for the
+server's gradient at it. No torch.
+
+The graphs (`exporters/split_onnx.py`) share one set of weights: the eval graph gives the cut to send; the training
+graph, given the same batch and the gradient at the cut, computes the soft prompt's gradient (its loss is
+sum(cut × gradient), whose gradient on the prompt is the backward pass from the cut) and AdamW steps. The training
+graph runs the forward again, since the server's answer comes between the two calls: 4/3 of a step that kept its
+activations, and no activations held while the device waits.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from onnxruntime import SessionOptions
+
+from edge_runtime.backends.ort_api import CheckpointState, Module, Optimizer
+from edge_runtime.frozen_inputs import FrozenInputs
+from edge_runtime.heap import give_back_free_heap
+
+CUT, CUT_GRADIENT = "cut", "cut_gradient"
+PROMPT = "side.soft_prompt"  # the soft prompt's name in the graphs (exporters/split_onnx.CutGraph)
+
+
+def _options(threads: int | None) -> SessionOptions:
+    """As the ORT backend runs a graph that keeps its activations (`ort.py` says why): no buffer reuse, glibc's
+    heap rather than the arena, its free pages given back after each call."""
+    options = SessionOptions()
+    options.log_severity_level = 3
+    options.inter_op_num_threads = 1
+    options.enable_mem_reuse = False
+    options.enable_cpu_mem_arena = False
+    if threads is not None:
+        options.intra_op_num_threads = threads
+    return options
+
+
+class OrtCutSide:
+    """The embeddings, a trainable soft prompt and the first k layers, as exported for ONNX Runtime training."""
+
+    def __init__(self, graphs: Path, threads: int | None = None) -> None:
+        self.state = CheckpointState.load_checkpoint(str(graphs / "checkpoint"))
+        self.module = Module(
+            str(graphs / "training_model.onnx"), self.state, str(graphs / "eval_model.onnx"),
+            session_options=_options(threads),
+        )  # fmt: skip
+        self.optimizer = Optimizer(str(graphs / "optimizer_model.onnx"), self.module)
+        self.frozen = FrozenInputs(graphs)
+
+    def _run(self, training: bool, input_ids: np.ndarray, attention_mask: np.ndarray, gradient: np.ndarray
+             ) -> np.ndarray:  # fmt: skip
+        self.module.train(training)
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, CUT_GRADIENT: gradient}
+        outputs = self.module(*self.frozen.feeds(self.module.input_names(), batch))  # OrtValues in, OrtValues out
+        cut = outputs[self.module.output_names().index(CUT)].numpy()
+        give_back_free_heap()
+        return cut
+
+    def cut(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        """Hidden states [B, P + T, H] after the device's last layer, the prompt's positions in front."""
+        prompt_tokens, hidden = self.prompt().shape
+        shape = (input_ids.shape[0], prompt_tokens + input_ids.shape[1], hidden)
+        return self._run(False, input_ids, attention_mask, np.zeros(shape, np.float32))
+
+    def accumulate(self, input_ids: np.ndarray, attention_mask: np.ndarray, gradient: np.ndarray) -> None:
+        """Add the prompt's gradient for the server's `gradient` at this batch's cut (`prompt_gradient` reads it)."""
+        self._run(True, input_ids, attention_mask, np.ascontiguousarray(gradient, np.float32))
+
+    def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, gradient: np.ndarray, lr: float) -> None:
+        """The prompt's AdamW step (its gradient clipped by norm, as exported) for the gradient at the cut."""
+        self.accumulate(input_ids, attention_mask, gradient)
+        self.optimizer.set_learning_rate(lr)
+        self.optimizer.step()
+        self.module.lazy_reset_grad()
+
+    def prompt(self) -> np.ndarray:
+        """The soft prompt [P, H] as trained so far (a copy)."""
+        return np.array(self.state.parameters[PROMPT].data)
+
+    def prompt_gradient(self) -> np.ndarray:
+        """The gradient accumulated on the prompt since the last step (a copy)."""
+        return np.array(self.state.parameters[PROMPT].grad)

@@ -1,0 +1,199 @@
+"""A split job on the device, without torch: the job's setup and report, the exchange over a split client, and
+the training loop of the ONNX Runtime device side (`backends/split_ort.py`).
+
+One step: the device computes the cut, releases it (as it is, or clipped and noised: `cut_noise.py`), gets the
+label words' logits for it, computes the loss with its own labels and sends that loss's gradient on the logits;
+the server answers the gradient at the cut, and the device steps its prompt. With `prune_fraction`, the device
+first scores its examples through the prompt it is about to train and drops the easiest (`pruning.py`).
+SFPrompt's local loss (`local_steps`) trains a head beside the prompt and runs on the PyTorch side only
+(`coordinator/split/train.py`), which shares this setup and report.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from edge_runtime.cut_noise import CutNoise, Released, crossings
+from edge_runtime.data import Example
+from edge_runtime.errors import ConfigError
+from edge_runtime.manifest import DPTarget, TrainingRecord
+from edge_runtime.privacy import secret_rng
+from edge_runtime.pruning import SCORES, el2n, label_loss, prune
+from edge_runtime.schedule import learning_rate_factor
+from edge_runtime.split_client import SplitClient
+from edge_runtime.split_wire import carries, checked_array
+from edge_runtime.text import Batch, TaskEncoder, training_batches
+
+if TYPE_CHECKING:  # the setup and report serve the PyTorch side too, where ONNX Runtime may not be installed
+    from edge_runtime.backends.split_ort import OrtCutSide
+
+
+@dataclass(frozen=True)
+class SplitSetup:
+    """How a split job trains: local-loss steps after each exchange, the share of easiest examples dropped, and
+    the (ε, δ) and clip of the noise on what crosses the cut (none by default; `clip` is in the cut's own units,
+    an L2 norm over an example's hidden states at its input positions)."""
+
+    local_steps: int = 0
+    prune_fraction: float = 0.0
+    prune_score: str = "el2n"
+    cut_dp: DPTarget | None = None
+
+    def __post_init__(self) -> None:
+        if self.local_steps < 0:
+            raise ConfigError(f"local_steps={self.local_steps} must be 0 (every step goes to the server) or more")
+        if not 0 <= self.prune_fraction < 1:
+            raise ConfigError(f"prune_fraction={self.prune_fraction} must be in [0, 1), e.g. 0.3")
+        if self.prune_score not in SCORES:
+            raise ConfigError(f"prune_score={self.prune_score!r} must be one of {', '.join(SCORES)}")
+
+    def noise(self, steps: int, batch_size: int, examples: int) -> CutNoise | None:
+        """The noise for a run of `steps` over `examples` (before pruning), calibrated for how often one example
+        crosses; None without `cut_dp`."""
+        if self.cut_dp is None:
+            return None
+        kept = examples - math.floor(self.prune_fraction * examples)
+        times = crossings(steps, batch_size, kept, self.local_steps, bool(self.prune_fraction))
+        return CutNoise.make(self.cut_dp, times)
+
+
+@dataclass
+class SplitReport:
+    """What a split run did: its steps of each kind, the bytes each way, what pruning dropped, the cut's ε."""
+
+    exchanges: int = 0
+    local_steps: int = 0
+    samples: int = 0
+    bytes_up: int = 0  # device to server: cuts, masks, logit gradients
+    bytes_down: int = 0  # server to device: label logits, cut gradients
+    bytes_scoring: int = 0  # both ways, of the pruning pass (counted in bytes_up and bytes_down too)
+    seconds: float = 0.0
+    losses: list[float] = field(default_factory=list)
+    pruned: dict[str, object] | None = None
+    cut_privacy: dict[str, object] | None = None
+
+    def count(self, shape: Sequence[int], labels: int, scoring: bool = False) -> None:
+        """Add one exchange's bytes for a cut of `shape` [B, P + T, H]: the cut (float32) and its mask (a byte a
+        position) up, the label logits down; unless `scoring`, the logits' gradient up and the cut's down."""
+        rows, positions, width = shape
+        cut, logits = rows * positions * (4 * width + 1), 4 * rows * labels
+        up, down = (cut, logits) if scoring else (cut + logits, logits + rows * positions * 4 * width)
+        self.bytes_up += up
+        self.bytes_down += down
+        if scoring:
+            self.bytes_scoring += up + down
+
+
+class CutExchange:
+    """A split server's answers through `client`, in numpy: logits [B, C] for a cut, then the cut's gradient for
+    the logits' gradient (sent again with the cut when the server restarted in between); exchanges from 1."""
+
+    def __init__(self, client: SplitClient) -> None:
+        self.client = client
+        self.exchange = 0
+        self._cut: dict[str, np.ndarray] = {}
+
+    def logits(self, hidden: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        self.exchange += 1
+        self._cut = {"hidden": np.asarray(hidden, np.float32), "mask": np.asarray(attention_mask, np.uint8)}
+        answer = self.client.ask(self.exchange, "cut", self._cut)
+        carries(answer, {"logits"})
+        return checked_array(answer, "logits", "float32", (hidden.shape[0], None))
+
+    def gradient(self, logits_gradient: np.ndarray) -> np.ndarray:
+        arrays = {"logits_gradient": np.asarray(logits_gradient, np.float32)}
+        answer = self.client.ask(self.exchange, "gradient", arrays)
+        if answer.kind == "unknown_cut":  # the server restarted since the cut: send it again, then the gradient
+            self.client.ask(self.exchange, "cut", self._cut)
+            answer = self.client.ask(self.exchange, "gradient", arrays)
+        carries(answer, {"gradient"})
+        return checked_array(answer, "gradient", "float32", self._cut["hidden"].shape)
+
+
+class NumpyExchange(Protocol):
+    def logits(self, hidden: np.ndarray, attention_mask: np.ndarray) -> np.ndarray: ...
+
+    def gradient(self, logits_gradient: np.ndarray) -> np.ndarray: ...
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return shifted / shifted.sum(axis=1, keepdims=True)
+
+
+def label_columns(encoder: TaskEncoder) -> dict[int, int]:
+    """Each label word's token id -> its column in the server's logits (labels in sorted order, as the task's)."""
+    label_ids = encoder.task.label_token_ids or {}
+    return {label_ids[label]: column for column, label in enumerate(sorted(label_ids))}
+
+
+def with_prompt(attention_mask: np.ndarray, prompt_tokens: int) -> np.ndarray:
+    """The cut's mask [B, P + T]: ones for the prompt's positions in front."""
+    return np.concatenate([np.ones((attention_mask.shape[0], prompt_tokens), attention_mask.dtype), attention_mask], 1)
+
+
+def train_on_ort(
+    side: OrtCutSide, exchange: NumpyExchange, encoder: TaskEncoder, examples: Sequence[Example],
+    training: TrainingRecord, setup: SplitSetup, on_step: Callable[[int], None] | None = None,
+) -> SplitReport:  # fmt: skip
+    """Train `side`'s prompt for `training.steps` exchanges with the server behind `exchange`; `on_step(n)` runs
+    after the n-th step."""
+    if setup.local_steps:
+        raise ConfigError("local_steps trains a head beside the prompt, which the ONNX Runtime side does not have; "
+                          "set local_steps=0 or train on the PyTorch side")  # fmt: skip
+    report, rng, prompt_tokens = SplitReport(), secret_rng(), side.prompt().shape[0]
+    columns = label_columns(encoder)
+    rows = encoder.rows(examples)
+    noise = setup.noise(training.steps, training.batch_size, len(rows))
+    report.cut_privacy = noise.record() if noise else None
+
+    def cut(batch: Batch) -> tuple[np.ndarray, np.ndarray]:
+        return side.cut(batch.input_ids, batch.attention_mask), with_prompt(batch.attention_mask, prompt_tokens)
+
+    def release(hidden: np.ndarray, mask: np.ndarray) -> Released | None:
+        return noise.release(hidden, mask, prompt_tokens, rng) if noise else None
+
+    if setup.prune_fraction:
+        scores = []
+        measure = el2n if setup.prune_score == "el2n" else label_loss
+        for start in tqdm(range(0, len(rows), training.batch_size), desc="pruning scores", unit="batch", leave=False):
+            batch = encoder.collate(rows[start : start + training.batch_size])
+            hidden, mask = cut(batch)
+            released = release(hidden, mask)
+            probabilities = softmax(exchange.logits(released.hidden if released else hidden, mask))
+            report.count(hidden.shape, probabilities.shape[1], scoring=True)
+            targets = [columns[int(label)] for label in batch.labels]
+            scores += [measure(row.tolist(), target) for row, target in zip(probabilities, targets, strict=True)]
+        pruned = prune(scores, setup.prune_fraction, setup.prune_score)
+        report.pruned = pruned.record()
+        rows = [rows[i] for i in pruned.kept]
+
+    batches = training_batches(encoder, rows, training.batch_size, training.seed)
+    start = time.perf_counter()
+    for step in tqdm(range(training.steps), desc="split (onnx runtime)", unit="step", leave=False):
+        batch = next(batches)
+        hidden, mask = cut(batch)
+        released = release(hidden, mask)
+        logits = exchange.logits(released.hidden if released else hidden, mask)
+        targets = np.array([columns[int(label)] for label in batch.labels])
+        probabilities = softmax(logits)
+        report.losses.append(float(-np.log(probabilities[np.arange(len(targets)), targets]).mean()))
+        probabilities[np.arange(len(targets)), targets] -= 1.0  # the mean cross-entropy's gradient on the logits
+        gradient = exchange.gradient(probabilities / len(targets))
+        at_cut = released.backward(gradient) if released else gradient
+        side.step(batch.input_ids, batch.attention_mask, at_cut,
+                  training.lr * learning_rate_factor(step, training.steps, training.warmup_ratio))  # fmt: skip
+        report.exchanges += 1
+        report.samples += len(batch)
+        report.count(hidden.shape, logits.shape[1])
+        if on_step is not None:
+            on_step(step + 1)
+    report.seconds = time.perf_counter() - start
+    return report

@@ -1,0 +1,87 @@
+"""The split device loop on ONNX Runtime (no torch on the device): it trains the prompt the PyTorch loop trains."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from coordinator.split.sides import split_model
+from coordinator.split.train import ServerExchange, train_split
+from coordinator.train import TrainConfig
+from edge_runtime.backends.split_ort import OrtCutSide
+from edge_runtime.errors import ConfigError
+from edge_runtime.manifest import DPTarget
+from edge_runtime.records import to_dict
+from edge_runtime.split_device import SplitSetup, train_on_ort
+from tests.conftest import make_model, sentiment_examples
+from tests.split_helpers import PROMPT, InProcess, export_device_side, sentiment_task, training_record
+
+TRAINING = TrainConfig(steps=8, lr=3e-2, batch_size=8, warmup_ratio=0.25)
+
+
+@pytest.fixture(scope="module")
+def setting(tmp_path_factory):
+    task, model = sentiment_task(), make_model("llama", num_layers=4)
+    graphs, encoder = export_device_side(tmp_path_factory.mktemp("split_device"), task, model, TRAINING)
+    return task, model, graphs, encoder
+
+
+def _run_on_ort(setting, setup: SplitSetup, examples):
+    task, model, graphs, encoder = setting
+    side = OrtCutSide(graphs)
+    exchange = InProcess(ServerExchange(split_model(model, 2, PROMPT)[1], task.label_token_ids))
+    return train_on_ort(side, exchange, encoder, examples, training_record(TRAINING), setup), side, exchange
+
+
+def test_the_onnx_runtime_loop_prunes_and_steps_as_the_pytorch_loop(setting):
+    task, model, _, _ = setting
+    examples, setup = sentiment_examples(40), SplitSetup(prune_fraction=0.25)
+    device, server = split_model(model, 2, PROMPT)
+    expected = train_split(device, server, task, examples, TRAINING, setup)
+    report, side, _ = _run_on_ort(setting, setup, examples)
+
+    assert report.pruned == expected.pruned == {"score": "el2n", "fraction": 0.25, "dropped": 10, "kept": 30}
+    kept_epoch = 8 + 8 + 8 + 6
+    assert (report.exchanges, report.samples) == (expected.exchanges, expected.samples) == (8, 2 * kept_epoch)
+    assert (report.bytes_up, report.bytes_down, report.bytes_scoring) == (
+        expected.bytes_up, expected.bytes_down, expected.bytes_scoring)  # fmt: skip
+    np.testing.assert_allclose(report.losses, expected.losses, rtol=1e-4)
+    # within a tenth of one step (AdamW turns rounding in a near-zero gradient into a visible step), and most
+    # weights far closer: a lost step or another schedule would move them all by about the learning rate
+    difference = np.abs(side.prompt() - device.soft_prompt.detach().numpy())
+    assert difference.max() < TRAINING.lr / 10 and np.median(difference) < 1e-5
+
+
+def test_with_noise_on_the_cut_the_server_sees_only_releases_and_the_run_records_its_epsilon(setting):
+    setup = SplitSetup(cut_dp=DPTarget(epsilon=8.0, clip=2.0))
+    report, side, exchange = _run_on_ort(setting, setup, sentiment_examples(40))
+    assert report.cut_privacy["crossings"] == 2 and report.cut_privacy["epsilon"] <= 8.0  # 8 steps, 5 an epoch
+    sigma = report.cut_privacy["noise_multiplier"]
+    for cut in exchange.cuts:
+        inputs = cut[:, PROMPT.tokens :]
+        assert float(inputs[inputs != 0].std()) == pytest.approx(sigma * 2.0, rel=0.15)
+    assert np.isfinite(side.prompt()).all() and report.exchanges == 8
+
+
+def test_the_local_loss_is_refused_on_onnx_runtime_with_the_way_out(setting):
+    with pytest.raises(ConfigError, match="local_steps=0 or train on the PyTorch side"):
+        _run_on_ort(setting, SplitSetup(local_steps=1), sentiment_examples(8))
+
+
+def test_the_device_side_runs_where_torch_is_not_installed(setting, tmp_path):
+    _, _, graphs, encoder = setting
+    (tmp_path / "task.json").write_text(json.dumps(to_dict(encoder.task)))
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"text": e.text, "label": e.label}) + "\n" for e in sentiment_examples(16)))
+    tokenizer = graphs.parent / "tokenizer" / "tokenizer.json"
+    arguments = [str(graphs), str(tokenizer), str(tmp_path / "task.json"), str(data), "--steps", "2"]
+    finished = subprocess.run([sys.executable, "-m", "tests.without_torch", "bench.split_device_run", *arguments],
+                              capture_output=True, text=True, cwd=Path(__file__).parents[2])  # fmt: skip
+    assert finished.returncode == 0, finished.stderr
+    measured = json.loads(finished.stdout.strip().splitlines()[-1])
+    assert measured["steps"] == 2 and measured["peak_memory_bytes"] > 0 and measured["step_seconds_median"] > 0
