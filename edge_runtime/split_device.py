@@ -14,7 +14,8 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
@@ -30,9 +31,12 @@ from edge_runtime.schedule import learning_rate_factor
 from edge_runtime.split_client import SplitClient
 from edge_runtime.split_wire import carries, checked_array
 from edge_runtime.text import Batch, TaskEncoder, training_batches
+from edge_runtime.trainer import latest_checkpoint, save_checkpoint
 
 if TYPE_CHECKING:  # the setup and report serve the PyTorch side too, where ONNX Runtime may not be installed
     from edge_runtime.backends.split_ort import OrtCutSide
+
+BACKEND = "ort-split"  # what a checkpoint's progress names as its backend
 
 
 @dataclass(frozen=True)
@@ -139,61 +143,86 @@ def with_prompt(attention_mask: np.ndarray, prompt_tokens: int) -> np.ndarray:
     return np.concatenate([np.ones((attention_mask.shape[0], prompt_tokens), attention_mask.dtype), attention_mask], 1)
 
 
+class _DeviceSteps:
+    """The device's half of each exchange: the cut, what of it crosses, the loss and the prompt's step."""
+
+    def __init__(self, side: OrtCutSide, exchange: NumpyExchange, encoder: TaskEncoder, noise: CutNoise | None,
+                 report: SplitReport) -> None:  # fmt: skip
+        self.side, self.exchange, self.encoder, self.noise, self.report = side, exchange, encoder, noise, report
+        self.columns, self.prompt_tokens, self.rng = label_columns(encoder), side.prompt().shape[0], secret_rng()
+
+    def _logits(self, batch: Batch) -> tuple[np.ndarray, np.ndarray, Released | None]:
+        """The cut, the server's label logits for what of it crossed, and the release (None without noise)."""
+        hidden = self.side.cut(batch.input_ids, batch.attention_mask)
+        mask = with_prompt(batch.attention_mask, self.prompt_tokens)
+        released = self.noise.release(hidden, mask, self.prompt_tokens, self.rng) if self.noise else None
+        return hidden, self.exchange.logits(released.hidden if released else hidden, mask), released
+
+    def scores(self, rows: list[tuple[list[int], int]], batch_size: int, score: str) -> list[float]:
+        """Each row's pruning score (EL2N or loss over the label words) through the current prompt."""
+        measure, scores = (el2n if score == "el2n" else label_loss), []
+        for start in tqdm(range(0, len(rows), batch_size), desc="pruning scores", unit="batch", leave=False):
+            batch = self.encoder.collate(rows[start : start + batch_size])
+            hidden, logits, _ = self._logits(batch)
+            self.report.count(hidden.shape, logits.shape[1], scoring=True)
+            targets = [self.columns[int(label)] for label in batch.labels]
+            scores += [measure(row.tolist(), target) for row, target in zip(softmax(logits), targets, strict=True)]
+        return scores
+
+    def step(self, batch: Batch, lr: float) -> None:
+        """One exchange and the prompt's AdamW step at `lr`."""
+        hidden, logits, released = self._logits(batch)
+        targets, rows = np.array([self.columns[int(label)] for label in batch.labels]), np.arange(len(batch))
+        probabilities = softmax(logits)
+        self.report.losses.append(float(-np.log(probabilities[rows, targets]).mean()))
+        probabilities[rows, targets] -= 1.0  # the mean cross-entropy's gradient on the logits, times B
+        gradient = self.exchange.gradient(probabilities / len(batch))
+        self.side.step(batch.input_ids, batch.attention_mask,
+                       released.backward(gradient) if released else gradient, lr)  # fmt: skip
+        self.report.exchanges += 1
+        self.report.samples += len(batch)
+        self.report.count(hidden.shape, logits.shape[1])
+
+
 def train_on_ort(
     side: OrtCutSide, exchange: NumpyExchange, encoder: TaskEncoder, examples: Sequence[Example],
     training: TrainingRecord, setup: SplitSetup, on_step: Callable[[int], None] | None = None,
+    out: Path | None = None, identity: str = "split",
 ) -> SplitReport:  # fmt: skip
     """Train `side`'s prompt for `training.steps` exchanges with the server behind `exchange`; `on_step(n)` runs
-    after the n-th step."""
+    after the n-th step. With `out`, a checkpoint (the prompt, AdamW's state, the report, what pruning kept) is
+    written there every `training.checkpoint_every` steps, atomically, and a run of the same `identity` that
+    finds one continues from it: a power cut loses the steps since, never the run."""
     if setup.local_steps:
         raise ConfigError("local_steps trains a head beside the prompt, which the ONNX Runtime side does not have; "
                           "set local_steps=0 or train on the PyTorch side")  # fmt: skip
-    report, rng, prompt_tokens = SplitReport(), secret_rng(), side.prompt().shape[0]
-    columns = label_columns(encoder)
     rows = encoder.rows(examples)
     noise = setup.noise(training.steps, training.batch_size, len(rows))
-    report.cut_privacy = noise.record() if noise else None
-
-    def cut(batch: Batch) -> tuple[np.ndarray, np.ndarray]:
-        return side.cut(batch.input_ids, batch.attention_mask), with_prompt(batch.attention_mask, prompt_tokens)
-
-    def release(hidden: np.ndarray, mask: np.ndarray) -> Released | None:
-        return noise.release(hidden, mask, prompt_tokens, rng) if noise else None
-
-    if setup.prune_fraction:
-        scores = []
-        measure = el2n if setup.prune_score == "el2n" else label_loss
-        for start in tqdm(range(0, len(rows), training.batch_size), desc="pruning scores", unit="batch", leave=False):
-            batch = encoder.collate(rows[start : start + training.batch_size])
-            hidden, mask = cut(batch)
-            released = release(hidden, mask)
-            probabilities = softmax(exchange.logits(released.hidden if released else hidden, mask))
-            report.count(hidden.shape, probabilities.shape[1], scoring=True)
-            targets = [columns[int(label)] for label in batch.labels]
-            scores += [measure(row.tolist(), target) for row, target in zip(probabilities, targets, strict=True)]
-        pruned = prune(scores, setup.prune_fraction, setup.prune_score)
-        report.pruned = pruned.record()
-        rows = [rows[i] for i in pruned.kept]
-
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+    found = latest_checkpoint(out, identity, BACKEND) if out is not None else None
+    report = SplitReport(**found[1]["report"]) if found else SplitReport(cut_privacy=noise.record() if noise else None)
+    device = _DeviceSteps(side, exchange, encoder, noise, report)
+    kept: list[int] | None = found[1]["kept"] if found else None
+    if found:
+        side.resume(found[0])
+    elif setup.prune_fraction:
+        pruned = prune(device.scores(rows, training.batch_size, setup.prune_score), setup.prune_fraction,
+                       setup.prune_score)  # fmt: skip
+        report.pruned, kept = pruned.record(), pruned.kept
+    rows = rows if kept is None else [rows[i] for i in kept]
     batches = training_batches(encoder, rows, training.batch_size, training.seed)
-    start = time.perf_counter()
-    for step in tqdm(range(training.steps), desc="split (onnx runtime)", unit="step", leave=False):
-        batch = next(batches)
-        hidden, mask = cut(batch)
-        released = release(hidden, mask)
-        logits = exchange.logits(released.hidden if released else hidden, mask)
-        targets = np.array([columns[int(label)] for label in batch.labels])
-        probabilities = softmax(logits)
-        report.losses.append(float(-np.log(probabilities[np.arange(len(targets)), targets]).mean()))
-        probabilities[np.arange(len(targets)), targets] -= 1.0  # the mean cross-entropy's gradient on the logits
-        gradient = exchange.gradient(probabilities / len(targets))
-        at_cut = released.backward(gradient) if released else gradient
-        side.step(batch.input_ids, batch.attention_mask, at_cut,
-                  training.lr * learning_rate_factor(step, training.steps, training.warmup_ratio))  # fmt: skip
-        report.exchanges += 1
-        report.samples += len(batch)
-        report.count(hidden.shape, logits.shape[1])
+    done = found[1]["step"] if found else 0
+    for _ in range(done):
+        next(batches)
+    start, spent = time.perf_counter(), report.seconds
+    for step in tqdm(range(done, training.steps), desc="split (onnx runtime)", unit="step", leave=False):
+        device.step(next(batches), training.lr * learning_rate_factor(step, training.steps, training.warmup_ratio))
+        report.seconds = spent + time.perf_counter() - start
+        if out is not None and (step + 1) % training.checkpoint_every == 0 and step + 1 < training.steps:
+            progress = {"bundle": identity, "backend": BACKEND, "step": step + 1, "kept": kept,
+                        "report": asdict(report)}  # fmt: skip
+            save_checkpoint(out, side, progress)
         if on_step is not None:
             on_step(step + 1)
-    report.seconds = time.perf_counter() - start
     return report

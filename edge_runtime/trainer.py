@@ -74,7 +74,7 @@ def device_budget(profile_budget: int, override: int | None) -> int:
     return min(profile_budget, free_now)
 
 
-def _latest_checkpoint(out: Path, bundle: str, backend: str) -> tuple[Path, dict[str, Any]] | None:
+def latest_checkpoint(out: Path, bundle: str, backend: str) -> tuple[Path, dict[str, Any]] | None:
     """The newest complete checkpoint of this bundle and backend in `out` (complete ones are renamed in whole)."""
     for path in sorted(out.glob(f"{CHECKPOINT_PREFIX}*"), reverse=True):
         progress_file = path / "progress.json"
@@ -85,7 +85,7 @@ def _latest_checkpoint(out: Path, bundle: str, backend: str) -> tuple[Path, dict
     return None
 
 
-def _save_checkpoint(out: Path, backend: Any, progress: dict[str, Any]) -> None:
+def save_checkpoint(out: Path, backend: Any, progress: dict[str, Any]) -> None:
     target = out / f"{CHECKPOINT_PREFIX}{progress['step']:08d}"
     with atomic_directory(target) as staging:
         backend.save(staging)
@@ -192,7 +192,7 @@ def train_bundle(
     (out / METRICS).unlink(missing_ok=True)  # a result folder with metrics.json is a finished result, never stale
     for leftover in out.glob(f".{CHECKPOINT_PREFIX}*.tmp"):  # a checkpoint cut off mid-write
         shutil.rmtree(leftover, ignore_errors=True)
-    found = _latest_checkpoint(out, identity, backend_name)
+    found = latest_checkpoint(out, identity, backend_name)
     progress: dict[str, Any] = {
         "bundle": identity,
         "backend": backend_name,
@@ -239,7 +239,7 @@ def train_bundle(
                     micro_batch = max(m for m in range(1, micro_batch // 2 + 1) if batch_size % m == 0)
                     progress["micro_batch_changes"].append({"step": step + 1, "micro_batch": micro_batch})
                 if progress["step"] % plan.checkpoint_every == 0 and progress["step"] < steps:
-                    _save_checkpoint(out, backend, progress)
+                    save_checkpoint(out, backend, progress)
                 bar.set_postfix(loss=f"{loss:.3f}", rss=f"{monitor.current / MIB:,.0f}MiB")
                 bar.update()
                 if on_step is not None:

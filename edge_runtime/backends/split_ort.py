@@ -20,6 +20,7 @@ from edge_runtime.frozen_inputs import FrozenInputs
 from edge_runtime.heap import give_back_free_heap
 
 CUT, CUT_GRADIENT = "cut", "cut_gradient"
+CHECKPOINT = "checkpoint"  # the state file `save` writes
 PROMPT = "side.soft_prompt"  # the soft prompt's name in the graphs (exporters/split_onnx.CutGraph)
 
 
@@ -37,16 +38,28 @@ def _options(threads: int | None) -> SessionOptions:
 
 
 class OrtCutSide:
-    """The embeddings, a trainable soft prompt and the first k layers, as exported for ONNX Runtime training."""
+    """The embeddings, a trainable soft prompt and the first k layers, as exported for ONNX Runtime training,
+    from the export's initial state (`resume` continues from a saved one)."""
 
     def __init__(self, graphs: Path, threads: int | None = None) -> None:
-        self.state = CheckpointState.load_checkpoint(str(graphs / "checkpoint"))
-        self.module = Module(
-            str(graphs / "training_model.onnx"), self.state, str(graphs / "eval_model.onnx"),
-            session_options=_options(threads),
-        )  # fmt: skip
-        self.optimizer = Optimizer(str(graphs / "optimizer_model.onnx"), self.module)
+        self.graphs, self.options = graphs, _options(threads)
         self.frozen = FrozenInputs(graphs)
+        self._load(graphs / CHECKPOINT)
+
+    def resume(self, directory: Path) -> None:
+        """Continue from the state `save` wrote into `directory`."""
+        self._load(directory / CHECKPOINT)
+
+    def _load(self, checkpoint: Path) -> None:
+        self.module = self.optimizer = self.state = None  # the old session goes before the new one loads
+        self.state = CheckpointState.load_checkpoint(str(checkpoint))
+        self.module = Module(str(self.graphs / "training_model.onnx"), self.state,
+                             str(self.graphs / "eval_model.onnx"), session_options=self.options)  # fmt: skip
+        self.optimizer = Optimizer(str(self.graphs / "optimizer_model.onnx"), self.module)
+
+    def save(self, directory: Path) -> None:
+        """Write the prompt and AdamW's state into `directory` (which exists and is empty)."""
+        CheckpointState.save_checkpoint(self.state, str(directory / CHECKPOINT), include_optimizer_state=True)
 
     def _run(self, training: bool, input_ids: np.ndarray, attention_mask: np.ndarray, gradient: np.ndarray
              ) -> np.ndarray:  # fmt: skip

@@ -31,11 +31,12 @@ def setting(tmp_path_factory):
     return task, model, graphs, encoder
 
 
-def _run_on_ort(setting, setup: SplitSetup, examples):
+def _run_on_ort(setting, setup: SplitSetup, examples, **options):
     task, model, graphs, encoder = setting
     side = OrtCutSide(graphs)
     exchange = InProcess(ServerExchange(split_model(model, 2, PROMPT)[1], task.label_token_ids))
-    return train_on_ort(side, exchange, encoder, examples, training_record(TRAINING), setup), side, exchange
+    report = train_on_ort(side, exchange, encoder, examples, training_record(TRAINING), setup, **options)
+    return report, side, exchange
 
 
 def test_the_onnx_runtime_loop_prunes_and_steps_as_the_pytorch_loop(setting):
@@ -66,6 +67,31 @@ def test_with_noise_on_the_cut_the_server_sees_only_releases_and_the_run_records
         inputs = cut[:, PROMPT.tokens :]
         assert float(inputs[inputs != 0].std()) == pytest.approx(sigma * 2.0, rel=0.15)
     assert np.isfinite(side.prompt()).all() and report.exchanges == 8
+
+
+class _PowerCut(Exception):
+    pass
+
+
+def _cut_after_step_6(step: int) -> None:
+    if step == 6:
+        raise _PowerCut
+
+
+def test_a_run_cut_off_mid_epoch_resumes_from_its_checkpoint_to_the_same_prompt(setting, tmp_path):
+    examples, setup = sentiment_examples(40), SplitSetup(prune_fraction=0.25)
+    whole, whole_side, _ = _run_on_ort(setting, setup, examples)
+    with pytest.raises(_PowerCut):  # after step 6; the checkpoint is step 4's (one every 4 steps)
+        _run_on_ort(setting, setup, examples, on_step=_cut_after_step_6, out=tmp_path)
+    assert [path.name for path in tmp_path.iterdir()] == ["checkpoint-00000004"]
+
+    report, side, exchange = _run_on_ort(setting, setup, examples, out=tmp_path)
+    assert len(exchange.cuts) == 4  # steps 5 to 8; the scoring pass is not run again
+    assert report.pruned == whole.pruned and (report.exchanges, report.samples) == (whole.exchanges, whole.samples)
+    assert (report.bytes_up, report.bytes_down) == (whole.bytes_up, whole.bytes_down)
+    np.testing.assert_allclose(report.losses, whole.losses, rtol=1e-4)
+    np.testing.assert_allclose(side.prompt(), whole_side.prompt(), rtol=0, atol=TRAINING.lr / 10)
+    assert np.median(np.abs(side.prompt() - whole_side.prompt())) < 1e-6
 
 
 def test_the_local_loss_is_refused_on_onnx_runtime_with_the_way_out(setting):
