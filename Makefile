@@ -83,7 +83,7 @@ bench-studies: setup
 	$(BIN)/python -m bench.heterogeneous
 	$(BIN)/python -m bench.heterogeneous --deadline 165 --steps 80 --rounds 2 --seeds 0 1 2
 	$(BIN)/python -m bench.split_learning --setting split --lr 0.03 0.01
-	$(BIN)/python -m bench.split_learning --setting 'split, local loss' --setting 'split, local loss and pruning' --lr 0.01
+	$(BIN)/python -m bench.split_learning --setting 'split, local loss' --setting 'split, pruning' --setting 'split, local loss and pruning' --lr 0.01
 	$(BIN)/python -m bench.split_learning --setting 'split, noise on the cut (ε = 8)' --lr 0.01
 
 clean:
