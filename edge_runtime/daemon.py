@@ -25,6 +25,7 @@ from edge_runtime.isolated import TrainingInterrupted, train_isolated
 from edge_runtime.mqtt import BrokerAddress, BrokerUnreachable, Connection
 from edge_runtime.privacy import PrivacyLedger
 from edge_runtime.records import RecordError, from_dict
+from edge_runtime.split_client import SplitLink
 from edge_runtime.trainer import TrainOptions, plan_training, train_bundle
 from edge_runtime.transfer import Download, Outbox, offer_for, pack_directory, unpack_archive
 from edge_runtime.wire import (
@@ -54,6 +55,7 @@ OFFER_EVERY_SECONDS = 5.0
 PROGRESS_EVENTS = 20  # progress events per job, at most
 TERMINAL = ("delivered", "rejected", "failed")
 KEPT_REJECTIONS = 100  # the latest refusals kept for `rejections`; `refused` counts them all
+RESENT_STATES = 20  # jobs whose state is sent again on every connect, newest first
 
 
 @dataclass(frozen=True)
@@ -96,6 +98,7 @@ class EdgeDaemon:
         if address.username is None:  # the embedded broker's login: the device id and a signature only its key makes
             address = dataclasses.replace(address, username=config.device_id,
                                           password=login_password(self.identity, config.device_id))  # fmt: skip
+        self.address = address  # a split job's training process connects with it too
         self.jobs_dir = config.state / "jobs"
         self.bundles_dir = config.state / "bundles"
         self.downloads_dir = config.state / "downloads"
@@ -141,13 +144,27 @@ class EdgeDaemon:
         self._send("status", Status(self.config.device_id, state, time.time(), self.current), retain=True)
 
     def _announce(self) -> None:
-        """On every (re)connect: retained status and profile (dataset names and sizes only, never content)."""
+        """On every (re)connect: retained status and profile (dataset names and sizes only, never content), then
+        the latest jobs' states again."""
         backends = installed_backends()
         profile = Profile(
             self.config.device_id, self.config.profile.to_dict(), self.dataset_sizes, backends, time.time()
         )
         self._send("profile", profile, retain=True)
         self._set_status(self.state)
+        self._resend_states()
+
+    def _resend_states(self) -> None:
+        """The state of each of the latest jobs not yet delivered, sent again: an event published while the broker
+        was away is lost with it (a job that failed then would hold its round until the deadline, or forever)."""
+        try:
+            latest = sorted(self.jobs_dir.glob("[!.]*/state.json"), key=lambda path: path.stat().st_mtime)
+            for path in latest[-RESENT_STATES:]:
+                state = json.loads(path.read_text(encoding="utf-8"))
+                if state["state"] != "delivered":
+                    self._event(path.parent.name, state["state"], **{k: v for k, v in state.items() if k != "state"})
+        except (OSError, ValueError) as error:  # a job folder changing under us: the next connect sends it
+            log.warning("could not send the jobs' states again: %s", error)
 
     def _reject(self, reason: str, job: str = "") -> None:
         log.warning("%s rejected %s: %s", self.config.device_id, job or "a message", reason)
@@ -265,8 +282,9 @@ class EdgeDaemon:
         bundle = self.bundles_dir / job.bundle["transfer"]
         start = self.downloads_dir / job.start_adapter["transfer"] if job.start_adapter else None
         data = self.config.datasets[job.dataset]
+        link = SplitLink(self.address, self.config.device_id, job.job, self.config.state, self.topics)
         options = TrainOptions(
-            job.steps, self.config.backend, self.config.threads, None, self.config.budget_bytes, progress=False
+            job.steps, self.config.backend, self.config.threads, None, self.config.budget_bytes, False, link
         )
         try:
             plan = plan_training(bundle, data, self.config.trusted_key, options)

@@ -209,6 +209,36 @@ class DPTarget:
 
 
 @dataclass(frozen=True)
+class SplitRecord:
+    """A split bundle's cut: the device holds the embeddings, the soft prompt and the model's first `cut_after`
+    layers and exchanges every step with the job's split server; `positions` (prompt plus longest input) and
+    `hidden_size` bound what crosses. How the device prunes its data and noises the cut comes with it."""
+
+    cut_after: int
+    prompt_tokens: int
+    hidden_size: int
+    positions: int
+    prune_fraction: float = 0.0
+    prune_score: str = "el2n"
+    cut_dp: DPTarget | None = None
+    final_norm: str = "norm"  # the backbone's final norm, an identity on the device side (the cut comes before it)
+
+    def __post_init__(self) -> None:
+        if min(self.cut_after, self.prompt_tokens, self.hidden_size) < 1 or self.positions <= self.prompt_tokens:
+            raise ValueError(f"cut_after {self.cut_after}, prompt_tokens {self.prompt_tokens} and hidden_size "
+                             f"{self.hidden_size} must be at least 1, and positions {self.positions} above the "
+                             "prompt's")  # fmt: skip
+        if not 0 <= self.prune_fraction < 1:
+            raise ValueError(f"prune_fraction = {self.prune_fraction} must be in [0, 1)")
+        if not self.final_norm.isidentifier():
+            raise ValueError(f"final_norm = {self.final_norm!r} must name an attribute of the backbone, e.g. 'norm'")
+
+    def max_bytes(self, batch_size: int) -> int:
+        """A cut's body at its largest (float32 hidden states, a byte of mask a position): either side's limit."""
+        return batch_size * self.positions * (4 * self.hidden_size + 1)
+
+
+@dataclass(frozen=True)
 class Manifest:
     """Everything a device reads from a bundle; `signer` and `files` are filled in when the bundle is sealed."""
 
@@ -227,6 +257,7 @@ class Manifest:
     backends: list[str]
     export_check: dict[str, Any] | None = None
     privacy: DPTarget | None = None  # differentially private training (DP-SGD) when set
+    split: SplitRecord | None = None  # a split bundle: the device side of a split job (edge_runtime/split_job.py)
     signer: str = ""
     files: dict[str, FileDigest] = field(default_factory=dict)
 
@@ -315,6 +346,7 @@ class ResultMetrics:
     predicted_peak_bytes: int | None = None
     peak_memory_sampled_bytes: int | None = None
     layer_windows: list[TrainedWindow] | None = None
+    split: dict[str, Any] | None = None  # a split run's report: exchanges, bytes each way, pruning, the cut's ε
 
     def __post_init__(self) -> None:
         if self.format != RESULT_FORMAT:

@@ -12,18 +12,32 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from edge_runtime.errors import OffsiteError
-from edge_runtime.mqtt import BrokerAddress, Connection
+from edge_runtime.mqtt import BrokerAddress, BrokerUnreachable, Connection
 from edge_runtime.split_wire import SERVER_KINDS, Assembler, SplitFrame, SplitMessage
 from edge_runtime.wire import Topics, WireError
 
 log = logging.getLogger(__name__)
 # What answers each question: the logits a cut; the cut's gradient (or `unknown_cut`) a logits' gradient.
 ANSWERS = {"cut": ("logits",), "gradient": ("cut_gradient", "unknown_cut")}
+
+
+@dataclass(frozen=True)
+class SplitLink:
+    """Where a device's split job finds its server: the broker, the device (its key is `state`/device.key), the
+    job's wire id and the topic prefix. The daemon names it for the training process, which connects itself."""
+
+    address: BrokerAddress
+    device: str
+    job: str
+    state: Path
+    topics: Topics = field(default_factory=Topics)
 
 
 class NoAnswer(OffsiteError):
@@ -53,8 +67,18 @@ class SplitClient:
                                      on_connect=self._ask_again)  # fmt: skip
 
     def start(self) -> SplitClient:
-        self.connection.start()
-        return self
+        """Connect, waiting for a broker that is away (restarting, say) up to `give_up_seconds`."""
+        deadline, delay = time.monotonic() + self.give_up_seconds, 1.0
+        while True:
+            try:
+                self.connection.start()
+                return self
+            except BrokerUnreachable as error:
+                if time.monotonic() + delay > deadline:
+                    raise NoAnswer(f"{error}; gave up after {self.give_up_seconds:.0f} s") from None
+                log.warning("%s; trying again in %.0f s", error, delay)
+                time.sleep(delay)
+                delay = min(2 * delay, 16.0)
 
     def close(self) -> None:
         self.connection.close()
@@ -92,10 +116,16 @@ class SplitClient:
             self._send(frames)
 
     def _received(self, topic: str, payload: bytes) -> None:
+        if topic != self.topics.device(self.device, "answers"):  # amqtt delivers some messages of other topics
+            log.debug("ignoring %s: not this device's answers", topic[:200])
+            return
         try:
             frame = SplitFrame.decode(payload, SERVER_KINDS)
-            if frame.job != self.job or frame.device != self.device:
-                raise WireError(f"a split answer for {frame.device}/{frame.job} reached {self.device}/{self.job}")
+            if frame.device != self.device:
+                raise WireError(f"a split answer for {frame.device} reached {self.device}")
+            if frame.job != self.job:  # a late answer of an earlier job (a round before)
+                log.debug("ignoring a split answer of %s: this client asks %s", frame.job, self.job)
+                return
             frame.verify(self.coordinator, "the coordinator")
             message = self._assembler.add(frame)
         except WireError as error:

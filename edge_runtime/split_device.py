@@ -1,5 +1,5 @@
-"""A split job on the device, without torch: the job's setup and report, the exchange over a split client, and
-the training loop of the ONNX Runtime device side (`backends/split_ort.py`).
+"""A split job on the device: the job's setup and report, the exchange over a split client, and the training loop
+of either device side (`backends/split_ort.py`, no torch; `backends/split_torch.py`). numpy between them.
 
 One step: the device computes the cut, releases it (as it is, or clipped and noised: `cut_noise.py`), gets the
 label words' logits for it, computes the loss with its own labels and sends that loss's gradient on the logits;
@@ -12,11 +12,12 @@ SFPrompt's local loss (`local_steps`) trains a head beside the prompt and runs o
 from __future__ import annotations
 
 import math
+import secrets
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -33,10 +34,21 @@ from edge_runtime.split_wire import carries, checked_array
 from edge_runtime.text import Batch, TaskEncoder, training_batches
 from edge_runtime.trainer import latest_checkpoint, save_checkpoint
 
-if TYPE_CHECKING:  # the setup and report serve the PyTorch side too, where ONNX Runtime may not be installed
-    from edge_runtime.backends.split_ort import OrtCutSide
 
-BACKEND = "ort-split"  # what a checkpoint's progress names as its backend
+class CutSide(Protocol):
+    """A device side to train: `backends/split_ort.OrtCutSide` or `backends/split_torch.TorchCutSide`."""
+
+    name: str
+
+    def cut(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray: ...
+
+    def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, gradient: np.ndarray, lr: float) -> None: ...
+
+    def prompt(self) -> np.ndarray: ...
+
+    def save(self, directory: Path) -> None: ...
+
+    def resume(self, directory: Path) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -82,6 +94,7 @@ class SplitReport:
     losses: list[float] = field(default_factory=list)
     pruned: dict[str, object] | None = None
     cut_privacy: dict[str, object] | None = None
+    asked_again: int = 0  # questions sent again for want of an answer (a broker or server restart), over MQTT
 
     def count(self, shape: Sequence[int], labels: int, scoring: bool = False) -> None:
         """Add one exchange's bytes for a cut of `shape` [B, P + T, H]: the cut (float32) and its mask (a byte a
@@ -97,11 +110,13 @@ class SplitReport:
 
 class CutExchange:
     """A split server's answers through `client`, in numpy: logits [B, C] for a cut, then the cut's gradient for
-    the logits' gradient (sent again with the cut when the server restarted in between); exchanges from 1."""
+    the logits' gradient (sent again with the cut when the server restarted in between)."""
 
     def __init__(self, client: SplitClient) -> None:
         self.client = client
-        self.exchange = 0
+        # numbered from a random start: a late answer meant for an earlier process of this job (cut off and
+        # resumed) can never match a question of this one
+        self.exchange = secrets.randbelow(2**31)
         self._cut: dict[str, np.ndarray] = {}
 
     def logits(self, hidden: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
@@ -146,7 +161,7 @@ def with_prompt(attention_mask: np.ndarray, prompt_tokens: int) -> np.ndarray:
 class _DeviceSteps:
     """The device's half of each exchange: the cut, what of it crosses, the loss and the prompt's step."""
 
-    def __init__(self, side: OrtCutSide, exchange: NumpyExchange, encoder: TaskEncoder, noise: CutNoise | None,
+    def __init__(self, side: CutSide, exchange: NumpyExchange, encoder: TaskEncoder, noise: CutNoise | None,
                  report: SplitReport) -> None:  # fmt: skip
         self.side, self.exchange, self.encoder, self.noise, self.report = side, exchange, encoder, noise, report
         self.columns, self.prompt_tokens, self.rng = label_columns(encoder), side.prompt().shape[0], secret_rng()
@@ -184,23 +199,23 @@ class _DeviceSteps:
         self.report.count(hidden.shape, logits.shape[1])
 
 
-def train_on_ort(
-    side: OrtCutSide, exchange: NumpyExchange, encoder: TaskEncoder, examples: Sequence[Example],
-    training: TrainingRecord, setup: SplitSetup, on_step: Callable[[int], None] | None = None,
+def train_cut_side(
+    side: CutSide, exchange: NumpyExchange, encoder: TaskEncoder, examples: Sequence[Example],
+    training: TrainingRecord, setup: SplitSetup, on_step: Callable[[int, float], None] | None = None,
     out: Path | None = None, identity: str = "split",
 ) -> SplitReport:  # fmt: skip
-    """Train `side`'s prompt for `training.steps` exchanges with the server behind `exchange`; `on_step(n)` runs
-    after the n-th step. With `out`, a checkpoint (the prompt, AdamW's state, the report, what pruning kept) is
-    written there every `training.checkpoint_every` steps, atomically, and a run of the same `identity` that
-    finds one continues from it: a power cut loses the steps since, never the run."""
+    """Train `side`'s prompt for `training.steps` exchanges with the server behind `exchange`; `on_step(n, loss)`
+    runs after the n-th step with its loss. With `out`, a checkpoint (the prompt, AdamW's state, the report, what
+    pruning kept) is written there every `training.checkpoint_every` steps, atomically, and a run of the same
+    `identity` that finds one continues from it: a power cut loses the steps since, never the run."""
     if setup.local_steps:
-        raise ConfigError("local_steps trains a head beside the prompt, which the ONNX Runtime side does not have; "
-                          "set local_steps=0 or train on the PyTorch side")  # fmt: skip
+        raise ConfigError("local_steps trains a head beside the prompt, which a split bundle's device side does not "
+                          "have; set local_steps=0 or train with coordinator/split/train.py")  # fmt: skip
     rows = encoder.rows(examples)
     noise = setup.noise(training.steps, training.batch_size, len(rows))
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-    found = latest_checkpoint(out, identity, BACKEND) if out is not None else None
+    found = latest_checkpoint(out, identity, side.name) if out is not None else None
     report = SplitReport(**found[1]["report"]) if found else SplitReport(cut_privacy=noise.record() if noise else None)
     device = _DeviceSteps(side, exchange, encoder, noise, report)
     kept: list[int] | None = found[1]["kept"] if found else None
@@ -220,9 +235,9 @@ def train_on_ort(
         device.step(next(batches), training.lr * learning_rate_factor(step, training.steps, training.warmup_ratio))
         report.seconds = spent + time.perf_counter() - start
         if out is not None and (step + 1) % training.checkpoint_every == 0 and step + 1 < training.steps:
-            progress = {"bundle": identity, "backend": BACKEND, "step": step + 1, "kept": kept,
+            progress = {"bundle": identity, "backend": side.name, "step": step + 1, "kept": kept,
                         "report": asdict(report)}  # fmt: skip
             save_checkpoint(out, side, progress)
         if on_step is not None:
-            on_step(step + 1)
+            on_step(step + 1, report.losses[-1])
     return report

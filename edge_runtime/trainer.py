@@ -33,10 +33,11 @@ from edge_runtime.manifest import (
     ResultMetrics,
     TrainedWindow,
 )
-from edge_runtime.memory import MIB, MemoryEstimate, choose_micro_batch
+from edge_runtime.memory import MIB, BudgetError, MemoryEstimate, choose_micro_batch
 from edge_runtime.monitor import PeakMemory
 from edge_runtime.privacy import ORT_REFUSAL, DPPlan
 from edge_runtime.schedule import learning_rate_factor
+from edge_runtime.split_client import SplitLink
 from edge_runtime.tensor_file import WeightView
 from edge_runtime.text import TaskEncoder, poisson_batches, training_batches
 from edge_runtime.transfer import sha256_file
@@ -59,6 +60,7 @@ class TrainOptions:
     checkpoint_every: int | None = None
     budget_bytes: int | None = None
     progress: bool = True
+    split_link: SplitLink | None = None  # a split bundle's server (the daemon names it from the job)
 
 
 def bundle_id(bundle: Path) -> str:
@@ -143,6 +145,10 @@ def plan_training(bundle: Path, data: Path, trusted_key: Path, options: TrainOpt
         budget,
         PLAN_MARGIN,
     )
+    if manifest.split is not None and micro_batch < training.batch_size:  # the server answers whole batches
+        raise BudgetError(f"a split step needs its whole batch of {training.batch_size} at once, and only "
+                          f"{micro_batch} rows fit {budget / MIB:,.0f} MiB: raise the budget or export the job with "
+                          "a smaller --batch-size")  # fmt: skip
     privacy = None
     if manifest.privacy is not None:
         if backend != "torch":
@@ -182,6 +188,10 @@ def train_bundle(
     """
     started = time.perf_counter()
     plan = plan_training(bundle, data, trusted_key, options)
+    if plan.manifest.split is not None:
+        from edge_runtime.split_job import train_split_bundle  # imports this module
+
+        return train_split_bundle(bundle, plan, data, out, trusted_key, options, start_adapter, on_step)
     manifest, training, backend_name, steps = plan.manifest, plan.manifest.training, plan.backend, plan.steps
     budget, micro_batch, batch_size = plan.budget, plan.micro_batch, training.batch_size
     start = _starting_weights(start_adapter, manifest) if start_adapter is not None else None

@@ -59,7 +59,12 @@ def task_record(task: ClassificationTask | LanguageModelTask) -> TaskRecord:
     return TaskRecord(LANGUAGE_MODEL, **common, eos_token_id=tokenizer.eos_token_id)
 
 
-def _sample_batch(task: ClassificationTask | LanguageModelTask) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def profile_record(profile: DeviceProfile) -> ProfileRecord:
+    """The profile as the manifest records it, with its budget in bytes."""
+    return from_dict(ProfileRecord, profile.to_dict() | {"budget_bytes": profile.budget_bytes}, "profile")
+
+
+def sample_batch(task: ClassificationTask | LanguageModelTask) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if isinstance(task, ClassificationTask):
         encoded = [task.encode(Example(text, task.labels[i % len(task.labels)])) for i, text in enumerate(SAMPLE_TEXTS)]
         ids, mask = pad([row for row, _ in encoded], task.tokenizer.pad_token_id)
@@ -69,7 +74,7 @@ def _sample_batch(task: ClassificationTask | LanguageModelTask) -> tuple[torch.T
     return batch.input_ids, batch.attention_mask, labels.reshape(-1)
 
 
-def _check_device_encoding(
+def check_device_encoding(
     tokenizer_file: Path, record: TaskRecord, task: ClassificationTask | LanguageModelTask
 ) -> None:
     """The device's tokenizer (the `tokenizers` library alone) must encode exactly as the coordinator does."""
@@ -103,7 +108,7 @@ def _windows(emulator: torch.nn.Module, split: Split, size: int | None) -> list[
     ]
 
 
-def _training_record(request: BundleRequest) -> TrainingRecord:
+def training_record(request: BundleRequest) -> TrainingRecord:
     training = request.training
     optimizer = OptimizerSettings(training.weight_decay, training.max_grad_norm)
     return TrainingRecord(
@@ -164,11 +169,11 @@ def export_bundle(
             options=kind.options(),
         ),
         task=record,
-        profile=from_dict(ProfileRecord, profile.to_dict() | {"budget_bytes": profile.budget_bytes}, "profile"),
+        profile=profile_record(profile),
         plan=from_dict(
             PlanRecord, plans[0].to_dict() | {"per_backend": {plan.backend: plan.to_dict() for plan in plans}}, "plan"
         ),
-        training=_training_record(request),
+        training=training_record(request),
         backends=list(backends),
         privacy=request.dp,
     )
@@ -177,7 +182,7 @@ def export_bundle(
         emulator,
         loaded.tokenizer,
         initial,
-        _sample_batch(task),
-        lambda tokenizer_file: _check_device_encoding(tokenizer_file, record, task),
+        sample_batch(task),
+        lambda tokenizer_file: check_device_encoding(tokenizer_file, record, task),
     )
     return write_bundle(contents, out, key)

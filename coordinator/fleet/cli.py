@@ -20,7 +20,8 @@ from coordinator.fleet.registry import (
     Registry,
     default_state_directory,
 )
-from coordinator.options import add_request_options, request_from_args
+from coordinator.options import add_request_options, parse_dp, request_from_args
+from coordinator.split.job import SplitJob
 from edge_runtime.mqtt import add_tls_options
 
 MIB = 2**20
@@ -88,6 +89,17 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     dispatch.add_argument("--lora-ranks", help="with --per-device and a LoRA adapter: ranks to consider, e.g. 8,4,2")
     dispatch.add_argument("--min-steps", type=int, help="with --per-device: fewest steps a device may run "
                           "(default a quarter of --steps); a device that cannot is left out")  # fmt: skip
+    dispatch.add_argument(
+        "--split-after", type=int, metavar="K", help="split learning (SFPrompt): each device trains a soft prompt "
+        "through the model's first K layers and this service runs the rest, every step over the broker "
+        "(with --adapter-kind prompt:tokens=N; for devices that cannot hold an emulator)"
+    )  # fmt: skip
+    dispatch.add_argument("--prune-fraction", type=float, default=0.0, help="with --split-after: each device "
+                          "first drops this share of its easiest examples (EL2N)")  # fmt: skip
+    dispatch.add_argument(
+        "--cut-dp", type=parse_dp, metavar="epsilon=E[,delta=D][,clip=C]", help="with --split-after: clip each "
+        "example's cut to C and noise it so what crosses is (E, D)-DP (see the README: expect no learning at E = 8)"
+    )  # fmt: skip
     dispatch.add_argument("--wait", action="store_true", help="wait until the job is done, then print its results")
     status = actions.add_parser("status", help="jobs and their rounds (one job with JOB)")
     status.add_argument("job", nargs="?")
@@ -286,6 +298,14 @@ def _ranks(text: str | None) -> tuple[int, ...]:
         raise ConfigError(f"--lora-ranks {text!r} is not a comma-separated list of ranks, e.g. 8,4,2") from None
 
 
+def _split_job(args: argparse.Namespace) -> SplitJob | None:
+    if args.split_after is None:
+        if args.prune_fraction or args.cut_dp is not None:
+            raise ConfigError("--prune-fraction and --cut-dp belong to split jobs; add --split-after K")
+        return None
+    return SplitJob(args.split_after, args.prune_fraction, cut_dp=args.cut_dp)
+
+
 def format_configurations(detail: dict[str, Any]) -> str:
     """A per-device job's choices, one device a line, with why; what one configuration for all would have been."""
     from coordinator.fleet.configure import Candidate
@@ -334,6 +354,7 @@ def fleet(args: argparse.Namespace) -> None:
             candidate_emulators=tuple(args.candidate_emulator),
             lora_ranks=_ranks(args.lora_ranks),
             min_steps=args.min_steps,
+            split=_split_job(args),
         )
         job = registry.add_job(spec.to_dict())
         print(f"queued {job}: {args.rounds} rounds of {args.steps} steps on {args.dataset}", flush=True)

@@ -10,6 +10,7 @@ from typing import Any
 from coordinator.bundles.request import BundleRequest
 from coordinator.errors import ConfigError
 from coordinator.fleet.robust import AggregationRule
+from coordinator.split.job import SplitJob, check_split_request
 from edge_runtime.records import from_dict, to_dict
 
 
@@ -37,6 +38,7 @@ class JobSpec:
     candidate_emulators: tuple[str, ...] = ()  # with per_device: recipes to consider beside the bundle's own
     lora_ranks: tuple[int, ...] = ()  # with per_device and a LoRA adapter: ranks to consider (default r, r/2, r/4)
     min_steps: int | None = None  # with per_device: a device that cannot run this many steps is left out
+    split: SplitJob | None = None  # split learning: devices train a prompt through the first layers, we run the rest
 
     def __post_init__(self) -> None:
         if self.rounds < 1:
@@ -59,6 +61,11 @@ class JobSpec:
             raise ConfigError(f"--lora-ranks {list(self.lora_ranks)} are ranks of at least 1 for --adapter-kind lora")
         if self.min_steps is not None and not 1 <= self.min_steps <= self.steps:
             raise ConfigError(f"--min-steps {self.min_steps} must be between 1 and the job's {self.steps} steps")
+        if self.split is not None:
+            check_split_request(self.bundle)
+            if self.per_device:
+                raise ConfigError("--split-after and --per-device do not go together: every device of a split "
+                                  "job holds the same first layers")  # fmt: skip
         if self.test is not None and not Path(self.test).is_file():
             raise ConfigError(f"--test {self.test} is not a file; give the held-out data the aggregate is scored on")
 

@@ -21,12 +21,14 @@ from coordinator.errors import ConfigError, DataError
 from coordinator.fleet.database import RegistryUnavailable
 from coordinator.fleet.jobs import JobSpec
 from coordinator.fleet.registry import HEARTBEAT_SECONDS, JOB_DONE, TASK_DONE, WORKER_TIMEOUT_SECONDS, Registry
+from coordinator.fleet.split_hosts import SplitHosts
 from coordinator.fleet.work import (
     Workshop,
     check_result_adapter,
     finish_round,
     prepare_job,
     result_limit,
+    split_server,
     start_adapter,
 )
 from device_profiles import ProfileError
@@ -139,6 +141,8 @@ class FleetService:
             split + topics.all_devices(channel) for channel in ("events", "acks", "results/+")
         ]
         self.connection = Connection(address, f"coordinator-{secrets.token_hex(3)}", subscriptions, self._queue)
+        self.split_hosts = SplitHosts(registry, address, self.key, topics,
+                                      lambda spec: self.pool.submit(split_server, self.workshop, spec))  # fmt: skip
 
     def _queue(self, topic: str, payload: bytes) -> None:
         self.inbox.put((topic, payload))
@@ -426,6 +430,9 @@ class FleetService:
             try:
                 spec = JobSpec.from_dict(job["spec"])
                 targets = self._targets(spec)
+                if spec.split is not None and self.shared:
+                    raise ConfigError("a split job needs a single `coordinator serve` (not --worker): its split "
+                                      "server keeps each device's last cut in its memory")  # fmt: skip
             except (ConfigError, RecordError) as error:
                 self.registry.fail_job(job["id"], str(error))
                 continue
@@ -435,11 +442,14 @@ class FleetService:
             if future.done():
                 self._on_work_done(job_id, future)  # again next tick if the registry was unavailable
                 self.pending.pop(job_id)
-        for job in self.registry.jobs("running"):
+        running = self.registry.jobs("running")
+        for job in running:
             try:
                 self._tick_round(job)
             except (OffsiteError, RecordError) as error:  # one job's bad spec fails that job, not the service
                 self.registry.fail_job(job["id"], str(error))
+        for job_id, reason in self.split_hosts.tick(running, wire_job_id).items():
+            self.registry.fail_job(job_id, reason)
         self._flush_traffic()
         for transfer, download in list(self.downloads.items()):
             try:
@@ -519,6 +529,7 @@ class FleetService:
             while not stop.is_set():
                 self.step()
         finally:
+            self.split_hosts.close()
             self.pool.shutdown(wait=False, cancel_futures=True)
             self.connection.close()
 

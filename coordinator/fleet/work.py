@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from safetensors import SafetensorError
 from safetensors.numpy import load_file
@@ -26,10 +29,12 @@ from coordinator.fleet.jobs import JobSpec
 from coordinator.fleet.registry import Registry
 from coordinator.models import LoadedModel, load_model, source_sha256
 from coordinator.results import DeviceResult, read_result
+from coordinator.split.sides import ServerSide
 from device_profiles import DeviceProfile, validate
 from edge_runtime.bundle import ADAPTER_FILE
 from edge_runtime.data import load_examples
 from edge_runtime.files import atomic_directory
+from edge_runtime.records import to_dict
 from edge_runtime.trainer import ADAPTER
 from edge_runtime.transfer import pack_directory
 
@@ -88,13 +93,47 @@ def _bundle(
     return str(archive)
 
 
+def _split_bundle(shop: Workshop, loaded: LoadedModel, sha: str, job: str, spec: JobSpec, request: BundleRequest,
+                  profile: DeviceProfile) -> str:  # fmt: skip
+    """The packed device bundle of split job `spec` (as `request` for one backend) for `profile`, exported once
+    (cached by what decides it)."""
+    from coordinator.split.bundle import export_split_bundle
+
+    assert spec.split is not None
+    identity = json.dumps([request.cache_key(sha, profile), to_dict(spec.split)], sort_keys=True)
+    folder = shop.work / "bundles" / f"split-{hashlib.sha256(identity.encode()).hexdigest()[:16]}"
+    archive = folder / "bundle.tar"
+    if not archive.exists():
+        log.info("%s: exporting a split bundle for %s (first %d layers)", job, profile.name, spec.split.cut_after)
+        export_split_bundle(loaded, request, spec.split, profile, folder / "bundle", shop.key)
+        pack_directory(folder / "bundle", archive)
+    return str(archive)
+
+
+def split_server(shop: Workshop, spec: JobSpec) -> tuple[ServerSide, torch.Tensor]:
+    """Split job `spec`'s server side (the layers after the cut and the head, a copy of their own) and the label
+    words' token ids it answers the logits of."""
+    from coordinator.split.bundle import split_sides
+
+    assert spec.split is not None
+    loaded = shop.model(spec.bundle.model)
+    _, server = split_sides(loaded, spec.bundle, spec.split)
+    task = spec.bundle.task.build(loaded.tokenizer, spec.bundle.training.max_length)
+    return server, task.label_token_ids  # type: ignore[union-attr]
+
+
 def prepare_job(shop: Workshop, job: str, spec: JobSpec, targets: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Export one bundle per distinct request and device profile (cached) and pack it for the wire. A per-device
-    job first chooses each device's configuration (coordinator/fleet/configure.py) and records why."""
+    job first chooses each device's configuration (coordinator/fleet/configure.py) and records why; a split job
+    exports the device side of its cut."""
     loaded = shop.model(spec.bundle.model)
     sha = source_sha256(loaded)
     profiles = {device: validate(row["profile"], f"the profile {device} announced") for device, row in targets.items()}
     backends = {device: _backend(device, row, profiles[device], spec) for device, row in targets.items()}
+    if spec.split is not None:
+        requests = {d: replace(spec.bundle, backends=(backends[d],)) for d in targets}
+        bundles = {d: _split_bundle(shop, loaded, sha, job, spec, requests[d], profiles[d]) for d in targets}
+        return {"kind": "prepared", "bundles": bundles, "model_sha256": sha}
     detail: dict[str, Any] = {}
     if spec.per_device:
         speeds = {device: throughput(shop.registry, device, profile) for device, profile in profiles.items()}

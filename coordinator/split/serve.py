@@ -66,9 +66,15 @@ class SplitServer:
         refused, counted and logged."""
         try:
             device, channel, _ = self.topics.parse(topic)
+            if channel != "split":  # amqtt delivers some retained messages of other channels to a wildcard
+                log.debug("ignoring %s: not a split topic", topic[:200])
+                return []
             frame = SplitFrame.decode(payload, DEVICE_KINDS)
-            if channel != "split" or frame.device != device or frame.job != self.job:
-                raise WireError(f"a split frame for {frame.device}/{frame.job} arrived on {topic[:200]!r}")
+            if frame.device != device:
+                raise WireError(f"a split frame for {frame.device} arrived on {topic[:200]!r}")
+            if frame.job != self.job:  # another split job's server answers it
+                log.debug("ignoring a split frame of %s: this server answers %s", frame.job, self.job)
+                return []
             key = self.device_keys.get(device)
             if key is None:
                 raise WireError(f"device {device!r} is not enrolled in split job {self.job!r}")

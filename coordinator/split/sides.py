@@ -14,7 +14,6 @@ the server side would add a second time.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -24,40 +23,10 @@ from coordinator.adapters.prompt import PromptAdapter
 from coordinator.architectures import spec_for
 from coordinator.emulator import config_with_layers, state_with_layers
 from coordinator.errors import ConfigError
+from edge_runtime.backends.split_torch import Cut, DeviceSide
 from edge_runtime.soft_prompt import SOFT_PROMPT
 
 SPLIT_FAMILIES = ("llama",)
-
-
-@dataclass(frozen=True)
-class Cut:
-    """What the device sends: hidden states [B, P + T, H] after its last layer and their attention mask
-    [B, P + T] (ones for the P prompt positions in front, then the input's)."""
-
-    hidden: torch.Tensor
-    attention_mask: torch.Tensor
-
-    def last(self) -> torch.Tensor:
-        """Each row's hidden state [B, H] at its last real token (inputs are right-padded)."""
-        return self.hidden[torch.arange(self.hidden.shape[0]), self.attention_mask.sum(dim=1) - 1]
-
-
-class DeviceSide(nn.Module):
-    """The embeddings, a trainable soft prompt and the first k layers; `forward` gives the cut."""
-
-    def __init__(self, backbone: nn.Module, prompt: torch.Tensor) -> None:
-        super().__init__()
-        self.backbone = backbone
-        self.soft_prompt = nn.Parameter(prompt.detach().clone())
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Cut:
-        embeds = self.backbone.get_input_embeddings()(input_ids)
-        front = self.soft_prompt[None].expand(input_ids.shape[0], -1, -1).to(embeds.dtype)
-        mask = torch.cat([attention_mask.new_ones(input_ids.shape[0], self.soft_prompt.shape[0]), attention_mask], 1)
-        hidden = self.backbone(
-            inputs_embeds=torch.cat([front, embeds], dim=1), attention_mask=mask, use_cache=False
-        ).last_hidden_state
-        return Cut(hidden, mask)
 
 
 class ServerSide(nn.Module):

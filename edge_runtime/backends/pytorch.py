@@ -25,6 +25,33 @@ from edge_runtime.windows import bundle_windows
 CHECKPOINT = "torch_state.safetensors"
 
 
+def save_trainable(path: Path, trainable: dict[str, torch.nn.Parameter], optimizer: torch.optim.AdamW) -> None:
+    """The trainable tensors and, once AdamW has stepped, its moments and step count, as one safetensors file."""
+    tensors = {}
+    for name, parameter in trainable.items():
+        tensors[f"param/{name}"] = parameter.detach().contiguous()
+        state = optimizer.state.get(parameter, {})
+        if state:
+            tensors[f"exp_avg/{name}"] = state["exp_avg"].contiguous()
+            tensors[f"exp_avg_sq/{name}"] = state["exp_avg_sq"].contiguous()
+            tensors[f"step/{name}"] = torch.as_tensor(state["step"], dtype=torch.float32).reshape(1)
+    save_file(tensors, str(path))
+
+
+def restore_trainable(path: Path, trainable: dict[str, torch.nn.Parameter], optimizer: torch.optim.AdamW) -> None:
+    """Continue from what `save_trainable` wrote: the tensors' values and AdamW's state."""
+    tensors = load_file(str(path))
+    with torch.no_grad():
+        for name, parameter in trainable.items():
+            parameter.copy_(tensors[f"param/{name}"])
+            if f"exp_avg/{name}" in tensors:
+                optimizer.state[parameter] = {
+                    "step": tensors[f"step/{name}"].reshape(()).clone(),
+                    "exp_avg": tensors[f"exp_avg/{name}"].clone(),
+                    "exp_avg_sq": tensors[f"exp_avg_sq/{name}"].clone(),
+                }
+
+
 class TorchBackend:
     """Trains the adapter parameters of the bundle's emulator; everything else stays frozen."""
 
@@ -114,27 +141,10 @@ class TorchBackend:
         return loss_sum / rows if rows else float("nan")
 
     def save(self, directory: Path) -> None:
-        tensors = {}
-        for name, parameter in self.trainable.items():
-            tensors[f"param/{name}"] = parameter.detach().contiguous()
-            state = self.optimizer.state.get(parameter, {})
-            if state:  # AdamW has stepped: keep its moments and step count
-                tensors[f"exp_avg/{name}"] = state["exp_avg"].contiguous()
-                tensors[f"exp_avg_sq/{name}"] = state["exp_avg_sq"].contiguous()
-                tensors[f"step/{name}"] = torch.as_tensor(state["step"], dtype=torch.float32).reshape(1)
-        save_file(tensors, str(directory / CHECKPOINT))
+        save_trainable(directory / CHECKPOINT, self.trainable, self.optimizer)
 
     def _restore(self, path: Path) -> None:
-        tensors = load_file(str(path))
-        with torch.no_grad():
-            for name, parameter in self.trainable.items():
-                parameter.copy_(tensors[f"param/{name}"])
-                if f"exp_avg/{name}" in tensors:
-                    self.optimizer.state[parameter] = {
-                        "step": tensors[f"step/{name}"].reshape(()).clone(),
-                        "exp_avg": tensors[f"exp_avg/{name}"].clone(),
-                        "exp_avg_sq": tensors[f"exp_avg_sq/{name}"].clone(),
-                    }
+        restore_trainable(path, self.trainable, self.optimizer)
 
     def adapter(self) -> WeightView:
         return WeightView(self.trainable, lambda name: self.trainable[name].detach().numpy())

@@ -41,6 +41,8 @@ class OrtCutSide:
     """The embeddings, a trainable soft prompt and the first k layers, as exported for ONNX Runtime training,
     from the export's initial state (`resume` continues from a saved one)."""
 
+    name = "ort-split"  # what a checkpoint's progress names as its backend
+
     def __init__(self, graphs: Path, threads: int | None = None) -> None:
         self.graphs, self.options = graphs, _options(threads)
         self.frozen = FrozenInputs(graphs)
@@ -86,6 +88,10 @@ class OrtCutSide:
         self.optimizer.set_learning_rate(lr)
         self.optimizer.step()
         self.module.lazy_reset_grad()
+
+    def load_prompt(self, prompt: np.ndarray) -> None:
+        """Start from `prompt` [P, H] (a round's aggregate) instead of the export's."""
+        self.state.parameters[PROMPT] = np.ascontiguousarray(prompt, np.float32)
 
     def prompt(self) -> np.ndarray:
         """The soft prompt [P, H] as trained so far (a copy)."""

@@ -1,10 +1,13 @@
-"""Faults: the broker killed mid-transfer, a daemon killed mid-training; each job still completes, counted once."""
+"""Faults: the broker killed mid-transfer, a daemon killed mid-training; each job still completes, counted once. A
+failure the device reports while the broker is away still reaches the service."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -147,3 +150,34 @@ def test_a_service_restarted_in_the_middle_of_a_bundle_download_completes_the_jo
     fleet._thread(second.run, "second service")
     wait_for(lambda: second.registry.job(job)["state"] in ("done", "failed"), 120, "the job after the restart")
     assert second.registry.job(job)["state"] == "done", second.registry.job(job)["detail"]
+
+
+def test_a_failure_reported_while_the_broker_is_away_still_reaches_the_service(mosquitto, make_fleet, monkeypatch):
+    from edge_runtime import daemon
+    from edge_runtime.errors import OffsiteError
+
+    broker_down = threading.Event()
+
+    def fails_while_the_broker_is_away(*arguments: object) -> None:
+        broker_down.wait(60)
+        raise OffsiteError("the disk is full")
+
+    monkeypatch.setattr(daemon, "train_bundle", fails_while_the_broker_is_away)
+    fleet = make_fleet(mosquitto)
+    fleet.start_service()
+    fleet.start_daemon("a", isolate=False)
+    registry = fleet.service.registry
+    job = registry.add_job(tiny_spec(fleet.files, rounds=1))
+    wait_for(lambda: (registry.task(job, 1, "a") or {}).get("state") == "accepted", 60, "a to accept the job")
+    mosquitto.kill()
+    broker_down.set()
+    wait_for(lambda: daemon_state(fleet, job) == "failed", 30, "the job to fail on the device")
+    mosquitto.start()  # the event went out while the broker was away: lost with it, and sent again on reconnect
+    wait_for(lambda: registry.job(job)["state"] == "failed", 60, "the service to hear of it")
+    assert registry.task(job, 1, "a")["state"] == "skipped"
+    assert "the disk is full" in registry.task(job, 1, "a")["detail"]["reason"]
+
+
+def daemon_state(fleet, job: str) -> str | None:
+    path = fleet.root / "device-a" / "jobs" / f"{job}-r1" / "state.json"
+    return json.loads(path.read_text())["state"] if path.exists() else None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 
+import pytest
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -16,8 +17,8 @@ from coordinator.train import TrainConfig
 from edge_runtime.backends.split_ort import OrtCutSide
 from edge_runtime.identity import login_password, public_pem
 from edge_runtime.mqtt import BrokerAddress
-from edge_runtime.split_client import SplitClient
-from edge_runtime.split_device import CutExchange, train_on_ort
+from edge_runtime.split_client import NoAnswer, SplitClient
+from edge_runtime.split_device import CutExchange, train_cut_side
 from tests.conftest import make_model, sentiment_examples
 from tests.fleet.conftest import Amqtt, Mosquitto
 from tests.split_helpers import PROMPT, InProcess, export_device_side, sentiment_task, training_record
@@ -94,22 +95,22 @@ def test_the_onnx_runtime_device_side_survives_a_broker_restart_and_its_prompt_p
     client = SplitClient(mosquitto.address("a"), "a", "job-1", DEVICE, COORDINATOR.public_key(), limits.max_bytes(),
                          retry_seconds=1.0, give_up_seconds=60).start()  # fmt: skip
 
-    def restart_after_step_3(step: int) -> None:
+    def restart_after_step_3(step: int, loss: float) -> None:
         if step == 3:
             mosquitto.kill()
             threading.Timer(2.0, mosquitto.start).start()
 
     side, record = OrtCutSide(graphs), training_record(TRAINING)
     try:
-        report = train_on_ort(side, CutExchange(client), encoder, sentiment_examples(32), record, SplitSetup(),
-                              restart_after_step_3)  # fmt: skip
+        report = train_cut_side(side, CutExchange(client), encoder, sentiment_examples(32), record, SplitSetup(),
+                                restart_after_step_3)  # fmt: skip
     finally:
         client.close()
         service.close()
     assert report.exchanges == 8 and client.asked_again >= 1 and client.refused == 0 and serving.refused == 0
     alone = OrtCutSide(graphs)
-    train_on_ort(alone, InProcess(ServerExchange(server, task.label_token_ids)), encoder, sentiment_examples(32),
-                 record, SplitSetup())  # fmt: skip
+    train_cut_side(alone, InProcess(ServerExchange(server, task.label_token_ids)), encoder, sentiment_examples(32),
+                   record, SplitSetup())  # fmt: skip
     torch.testing.assert_close(torch.from_numpy(side.prompt()), torch.from_numpy(alone.prompt()))
 
     with torch.no_grad():
@@ -119,3 +120,18 @@ def test_the_onnx_runtime_device_side_survives_a_broker_restart_and_its_prompt_p
     with torch.no_grad():
         expected = server.last_token_logits(device(batch.input_ids, batch.attention_mask))[:, task.label_token_ids]
     torch.testing.assert_close(task.label_logits(model, batch), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_device_starting_while_the_broker_is_away_waits_for_it(mosquitto):
+    mosquitto.kill()
+    threading.Timer(2.0, mosquitto.start).start()
+    client = SplitClient(mosquitto.address("a"), "a", "job-1", DEVICE, COORDINATOR.public_key(), 1024,
+                         give_up_seconds=30).start()  # fmt: skip
+    try:
+        assert client.connection.connected.is_set()
+    finally:
+        client.close()
+    mosquitto.kill()
+    with pytest.raises(NoAnswer, match="gave up after 2 s"):
+        SplitClient(mosquitto.address("a"), "a", "job-1", DEVICE, COORDINATOR.public_key(), 1024,
+                    give_up_seconds=2).start()  # fmt: skip

@@ -33,9 +33,10 @@ def setup():
     return serving, server, task, cut
 
 
-def ask(serving: SplitServer, exchange: int, kind: str, arrays: dict, key=DEVICE, topic=TOPIC) -> SplitMessage | None:
+def ask(serving: SplitServer, exchange: int, kind: str, arrays: dict, key=DEVICE, topic=TOPIC, job="job-1"
+        ) -> SplitMessage | None:  # fmt: skip
     answers = []
-    for frame in SplitMessage("job-1", "a", exchange, kind, arrays).frames(key):
+    for frame in SplitMessage(job, "a", exchange, kind, arrays).frames(key):
         answers += serving.handle(topic, frame)
     assembler, message = Assembler(10**8), None
     for answer_topic, payload in answers:
@@ -94,6 +95,10 @@ def test_bad_frames_are_refused_and_counted_and_the_server_goes_on(setup):
     ]
     assert cases == [None] * len(cases) and serving.refused >= len(cases)
     assert serving.handle(TOPIC, b"not a frame") == [] and serving.handle("elsewhere", b"") == []
+    refused = serving.refused
+    assert ask(serving, 1, "cut", good, job="job-2") is None  # another split job's: its own server answers it
+    assert ask(serving, 1, "cut", good, topic=Topics().device("a", "status")) is None  # amqtt's stray deliveries
+    assert serving.refused == refused
     ask(serving, 2, "cut", good)
     assert ask(serving, 2, "gradient", {"logits_gradient": np.ones((7, 2), np.float32)}) is None  # wrong rows
     assert ask(serving, 2, "gradient", {"logits_gradient": np.ones((8, 2), np.float32)}).kind == "cut_gradient"
