@@ -14,9 +14,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from onnxruntime import OrtValue
 from safetensors.numpy import load_file
 
+from edge_runtime.backends.ort_api import OrtValue
 from edge_runtime.bundle import BundleError
 
 FROZEN_FILE = "frozen_weights.safetensors"

@@ -5,11 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import onnxruntime
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from edge_runtime.backends.ort_api import CheckpointState, Module, Optimizer
+from edge_runtime.backends.ort_api import CheckpointState, Module, Optimizer, SessionOptions
 from edge_runtime.bundle import ADAPTER_FILE
 from edge_runtime.frozen_inputs import FrozenInputs
 from edge_runtime.heap import give_back_free_heap
@@ -36,7 +35,7 @@ class OrtBackend:
     def __init__(self, bundle: Path, manifest: Manifest, threads: int, resume: Path | None) -> None:
         self.bundle = bundle
         self.windows = bundle_windows(manifest)
-        self.options = onnxruntime.SessionOptions()
+        self.options = SessionOptions()
         self.options.intra_op_num_threads = threads
         self.options.inter_op_num_threads = 1
         self.options.log_severity_level = 3

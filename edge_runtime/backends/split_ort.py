@@ -13,9 +13,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from onnxruntime import SessionOptions
 
-from edge_runtime.backends.ort_api import CheckpointState, Module, Optimizer
+from edge_runtime.backends.ort_api import CheckpointState, Module, Optimizer, SessionOptions
 from edge_runtime.frozen_inputs import FrozenInputs
 from edge_runtime.heap import give_back_free_heap
 

@@ -13,9 +13,11 @@ from edge_runtime.files import atomic_directory, atomic_path, write_json_atomic
 
 
 def test_runtime_import_pulls_in_no_torch_or_transformers():
+    """Not even ONNX Runtime's training backends, whose own import loads torch wherever it is installed (here)."""
     code = (
         "import sys, edge_runtime.cli, edge_runtime.trainer, edge_runtime.bundle, edge_runtime.text, "
-        "edge_runtime.memory, edge_runtime.profile, edge_runtime.backends, edge_runtime.split_client;"
+        "edge_runtime.memory, edge_runtime.profile, edge_runtime.backends, edge_runtime.split_client, "
+        "edge_runtime.split_job, edge_runtime.backends.ort, edge_runtime.backends.split_ort;"
         "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
     )
     finished = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
