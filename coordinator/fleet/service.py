@@ -140,7 +140,9 @@ class FleetService:
         subscriptions = [topics.all_devices("status"), topics.all_devices("profile")] + [
             split + topics.all_devices(channel) for channel in ("events", "acks", "results/+")
         ]
-        self.connection = Connection(address, f"coordinator-{secrets.token_hex(3)}", subscriptions, self._queue)
+        self.connected_again = threading.Event()  # set on every connect: the open tasks' devices report again
+        self.connection = Connection(address, f"coordinator-{secrets.token_hex(3)}", subscriptions, self._queue,
+                                     on_connect=self.connected_again.set)  # fmt: skip
         self.split_hosts = SplitHosts(registry, address, self.key, topics,
                                       lambda spec: self.pool.submit(split_server, self.workshop, spec))  # fmt: skip
 
@@ -424,8 +426,20 @@ class FleetService:
         for job in self.registry.reclaim(time.time() - self.worker_timeout):
             log.warning("%s: its worker fell silent; the step it was on starts again", job)
 
+    def _ask_for_states(self) -> None:
+        """Send every open task's job again: its device answers a job it knows with its state. What a device
+        reported while this service was away from the broker (a failure, say) was lost with it; the device sends
+        its states again when it reconnects, but the service may reconnect after it."""
+        for job in self.registry.jobs("running"):
+            for task in self.registry.tasks(job["id"], job["round"]):
+                if task["state"] not in TASK_DONE:
+                    self._send_job(job["id"], job["round"], task["device"])
+
     def _tick(self) -> None:
         self._heartbeat()
+        if self.connected_again.is_set():
+            self.connected_again.clear()
+            self._ask_for_states()
         for job in self.registry.jobs("pending"):
             try:
                 spec = JobSpec.from_dict(job["spec"])
