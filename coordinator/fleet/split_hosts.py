@@ -82,10 +82,6 @@ class SplitHosts:
         self.hosts[job["id"]] = _Host(job["round"], SplitService(split, self.address, client_id).start())
         log.info("%s: serving the split layers for %s", wire_job, ", ".join(devices))
 
-    def refused(self) -> int:
-        """Split frames refused by the servers running now."""
-        return sum(host.service.server.refused for host in self.hosts.values())
-
     def close(self) -> None:
         for host in self.hosts.values():
             host.service.close()
