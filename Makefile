@@ -31,9 +31,10 @@ $(STAMP): pyproject.toml Makefile
 setup: $(STAMP)
 	$(BIN)/coordinator prepare
 
-# Mosquitto and PostgreSQL are what the MQTT and registry-server tests run against (Debian's packages); without
-# root or sudo they are skipped, except in CI (.ci/run sets OFFSITE_EDGE_REQUIRE_MOSQUITTO=1 and
-# OFFSITE_EDGE_REQUIRE_POSTGRES=1), where a missing server fails the run. The tests start their own, on loopback.
+# Mosquitto and PostgreSQL are what the MQTT and registry-server tests run against, Chromium and its driver what the
+# dashboard test opens the page in (Debian's packages); without root or sudo they are skipped, except in CI (.ci/run
+# sets OFFSITE_EDGE_REQUIRE_MOSQUITTO, _POSTGRES and _CHROMIUM), where a missing one fails the run. The tests start
+# their own servers, on loopback.
 services:
 	@{ command -v mosquitto >/dev/null || test -x /usr/sbin/mosquitto; } && ls /usr/lib/postgresql/*/bin/postgres \
 		>/dev/null 2>&1 || { \
@@ -41,6 +42,12 @@ services:
 		$$SUDO apt-get install -y -qq mosquitto postgresql >/dev/null 2>&1 || \
 		{ $$SUDO apt-get update -qq >/dev/null && $$SUDO apt-get install -y -qq mosquitto postgresql >/dev/null; } || \
 		echo "warning: could not install mosquitto and postgresql (needs root or sudo); their tests will be skipped"; }
+	@test -x /usr/bin/chromium && test -x /usr/bin/chromedriver || { \
+		SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo -n); \
+		APT="apt-get install -y -qq --no-install-recommends chromium chromium-driver"; \
+		$$SUDO $$APT >/dev/null 2>&1 || { $$SUDO apt-get update -qq >/dev/null && $$SUDO $$APT >/dev/null; } || \
+		echo "warning: could not install chromium and chromium-driver (needs root or sudo); the dashboard's browser \
+		test will be skipped"; }
 
 # The fleet end to end: embedded broker, coordinator service, two edge daemons with private shards,
 # one federated job of two rounds; then the fleet table and the five-setting table.

@@ -10,7 +10,7 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from coordinator.errors import ConfigError
 from coordinator.fleet.registry import (
@@ -23,6 +23,12 @@ from coordinator.fleet.registry import (
 from coordinator.options import add_request_options, parse_dp, request_from_args
 from coordinator.split.job import SplitJob
 from edge_runtime.mqtt import add_tls_options
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from coordinator.fleet.dashboard import Dashboard
+    from coordinator.fleet.jobs import JobSpec
 
 MIB = 2**20
 
@@ -47,6 +53,18 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         "--worker-timeout", type=float, default=WORKER_TIMEOUT_SECONDS, metavar="SECONDS",
         help="with --worker: a worker silent this long is gone; its jobs and downloads are taken over",
     )  # fmt: skip
+    serve.add_argument(
+        "--dashboard", type=int, metavar="PORT", help="serve the fleet dashboard (a web page and JSON API) on this "
+        "port; its URL, with the token from STATE/dashboard.token, is printed"
+    )  # fmt: skip
+    serve.add_argument("--dashboard-host", default="127.0.0.1", help="address the dashboard listens on (default "
+                       "loopback; reach it from elsewhere through an SSH tunnel or a TLS proxy)")  # fmt: skip
+    serve.add_argument("--dashboard-control", action="store_true",
+                       help="let the dashboard dispatch and cancel jobs (default: read-only)")  # fmt: skip
+    serve.add_argument(
+        "--dashboard-no-auth", action="store_true", help="serve the dashboard without its token (loopback only; any "
+        "local user can then read it, and with --dashboard-control, use it)"
+    )  # fmt: skip
     add_registry_option(serve)
     add_tls_options(serve)
 
@@ -58,57 +76,64 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     enroll.add_argument("--remove", action="store_true", help="forget the device's key: it is no longer heard")
     devices = actions.add_parser("devices", help="devices that announced themselves, with profile and datasets")
     dispatch = actions.add_parser("dispatch", help="queue a federated job for `coordinator serve` to run")
-    add_request_options(dispatch, steps=50, steps_help="training steps per device per round")
-    dispatch.add_argument("--dataset", required=True, help="the dataset name devices configured (--dataset NAME=…)")
-    dispatch.add_argument("--rounds", type=int, default=2)
-    dispatch.add_argument("--devices", help="comma-separated device ids (default: every online device with it)")
-    dispatch.add_argument("--test", type=Path, help="held-out data the aggregate is scored on after each round")
-    dispatch.add_argument("--limit-test", type=int, help="score only the first N test examples")
-    dispatch.add_argument(
+    add_dispatch_options(dispatch)
+    dispatch.add_argument("--wait", action="store_true", help="wait until the job is done, then print its results")
+    cancel = actions.add_parser("cancel", help="stop a job: its devices' results are no longer collected")
+    cancel.add_argument("job")
+    status = actions.add_parser("status", help="jobs and their rounds (one job with JOB)")
+    status.add_argument("job", nargs="?")
+    status.add_argument("--wait", action="store_true", help="wait until the job is done or failed")
+    results = actions.add_parser("results", help="per-device results of a job and each round's aggregate")
+    results.add_argument("job")
+    for action in (enroll, devices, dispatch, cancel, status, results):
+        action.add_argument("--state", type=Path, help=f"the service's --state (default {default_state_directory()})")
+        add_registry_option(action)
+
+
+def add_dispatch_options(parser: argparse.ArgumentParser) -> None:
+    """What a job is: `fleet dispatch`'s options, which the dashboard's dispatch form parses too."""
+    add_request_options(parser, steps=50, steps_help="training steps per device per round")
+    parser.add_argument("--dataset", required=True, help="the dataset name devices configured (--dataset NAME=…)")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--devices", help="comma-separated device ids (default: every online device with it)")
+    parser.add_argument("--test", type=Path, help="held-out data the aggregate is scored on after each round")
+    parser.add_argument("--limit-test", type=int, help="score only the first N test examples")
+    parser.add_argument(
         "--aggregate",
         default="fedavg",
         metavar="RULE",
         help="how a round's device adapters combine: fedavg (weighted by examples), or a rule one bad device cannot "
         "steer: median, trimmed-mean:0.2 (cut 20%% at each end), krum:f=1 (needs 2f+3 devices)",
     )
-    dispatch.add_argument("--clip-norm", type=float, help="clip each device's update to this L2 norm first")
-    dispatch.add_argument(
+    parser.add_argument("--clip-norm", type=float, help="clip each device's update to this L2 norm first")
+    parser.add_argument(
         "--deadline", type=float, metavar="SECONDS", help="a round waits this long for its devices, then goes on "
         "with those that answered (default: until every device answers or refuses)"
     )  # fmt: skip
-    dispatch.add_argument("--quorum", type=int, default=1, help="fewest results a round aggregates (default 1)")
-    dispatch.add_argument(
+    parser.add_argument("--quorum", type=int, default=1, help="fewest results a round aggregates (default 1)")
+    parser.add_argument(
         "--per-device", action="store_true", help="choose each device's emulator, adapter rank, micro-batch and "
         "steps to fit its memory and the --deadline, for the best expected accuracy (`fleet status JOB` says why)"
     )  # fmt: skip
-    dispatch.add_argument(
+    parser.add_argument(
         "--candidate-emulator", action="append", default=[], metavar="SPEC",
         help="with --per-device: another emulator recipe to consider (repeat it); the bundle's own and its int8 "
         "variant always are",
     )  # fmt: skip
-    dispatch.add_argument("--lora-ranks", help="with --per-device and a LoRA adapter: ranks to consider, e.g. 8,4,2")
-    dispatch.add_argument("--min-steps", type=int, help="with --per-device: fewest steps a device may run "
+    parser.add_argument("--lora-ranks", help="with --per-device and a LoRA adapter: ranks to consider, e.g. 8,4,2")
+    parser.add_argument("--min-steps", type=int, help="with --per-device: fewest steps a device may run "
                           "(default a quarter of --steps); a device that cannot is left out")  # fmt: skip
-    dispatch.add_argument(
+    parser.add_argument(
         "--split-after", type=int, metavar="K", help="split learning (SFPrompt): each device trains a soft prompt "
         "through the model's first K layers and this service runs the rest, every step over the broker "
         "(with --adapter-kind prompt:tokens=N; for devices that cannot hold an emulator)"
     )  # fmt: skip
-    dispatch.add_argument("--prune-fraction", type=float, default=0.0, help="with --split-after: each device "
+    parser.add_argument("--prune-fraction", type=float, default=0.0, help="with --split-after: each device "
                           "first drops this share of its easiest examples (EL2N)")  # fmt: skip
-    dispatch.add_argument(
+    parser.add_argument(
         "--cut-dp", type=parse_dp, metavar="epsilon=E[,delta=D][,clip=C]", help="with --split-after: clip each "
         "example's cut to C and noise it so what crosses is (E, D)-DP (see the README: expect no learning at E = 8)"
     )  # fmt: skip
-    dispatch.add_argument("--wait", action="store_true", help="wait until the job is done, then print its results")
-    status = actions.add_parser("status", help="jobs and their rounds (one job with JOB)")
-    status.add_argument("job", nargs="?")
-    status.add_argument("--wait", action="store_true", help="wait until the job is done or failed")
-    results = actions.add_parser("results", help="per-device results of a job and each round's aggregate")
-    results.add_argument("job")
-    for action in (enroll, devices, dispatch, status, results):
-        action.add_argument("--state", type=Path, help=f"the service's --state (default {default_state_directory()})")
-        add_registry_option(action)
 
 
 def add_registry_option(parser: argparse.ArgumentParser) -> None:
@@ -149,6 +174,8 @@ def serve(args: argparse.Namespace) -> None:
     if args.worker_timeout <= 2 * HEARTBEAT_SECONDS:
         raise ConfigError(f"--worker-timeout {args.worker_timeout:g} must exceed two heartbeats "
                           f"({2 * HEARTBEAT_SECONDS:g} s)")  # fmt: skip
+    if args.dashboard is None and (args.dashboard_control or args.dashboard_no_auth):
+        raise ConfigError("--dashboard-control and --dashboard-no-auth configure the dashboard; add --dashboard PORT")
     lock = lock_state(state, shared=args.worker)  # noqa: F841 (held until this process ends)
     registry, topics, tls = Registry(state, args.registry), Topics(args.prefix), _embedded_tls(args)
     broker = None
@@ -159,20 +186,42 @@ def serve(args: argparse.Namespace) -> None:
     else:  # first: devices may be waiting
         broker = EmbeddedBroker(BrokerAccess(registry.enrolled_key, topics), port=args.listen, tls=tls).start()
         address = broker.coordinator_address(args.ca)
-    key = args.key or default_key_directory() / PRIVATE_KEY
-    service = FleetService(registry, address, key, state / "files", topics, args.worker, args.worker_timeout)
-    url = str(address)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    where = f"embedded broker {url}" if broker else url
-    role = f"worker {service.worker_id}" if args.worker else "coordinator"
-    print(f"{role}: serving the fleet on {where}; registry {registry.db.where}; Ctrl-C stops", flush=True)
-    try:
+    dashboard = None
+    try:  # the broker (and the dashboard) stop however this ends
+        key = args.key or default_key_directory() / PRIVATE_KEY
+        service = FleetService(registry, address, key, state / "files", topics, args.worker, args.worker_timeout)
+        dashboard = _dashboard(args, state, service.refusals)
+        stop = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        signal.signal(signal.SIGINT, lambda *_: stop.set())
+        where = f"embedded broker {address}" if broker else str(address)
+        role = f"worker {service.worker_id}" if args.worker else "coordinator"
+        print(f"{role}: serving the fleet on {where}; registry {registry.db.where}; Ctrl-C stops", flush=True)
+        if dashboard is not None:
+            print(f"dashboard: {dashboard.url}", flush=True)
         service.run(stop)
     finally:
+        if dashboard is not None:
+            dashboard.stop()
         if broker is not None:
             broker.stop()
+
+
+def _dashboard(
+    args: argparse.Namespace, state: Path, refusals: Callable[[], tuple[int, list[str]]]
+) -> Dashboard | None:
+    """The dashboard `serve --dashboard` asks for, started (None without it)."""
+    from coordinator.fleet.dashboard import Dashboard, DashboardOptions, dashboard_token
+
+    if args.dashboard is None:
+        return None
+    token = None if args.dashboard_no_auth else dashboard_token(state)
+    options = DashboardOptions(args.dashboard, args.dashboard_host, token, args.dashboard_control)
+    try:
+        return Dashboard(Registry(state, args.registry), options, refusals).start()
+    except OSError as error:
+        raise ConfigError(f"--dashboard {args.dashboard}: cannot listen on {args.dashboard_host}:{args.dashboard} "
+                          f"({error.strerror}); pick another port") from None  # fmt: skip
 
 
 def _table(rows: list[list[str]], header: list[str]) -> str:
@@ -260,14 +309,17 @@ def format_results(registry: Registry, job: str) -> str:
     header.append("ε")
     lines = [_table(rows, header), ""]
     for r in registry.rounds(job):
-        evaluation = r["evaluation"]
-        score = "not scored (dispatch --test)"
-        if evaluation:
-            value = evaluation["value"]
-            shown = f"{100 * value:.1f} %" if evaluation["metric"] == "accuracy" else f"{value:.2f}"
-            score = f"plug-in {evaluation['metric']} {shown} on {evaluation['examples']} examples"
+        score = f"plug-in {_score(r['evaluation'])}" if r["evaluation"] else "not scored (dispatch --test)"
         lines.append(f"round {r['round']}: {r['state']}; aggregate {r['aggregate'] or '-'}; {score}")
+    if zero_shot := registry.job(job)["detail"].get("zero_shot"):
+        lines.append(f"full model zero-shot: {_score(zero_shot)}")
     return "\n".join(lines)
+
+
+def _score(evaluation: dict[str, Any]) -> str:
+    value = evaluation["value"]
+    shown = f"{100 * value:.1f} %" if evaluation["metric"] == "accuracy" else f"{value:.2f}"
+    return f"{evaluation['metric']} {shown} on {evaluation['examples']} examples"
 
 
 def enroll(registry: Registry, device: str, key: Path | None, remove: bool) -> str:
@@ -327,9 +379,38 @@ def format_configurations(detail: dict[str, Any]) -> str:
     return "\n".join(["per-device configuration:", *lines]) if lines else ""
 
 
-def fleet(args: argparse.Namespace) -> None:
+def spec_from_args(args: argparse.Namespace) -> JobSpec:
+    """The job `fleet dispatch`'s options describe, checked (ConfigError names the bad option)."""
     from coordinator.fleet.jobs import JobSpec
 
+    return JobSpec(
+        args.dataset,
+        request_from_args(args),
+        args.rounds,
+        args.devices.split(",") if args.devices else None,
+        test=str(args.test.resolve()) if args.test else None,
+        limit_test=args.limit_test,
+        aggregate=args.aggregate,
+        clip_norm=args.clip_norm,
+        deadline_s=args.deadline,
+        quorum=args.quorum,
+        per_device=args.per_device,
+        candidate_emulators=tuple(args.candidate_emulator),
+        lora_ranks=_ranks(args.lora_ranks),
+        min_steps=args.min_steps,
+        split=_split_job(args),
+    )
+
+
+def cancel_job(registry: Registry, job: str) -> str:
+    """Fail `job` as cancelled by the operator; ConfigError when it is unknown or already done or failed."""
+    state = registry.job(job)["state"]
+    if state in JOB_DONE or not registry.fail_job(job, "cancelled by the operator"):
+        raise ConfigError(f"{job} is already {registry.job(job)['state']}; there is nothing to cancel")
+    return f"{job} cancelled (it was {state}); its devices' results are no longer collected"
+
+
+def fleet(args: argparse.Namespace) -> None:
     registry = Registry(args.state or default_state_directory(), args.registry)
     if args.fleet_command == "enroll":
         print(enroll(registry, args.device, args.key, args.remove))
@@ -337,25 +418,12 @@ def fleet(args: argparse.Namespace) -> None:
     if args.fleet_command == "devices":
         print(format_devices(registry))
         return
+    if args.fleet_command == "cancel":
+        print(cancel_job(registry, args.job))
+        return
     job = getattr(args, "job", None)
     if args.fleet_command == "dispatch":
-        spec = JobSpec(
-            args.dataset,
-            request_from_args(args),
-            args.rounds,
-            args.devices.split(",") if args.devices else None,
-            test=str(args.test.resolve()) if args.test else None,
-            limit_test=args.limit_test,
-            aggregate=args.aggregate,
-            clip_norm=args.clip_norm,
-            deadline_s=args.deadline,
-            quorum=args.quorum,
-            per_device=args.per_device,
-            candidate_emulators=tuple(args.candidate_emulator),
-            lora_ranks=_ranks(args.lora_ranks),
-            min_steps=args.min_steps,
-            split=_split_job(args),
-        )
+        spec = spec_from_args(args)
         job = registry.add_job(spec.to_dict())
         print(f"queued {job}: {args.rounds} rounds of {args.steps} steps on {args.dataset}", flush=True)
     if getattr(args, "wait", False):

@@ -373,6 +373,12 @@ class Registry:
             "SELECT * FROM tasks WHERE device = ? AND state = 'received' ORDER BY finished DESC LIMIT ?", device, limit
         )
 
+    def received_privacy(self) -> list[dict[str, Any]]:
+        """Every received result's device and the ε its training spent (None: trained without DP)."""
+        rows = self._exec("SELECT device, metrics FROM tasks WHERE state = 'received' ORDER BY finished")
+        return [{"device": r["device"], "epsilon": ((r["metrics"] or {}).get("privacy") or {}).get("epsilon")}
+                for r in rows]  # fmt: skip
+
     # rounds
     @staticmethod
     def _put_round(run: Run, job: str, round_: int, state: str, aggregate: Any, evaluation: Any, done: Any) -> None:

@@ -134,6 +134,7 @@ class FleetService:
         self.configurations: dict[str, dict[str, Any]] = {}  # per-device jobs' choices: fixed once prepared
         self.rejections: collections.deque[str] = collections.deque(maxlen=KEPT_REJECTIONS)
         self.refused = 0
+        self.rejections_lock = threading.Lock()  # the dashboard reads them from its own threads
         # Every worker hears status and profile (retained, which a shared subscription is not sent); one hears each
         # of the rest.
         split = f"$share/{topics.prefix.replace('/', '-')}-{SHARED_GROUP}/" if shared else ""
@@ -178,8 +179,14 @@ class FleetService:
 
     def _reject(self, reason: str) -> None:
         log.warning("rejected: %s", reason)
-        self.rejections.append(reason)
-        self.refused += 1
+        with self.rejections_lock:
+            self.rejections.append(reason)
+            self.refused += 1
+
+    def refusals(self) -> tuple[int, list[str]]:
+        """How many messages were refused, and the latest reasons (newest last); safe from any thread."""
+        with self.rejections_lock:
+            return self.refused, list(self.rejections)
 
     def _refuse(self, error: Exception, what: str) -> None:
         """Count any failure of handling `what` as a refusal; the service goes on serving (a handler is total)."""
@@ -257,7 +264,8 @@ class FleetService:
         job, round_, task = self._task_of(device, wire_job)
         if offer.job != wire_job:  # the job is under the device's signature, the topic is not
             raise WireError(f"{device} offers a result of {str(offer.job)[:80]!r} on {wire_job!r}'s topic")
-        if task["state"] in TASK_DONE:  # already counted, or skipped (past the deadline): the device may stop offering
+        # already counted, skipped (past the deadline), or its job failed or was cancelled: the device may stop offering
+        if task["state"] in TASK_DONE or self.registry.job(job)["state"] in JOB_DONE:
             self._send(device, "transfer", Done(offer.transfer, True))
             return
         if offer.transfer in self.downloads:

@@ -36,11 +36,12 @@ from edge_runtime.data import load_examples
 from edge_runtime.files import atomic_directory
 from edge_runtime.records import to_dict
 from edge_runtime.trainer import ADAPTER
-from edge_runtime.transfer import pack_directory
+from edge_runtime.transfer import pack_directory, sha256_file
 
 log = logging.getLogger(__name__)
 # A result is an adapter as large as the bundle's initial one, plus its metrics: anything larger is refused.
 RESULT_SLACK_BYTES = 8 * 1024**2
+EVAL_BATCH = 16
 
 
 @dataclass
@@ -51,6 +52,7 @@ class Workshop:
     key: Ed25519PrivateKey
     work: Path
     models: dict[str, LoadedModel] = field(default_factory=dict)
+    zero_shots: dict[str, dict[str, Any]] = field(default_factory=dict)  # by model, task and test file
 
     def model(self, name: str) -> LoadedModel:
         if name not in self.models:
@@ -133,8 +135,8 @@ def prepare_job(shop: Workshop, job: str, spec: JobSpec, targets: dict[str, dict
     if spec.split is not None:
         requests = {d: replace(spec.bundle, backends=(backends[d],)) for d in targets}
         bundles = {d: _split_bundle(shop, loaded, sha, job, spec, requests[d], profiles[d]) for d in targets}
-        return {"kind": "prepared", "bundles": bundles, "model_sha256": sha}
-    detail: dict[str, Any] = {}
+        return {"kind": "prepared", "bundles": bundles, "model_sha256": sha, **_zero_shot(shop, loaded, sha, spec)}
+    detail: dict[str, Any] = _zero_shot(shop, loaded, sha, spec)
     if spec.per_device:
         speeds = {device: throughput(shop.registry, device, profile) for device, profile in profiles.items()}
         chosen = configure(loaded, spec, Fleet(profiles, backends, speeds))
@@ -143,7 +145,7 @@ def prepare_job(shop: Workshop, job: str, spec: JobSpec, targets: dict[str, dict
             raise ConfigError(f"{len(chosen.chosen)} devices can run this job, fewer than --quorum {spec.quorum}: "
                               f"{reasons}")  # fmt: skip
         requests = {device: choice.request(spec.bundle) for device, choice in chosen.chosen.items()}
-        detail = {
+        detail |= {
             "configurations": {device: choice.to_dict() for device, choice in chosen.chosen.items()},
             "left_out": chosen.left_out,
             "fixed": {device: choice.to_dict() for device, choice in chosen.fixed.items()},
@@ -152,6 +154,19 @@ def prepare_job(shop: Workshop, job: str, spec: JobSpec, targets: dict[str, dict
         requests = {device: replace(spec.bundle, backends=(backends[device],)) for device in targets}
     bundles = {d: _bundle(shop, loaded, sha, job, request, profiles[d]) for d, request in requests.items()}
     return {"kind": "prepared", "bundles": bundles, "model_sha256": sha, **detail}
+
+
+def _zero_shot(shop: Workshop, loaded: LoadedModel, sha: str, spec: JobSpec) -> dict[str, Any]:
+    """{"zero_shot": the untrained full model's score on the job's test file}, what each round's plug-in is
+    measured against ({} without --test); scored once per model, task, file and limit."""
+    if spec.test is None:
+        return {}
+    key = json.dumps([sha, to_dict(spec.bundle.task), spec.bundle.training.max_length, sha256_file(Path(spec.test)),
+                      spec.limit_test])  # fmt: skip
+    if key not in shop.zero_shots:
+        log.info("scoring %s zero-shot on %s", loaded.name, spec.test)
+        shop.zero_shots[key] = evaluate(loaded, spec)
+    return {"zero_shot": shop.zero_shots[key]}
 
 
 def result_limit(archive: Path) -> int:
@@ -246,21 +261,7 @@ def finish_round(shop: Workshop, job: str, round_: int, spec: JobSpec) -> dict[s
     write_aggregate(results, out, round_, spec.rule, start, spec.clip_norm, starts)
     if _per_device_lora(spec) and round_ < spec.rounds:
         _write_cut_starts(shop.work, job, round_, configurations, out, loaded.name)
-    evaluation = None
-    if spec.test is not None:
-        request = spec.bundle
-        task = request.task.build(loaded.tokenizer, request.training.max_length)
-        examples = load_examples(spec.test)[: spec.limit_test]
-        aggregate = read_result(out, loaded)
-        bottom, top = request.adapter_layers
-        exits = adapter_exits(loaded.model.config.num_hidden_layers, bottom, top, request.layer_window)
-        kind = adapter_kind_of(aggregate.metrics.adapter_kind, aggregate.metrics.adapter_options)
-        with plugged_in(kind, loaded.model, aggregate.weights, bottom, top):
-            evaluation = {
-                "metric": task.metric,
-                "value": task.score(loaded.model, examples, 16, exits),
-                "examples": len(examples),
-            }
+    evaluation = evaluate(loaded, spec, read_result(out, loaded)) if spec.test is not None else None
     return {
         "kind": "aggregated",
         "round": round_,
@@ -269,3 +270,20 @@ def finish_round(shop: Workshop, job: str, round_: int, spec: JobSpec) -> dict[s
         "evaluation": evaluation,
         "devices": len(results),
     }
+
+
+def evaluate(loaded: LoadedModel, spec: JobSpec, adapter: DeviceResult | None = None) -> dict[str, Any]:
+    """The full model's score on `spec.test`, with `adapter` plugged in (None: zero-shot, the job's baseline)."""
+    assert spec.test is not None
+    request = spec.bundle
+    task = request.task.build(loaded.tokenizer, request.training.max_length)
+    examples = load_examples(spec.test)[: spec.limit_test]
+    if adapter is None:
+        value = task.score(loaded.model, examples, EVAL_BATCH)
+    else:
+        bottom, top = request.adapter_layers
+        exits = adapter_exits(loaded.model.config.num_hidden_layers, bottom, top, request.layer_window)
+        kind = adapter_kind_of(adapter.metrics.adapter_kind, adapter.metrics.adapter_options)
+        with plugged_in(kind, loaded.model, adapter.weights, bottom, top):
+            value = task.score(loaded.model, examples, EVAL_BATCH, exits)
+    return {"metric": task.metric, "value": value, "examples": len(examples)}

@@ -7,7 +7,8 @@ Every part runs as its own process, exactly as on a real fleet (swap the loopbac
     coordinator keys init --out KEYS
     edge-runtime keys --device-id dev-1 --state DEV1                                  # on each device: its key
     coordinator fleet enroll dev-1 --key DEV1/device.pub --state STATE                # the operator trusts it
-    coordinator serve --state STATE --listen PORT --key KEYS/coordinator.key          # broker + service
+    coordinator serve --state STATE --listen PORT --key KEYS/coordinator.key \\
+        --dashboard 8765                                                            # broker + service + page
     edge-runtime run --broker mqtt://127.0.0.1:PORT --device-id dev-1 --state DEV1 --profile laptop-16gb \\
         --dataset reviews=shard-1.jsonl --trust KEYS/coordinator.pub --threads 1       # on each device
     coordinator fleet dispatch --state STATE --dataset reviews --rounds 2 --steps 40 --test test.jsonl
@@ -61,7 +62,8 @@ def split_shards(train: Path, devices: int, out: Path, seed: int = 0) -> list[Pa
 
 
 def _wait_for_port(port: int, process: subprocess.Popen, log: Path, timeout: float = 120) -> None:
-    """Until the coordinator's embedded broker listens (the daemons would also wait, but say less)."""
+    """Until the coordinator listens on `port`: its embedded broker (the daemons would also wait, but say less) or
+    its dashboard."""
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -69,7 +71,7 @@ def _wait_for_port(port: int, process: subprocess.Popen, log: Path, timeout: flo
             return
         except OSError:
             if process.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"the coordinator did not start its broker; see {log}") from None
+                raise SystemExit(f"the coordinator did not listen on port {port}; see {log}") from None
             time.sleep(0.2)
 
 
@@ -92,6 +94,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--full-steps", type=int, default=100, help="steps of the full fine-tuning baseline")
     parser.add_argument("--profile", default="laptop-16gb")
     parser.add_argument("--out", type=Path, default=Path("runs/fleet-demo"))
+    parser.add_argument("--dashboard", type=int, help="the service's dashboard port (default: a free one)")
     parser.add_argument(
         "--no-gguf", action="store_true", help="skip the GGUF and llama.cpp step (a folder model has no GGUF source)"
     )
@@ -102,7 +105,7 @@ def main(argv: list[str] | None = None) -> None:
     state, keys = args.out / "coordinator", args.out / "keys"
     subprocess.run(_command("coordinator.cli", "keys", "init", "--out", str(keys)), check=True, capture_output=True)
     shards = split_shards(args.train, args.devices, args.out)
-    port = free_port()
+    port, dashboard = free_port(), args.dashboard or free_port()
     threads = str(max(1, (os.cpu_count() or 2) // args.devices))  # the daemons share the cores, never oversubscribe
     processes = []
 
@@ -122,9 +125,14 @@ def main(argv: list[str] | None = None) -> None:
                 str(port),
                 "--key",
                 str(keys / "coordinator.key"),
+                "--dashboard",
+                str(dashboard),
             ),
         )
         _wait_for_port(port, processes[0], args.out / "logs" / "coordinator.log")
+        _wait_for_port(dashboard, processes[0], args.out / "logs" / "coordinator.log")
+        token = (state / "dashboard.token").read_text().strip()
+        print(f"dashboard (live while the demo runs): http://127.0.0.1:{dashboard}/?token={token}", flush=True)
         for i in range(1, args.devices + 1):  # each device makes its key; the operator enrolls it
             device, folder = f"device-{i}", str(args.out / f"device-{i}")
             subprocess.run(_command("edge_runtime.cli", "keys", "--device-id", device, "--state", folder),
