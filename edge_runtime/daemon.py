@@ -160,9 +160,8 @@ class EdgeDaemon:
         try:
             latest = sorted(self.jobs_dir.glob("[!.]*/state.json"), key=lambda path: path.stat().st_mtime)
             for path in latest[-RESENT_STATES:]:
-                state = json.loads(path.read_text(encoding="utf-8"))
-                if state["state"] != "delivered":
-                    self._event(path.parent.name, state["state"], **{k: v for k, v in state.items() if k != "state"})
+                if self._job_state(path.parent.name)["state"] != "delivered":
+                    self._report_state(path.parent.name)
         except (OSError, ValueError) as error:  # a job folder changing under us: the next connect sends it
             log.warning("could not send the jobs' states again: %s", error)
 
@@ -183,6 +182,11 @@ class EdgeDaemon:
 
     def _job_state(self, job: str) -> dict[str, Any]:
         return json.loads((self._job_dir(job) / "state.json").read_text(encoding="utf-8"))
+
+    def _report_state(self, job: str) -> None:
+        """Send `job`'s state (and its detail: a reason, a step) as an event, as when it was reached."""
+        state = self._job_state(job)
+        self._event(job, state["state"], **{k: v for k, v in state.items() if k != "state"})
 
     def _set_job_state(self, job: str, state: str, **detail: Any) -> None:
         write_json_atomic(self._job_dir(job) / "state.json", {"state": state, **detail})
@@ -205,8 +209,7 @@ class EdgeDaemon:
         nonces = {nonce: t for nonce, t in nonces.items() if t > cutoff} | {job.nonce: job.issued_at}
         write_json_atomic(self.nonces_file, nonces)
         if (self._job_dir(job.job) / "state.json").exists():
-            state = self._job_state(job.job)
-            self._event(job.job, state["state"], **{k: v for k, v in state.items() if k != "state"})
+            self._report_state(job.job)
             return
         known = job.dataset in self.config.datasets
         reason = f"no dataset named {job.dataset!r} here (configured: {', '.join(sorted(self.config.datasets))})"

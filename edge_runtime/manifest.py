@@ -12,6 +12,7 @@ from typing import Any
 
 from edge_runtime.memory import ModelShape
 from edge_runtime.records import from_dict, json_object, to_dict
+from edge_runtime.split_wire import cut_body_bytes
 
 CLASSIFICATION = "classification"
 LANGUAGE_MODEL = "language-model"
@@ -235,7 +236,7 @@ class SplitRecord:
 
     def max_bytes(self, batch_size: int) -> int:
         """A cut's body at its largest (float32 hidden states, a byte of mask a position): either side's limit."""
-        return batch_size * self.positions * (4 * self.hidden_size + 1)
+        return cut_body_bytes(batch_size, self.positions, self.hidden_size)
 
 
 @dataclass(frozen=True)

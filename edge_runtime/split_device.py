@@ -23,14 +23,13 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from edge_runtime.cut_noise import CutNoise, Released, crossings
-from edge_runtime.data import Example
 from edge_runtime.errors import ConfigError
 from edge_runtime.manifest import DPTarget, TrainingRecord
 from edge_runtime.privacy import secret_rng
 from edge_runtime.pruning import SCORES, el2n, label_loss, prune
 from edge_runtime.schedule import learning_rate_factor
 from edge_runtime.split_client import SplitClient
-from edge_runtime.split_wire import carries, checked_array
+from edge_runtime.split_wire import carries, checked_array, cut_body_bytes
 from edge_runtime.text import Batch, TaskEncoder, training_batches
 from edge_runtime.trainer import latest_checkpoint, save_checkpoint
 
@@ -100,7 +99,7 @@ class SplitReport:
         """Add one exchange's bytes for a cut of `shape` [B, P + T, H]: the cut (float32) and its mask (a byte a
         position) up, the label logits down; unless `scoring`, the logits' gradient up and the cut's down."""
         rows, positions, width = shape
-        cut, logits = rows * positions * (4 * width + 1), 4 * rows * labels
+        cut, logits = cut_body_bytes(rows, positions, width), 4 * rows * labels
         up, down = (cut, logits) if scoring else (cut + logits, logits + rows * positions * 4 * width)
         self.bytes_up += up
         self.bytes_down += down
@@ -200,18 +199,18 @@ class _DeviceSteps:
 
 
 def train_cut_side(
-    side: CutSide, exchange: NumpyExchange, encoder: TaskEncoder, examples: Sequence[Example],
+    side: CutSide, exchange: NumpyExchange, encoder: TaskEncoder, rows: Sequence[tuple[list[int], int]],
     training: TrainingRecord, setup: SplitSetup, on_step: Callable[[int, float], None] | None = None,
     out: Path | None = None, identity: str = "split",
 ) -> SplitReport:  # fmt: skip
-    """Train `side`'s prompt for `training.steps` exchanges with the server behind `exchange`; `on_step(n, loss)`
+    """Train `side`'s prompt on `rows` (`encoder.rows` of the device's examples) for `training.steps` exchanges
+    with the server behind `exchange`; `on_step(n, loss)`
     runs after the n-th step with its loss. With `out`, a checkpoint (the prompt, AdamW's state, the report, what
     pruning kept) is written there every `training.checkpoint_every` steps, atomically, and a run of the same
     `identity` that finds one continues from it: a power cut loses the steps since, never the run."""
     if setup.local_steps:
         raise ConfigError("local_steps trains a head beside the prompt, which a split bundle's device side does not "
                           "have; set local_steps=0 or train with coordinator/split/train.py")  # fmt: skip
-    rows = encoder.rows(examples)
     noise = setup.noise(training.steps, training.batch_size, len(rows))
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
@@ -225,7 +224,7 @@ def train_cut_side(
         pruned = prune(device.scores(rows, training.batch_size, setup.prune_score), setup.prune_fraction,
                        setup.prune_score)  # fmt: skip
         report.pruned, kept = pruned.record(), pruned.kept
-    rows = rows if kept is None else [rows[i] for i in kept]
+    rows = list(rows) if kept is None else [rows[i] for i in kept]
     batches = training_batches(encoder, rows, training.batch_size, training.seed)
     done = found[1]["step"] if found else 0
     for _ in range(done):

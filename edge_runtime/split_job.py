@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
 import statistics
 import time
 from collections.abc import Callable
@@ -23,15 +22,13 @@ from safetensors.numpy import load_file
 
 from edge_runtime import __version__
 from edge_runtime.bundle import ADAPTER_FILE, ORT_DIRECTORY, TORCH_DIRECTORY, load_public_key, write_adapter_file
-from edge_runtime.data import load_examples
 from edge_runtime.errors import ConfigError, DataError
-from edge_runtime.files import write_json_atomic
 from edge_runtime.identity import device_key
 from edge_runtime.manifest import RESULT_FORMAT, RESULT_SCHEMA, PrivacyRecord, ResultMetrics
 from edge_runtime.monitor import PeakMemory
 from edge_runtime.split_client import SplitClient
 from edge_runtime.split_device import CutExchange, SplitSetup, train_cut_side
-from edge_runtime.trainer import ADAPTER, CHECKPOINT_PREFIX, METRICS, TrainingPlan, TrainOptions, bundle_id
+from edge_runtime.trainer import ADAPTER, TrainingPlan, TrainOptions, finish_result, start_result
 from edge_runtime.transfer import sha256_file
 
 if TYPE_CHECKING:  # each side imports its own runtime: ONNX Runtime or torch, never both
@@ -75,15 +72,15 @@ def _start_prompt(path: Path, plan: TrainingPlan, shape: tuple[int, ...]) -> np.
 def train_split_bundle(
     bundle: Path,
     plan: TrainingPlan,
-    data: Path,
     out: Path,
     trusted_key: Path,
     options: TrainOptions,
     start_adapter: Path | None = None,
     on_step: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
-    """Train the split bundle `plan` verified against its server; write `out`/adapter.safetensors and
-    metrics.json, checkpointing every `checkpoint_every` steps (a cut-off run resumes where it was)."""
+    """Train the split bundle `plan` verified (on the rows it encoded) against its server; write
+    `out`/adapter.safetensors and metrics.json, checkpointing every `checkpoint_every` steps (a cut-off run
+    resumes where it was)."""
     manifest, split, training = plan.manifest, plan.manifest.split, plan.manifest.training
     assert split is not None
     link = options.split_link
@@ -91,11 +88,7 @@ def train_split_bundle(
         raise ConfigError("a split bundle trains against its job's server: run it from `edge-runtime run`, whose "
                           "job names the server, not from `edge-runtime train`")  # fmt: skip
     started = time.perf_counter()
-    identity = bundle_id(bundle) + (f"+{sha256_file(start_adapter)}" if start_adapter is not None else "")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / METRICS).unlink(missing_ok=True)
-    for leftover in out.glob(f".{CHECKPOINT_PREFIX}*.tmp"):
-        shutil.rmtree(leftover, ignore_errors=True)
+    identity = start_result(out, bundle, start_adapter)
     steps = dataclasses.replace(training, steps=plan.steps, checkpoint_every=plan.checkpoint_every)
     setup = SplitSetup(0, split.prune_fraction, split.prune_score, split.cut_dp)
     threads = options.threads or os.cpu_count() or 1
@@ -117,8 +110,8 @@ def train_split_bundle(
 
         client.start()
         try:
-            report = train_cut_side(side, CutExchange(client), plan.encoder, load_examples(data), steps, setup,
-                                  stepped, out, identity)  # fmt: skip
+            report = train_cut_side(side, CutExchange(client), plan.encoder, plan.rows, steps, setup, stepped, out,
+                                    identity)  # fmt: skip
         finally:
             client.close()
         report.asked_again = client.asked_again
@@ -154,7 +147,5 @@ def train_split_bundle(
         privacy=PrivacyRecord(),
         split=dataclasses.asdict(report),
     ).to_dict()
-    write_json_atomic(out / METRICS, metrics)
-    for checkpoint in out.glob(f"{CHECKPOINT_PREFIX}*"):
-        shutil.rmtree(checkpoint, ignore_errors=True)
+    finish_result(out, metrics)
     return metrics

@@ -33,6 +33,12 @@ DTYPES = {"float32": np.dtype("<f4"), "uint8": np.dtype("u1")}
 MAX_ARRAYS, MAX_DIMENSIONS = 4, 4
 
 
+def cut_body_bytes(rows: int, positions: int, width: int) -> int:
+    """A cut's body: float32 hidden states [rows, positions, width] and a byte of mask a position. Either side's
+    limit on what one exchange may carry, and what the device counts as sent."""
+    return rows * positions * (4 * width + 1)
+
+
 @dataclass(frozen=True)
 class SplitMessage:
     """What one side sends in one phase of one exchange."""

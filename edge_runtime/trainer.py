@@ -172,6 +172,23 @@ def _starting_weights(path: Path, manifest: Manifest) -> dict[str, np.ndarray]:
     return {local: tensors[full] for local, full in names.items()}
 
 
+def start_result(out: Path, bundle: Path, start_adapter: Path | None) -> str:
+    """Ready the result folder `out` for a run of `bundle` from `start_adapter`, and return the run's identity
+    (the bundle's id, and the start's sha256): a checkpoint of another run is never resumed."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / METRICS).unlink(missing_ok=True)  # a result folder with metrics.json is a finished result, never stale
+    for leftover in out.glob(f".{CHECKPOINT_PREFIX}*.tmp"):  # a checkpoint cut off mid-write
+        shutil.rmtree(leftover, ignore_errors=True)
+    return bundle_id(bundle) + (f"+{sha256_file(start_adapter)}" if start_adapter is not None else "")
+
+
+def finish_result(out: Path, metrics: dict[str, Any]) -> None:
+    """Mark the result in `out` finished (its metrics.json, written atomically) and drop its checkpoints."""
+    write_json_atomic(out / METRICS, metrics)
+    for checkpoint in out.glob(f"{CHECKPOINT_PREFIX}*"):
+        shutil.rmtree(checkpoint, ignore_errors=True)
+
+
 def train_bundle(
     bundle: Path,
     data: Path,
@@ -191,17 +208,13 @@ def train_bundle(
     if plan.manifest.split is not None:
         from edge_runtime.split_job import train_split_bundle  # imports this module
 
-        return train_split_bundle(bundle, plan, data, out, trusted_key, options, start_adapter, on_step)
+        return train_split_bundle(bundle, plan, out, trusted_key, options, start_adapter, on_step)
     manifest, training, backend_name, steps = plan.manifest, plan.manifest.training, plan.backend, plan.steps
     budget, micro_batch, batch_size = plan.budget, plan.micro_batch, training.batch_size
     start = _starting_weights(start_adapter, manifest) if start_adapter is not None else None
     windows = bundle_windows(manifest)
 
-    identity = bundle_id(bundle) + (f"+{sha256_file(start_adapter)}" if start_adapter is not None else "")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / METRICS).unlink(missing_ok=True)  # a result folder with metrics.json is a finished result, never stale
-    for leftover in out.glob(f".{CHECKPOINT_PREFIX}*.tmp"):  # a checkpoint cut off mid-write
-        shutil.rmtree(leftover, ignore_errors=True)
+    identity = start_result(out, bundle, start_adapter)
     found = latest_checkpoint(out, identity, backend_name)
     progress: dict[str, Any] = {
         "bundle": identity,
@@ -292,7 +305,5 @@ def train_bundle(
             [TrainedWindow(w.layers, w.exit) for w in manifest.adapter.windows] if manifest.adapter.windows else None
         ),
     ).to_dict()
-    write_json_atomic(out / METRICS, metrics)
-    for checkpoint in out.glob(f"{CHECKPOINT_PREFIX}*"):
-        shutil.rmtree(checkpoint, ignore_errors=True)
+    finish_result(out, metrics)
     return metrics

@@ -24,7 +24,8 @@ def _latest_tasks(registry: Registry, jobs: list[dict[str, Any]]) -> dict[str, d
 
 def _privacy_spent(registry: Registry) -> dict[str, tuple[float, int]]:
     """Per device: the ε its received differentially private results add up to (sequential composition, an upper
-    bound), and how many there were. A device trains without DP unless a job asks; those results count 0 here."""
+    bound), and how many there were: DP-SGD's, what the device's own ledger charges (a split job's noise on the
+    cut is another guarantee, shown per task as `cut_epsilon`)."""
     spent: dict[str, tuple[float, int]] = {}
     for row in registry.received_privacy():
         epsilon = row["epsilon"]
@@ -39,7 +40,7 @@ def _task_view(task: dict[str, Any], configuration: dict[str, Any] | None) -> di
     detail, metrics = task["detail"] or {}, task["metrics"] or {}
     ran = None
     if metrics:
-        emulator = metrics.get("emulator") or {}
+        emulator, split = metrics.get("emulator") or {}, metrics.get("split") or {}
         ran = {
             "backend": metrics.get("backend"),
             "emulator": emulator.get("recipe"),
@@ -53,6 +54,9 @@ def _task_view(task: dict[str, Any], configuration: dict[str, Any] | None) -> di
             "wall_seconds": metrics.get("wall_seconds"),
             "final_loss": metrics.get("final_loss"),
             "epsilon": (metrics.get("privacy") or {}).get("epsilon"),
+            "cut_epsilon": (split.get("cut_privacy") or {}).get("epsilon"),
+            "split_bytes_up": split.get("bytes_up"),  # a split job's exchanges, beside the task's own transfers
+            "split_bytes_down": split.get("bytes_down"),
         }
     return {
         "device": task["device"],

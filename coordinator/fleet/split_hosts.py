@@ -18,7 +18,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from coordinator.fleet.jobs import JobSpec
-from coordinator.fleet.registry import Registry
+from coordinator.fleet.registry import JOB_DONE, Registry
 from coordinator.split.serve import CutLimits, SplitServer, SplitService
 from edge_runtime.errors import OffsiteError
 from edge_runtime.identity import parse_public_key
@@ -51,8 +51,9 @@ class SplitHosts:
         serving = {job["id"]: job for job in running if job["spec"].get("split")}
         for job_id in [j for j in self.hosts if j not in serving or self.hosts[j].round != serving[j]["round"]]:
             self.hosts.pop(job_id).service.close()
-        for job_id in [j for j in self.sides if j not in serving and j not in self.hosts]:
-            del self.sides[job_id]  # the job left `running`; a next round builds it again only if needed
+        for job_id in [j for j in self.sides if j not in serving]:
+            if self.registry.job(job_id)["state"] in JOB_DONE:  # kept while a round aggregates: the next is served
+                del self.sides[job_id]  # by the same server side, not a second copy of the later layers
         failed = {}
         for job_id, job in serving.items():
             if job_id not in self.hosts:
@@ -67,7 +68,9 @@ class SplitHosts:
 
     def _start(self, job: dict[str, Any], wire_job: str) -> None:
         spec = JobSpec.from_dict(job["spec"])
-        built = self.sides.setdefault(job["id"], self.build(spec))
+        if job["id"] not in self.sides:  # built once per job (setdefault would ask again on every tick)
+            self.sides[job["id"]] = self.build(spec)
+        built = self.sides[job["id"]]
         if not built.done():
             return
         server, label_token_ids = built.result()

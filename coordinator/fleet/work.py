@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -82,17 +83,26 @@ def throughput(registry: Registry, device: str, profile: DeviceProfile) -> Throu
     return prior_throughput(profile)
 
 
+def _packed(shop: Workshop, key: str, export: Callable[[Path], None]) -> str:
+    """The packed bundle cached as `bundles/key/bundle.tar`; `export(folder)` writes it the first time."""
+    folder = shop.work / "bundles" / key
+    archive = folder / "bundle.tar"
+    if not archive.exists():
+        export(folder / "bundle")
+        pack_directory(folder / "bundle", archive)
+    return str(archive)
+
+
 def _bundle(
     shop: Workshop, loaded: LoadedModel, sha: str, job: str, request: BundleRequest, profile: DeviceProfile
 ) -> str:
     """The packed bundle `request` makes for `profile`, exported once (cached by the request's hash)."""
-    folder = shop.work / "bundles" / request.cache_key(sha, profile)
-    archive = folder / "bundle.tar"
-    if not archive.exists():
+
+    def export(folder: Path) -> None:
         log.info("%s: exporting a bundle for %s (%s)", job, profile.name, ",".join(request.backends) or "none")
-        export_bundle(loaded, request, profile, folder / "bundle", shop.key)
-        pack_directory(folder / "bundle", archive)
-    return str(archive)
+        export_bundle(loaded, request, profile, folder, shop.key)
+
+    return _packed(shop, request.cache_key(sha, profile), export)
 
 
 def _split_bundle(shop: Workshop, loaded: LoadedModel, sha: str, job: str, spec: JobSpec, request: BundleRequest,
@@ -102,14 +112,14 @@ def _split_bundle(shop: Workshop, loaded: LoadedModel, sha: str, job: str, spec:
     from coordinator.split.bundle import export_split_bundle
 
     assert spec.split is not None
-    identity = json.dumps([request.cache_key(sha, profile), to_dict(spec.split)], sort_keys=True)
-    folder = shop.work / "bundles" / f"split-{hashlib.sha256(identity.encode()).hexdigest()[:16]}"
-    archive = folder / "bundle.tar"
-    if not archive.exists():
-        log.info("%s: exporting a split bundle for %s (first %d layers)", job, profile.name, spec.split.cut_after)
-        export_split_bundle(loaded, request, spec.split, profile, folder / "bundle", shop.key)
-        pack_directory(folder / "bundle", archive)
-    return str(archive)
+    split = spec.split
+
+    def export(folder: Path) -> None:
+        log.info("%s: exporting a split bundle for %s (first %d layers)", job, profile.name, split.cut_after)
+        export_split_bundle(loaded, request, split, profile, folder, shop.key)
+
+    identity = json.dumps([request.cache_key(sha, profile), to_dict(split)], sort_keys=True)
+    return _packed(shop, f"split-{hashlib.sha256(identity.encode()).hexdigest()[:16]}", export)
 
 
 def split_server(shop: Workshop, spec: JobSpec) -> tuple[ServerSide, torch.Tensor]:

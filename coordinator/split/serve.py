@@ -22,7 +22,15 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from coordinator.split.sides import Cut, ServerSide
 from edge_runtime.mqtt import BrokerAddress, Connection
-from edge_runtime.split_wire import DEVICE_KINDS, Assembler, SplitFrame, SplitMessage, carries, checked_array
+from edge_runtime.split_wire import (
+    DEVICE_KINDS,
+    Assembler,
+    SplitFrame,
+    SplitMessage,
+    carries,
+    checked_array,
+    cut_body_bytes,
+)
 from edge_runtime.wire import Topics, WireError
 
 log = logging.getLogger(__name__)
@@ -41,7 +49,7 @@ class CutLimits:
 
     def max_bytes(self) -> int:
         """A cut's body at its largest: float32 hidden states and a byte of mask per position."""
-        return self.batch_size * self.positions * (4 * self.hidden + 1)
+        return cut_body_bytes(self.batch_size, self.positions, self.hidden)
 
 
 @dataclass

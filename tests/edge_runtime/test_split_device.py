@@ -46,7 +46,8 @@ def _run_on(setting, setup: SplitSetup, examples, backend: str = "ort", **option
     task, model, _, encoder = setting
     side = _side(setting, backend)
     exchange = InProcess(ServerExchange(split_model(model, 2, PROMPT)[1], task.label_token_ids))
-    report = train_cut_side(side, exchange, encoder, examples, training_record(TRAINING), setup, **options)
+    report = train_cut_side(side, exchange, encoder, encoder.rows(examples), training_record(TRAINING), setup,
+                            **options)  # fmt: skip
     return report, side, exchange
 
 

@@ -102,15 +102,15 @@ def test_the_onnx_runtime_device_side_survives_a_broker_restart_and_its_prompt_p
 
     side, record = OrtCutSide(graphs), training_record(TRAINING)
     try:
-        report = train_cut_side(side, CutExchange(client), encoder, sentiment_examples(32), record, SplitSetup(),
-                                restart_after_step_3)  # fmt: skip
+        report = train_cut_side(side, CutExchange(client), encoder, encoder.rows(sentiment_examples(32)), record,
+                                SplitSetup(), restart_after_step_3)  # fmt: skip
     finally:
         client.close()
         service.close()
     assert report.exchanges == 8 and client.asked_again >= 1 and client.refused == 0 and serving.refused == 0
     alone = OrtCutSide(graphs)
-    train_cut_side(alone, InProcess(ServerExchange(server, task.label_token_ids)), encoder, sentiment_examples(32),
-                   record, SplitSetup())  # fmt: skip
+    train_cut_side(alone, InProcess(ServerExchange(server, task.label_token_ids)), encoder,
+                   encoder.rows(sentiment_examples(32)), record, SplitSetup())  # fmt: skip
     torch.testing.assert_close(torch.from_numpy(side.prompt()), torch.from_numpy(alone.prompt()))
 
     with torch.no_grad():

@@ -13,7 +13,9 @@ from safetensors.torch import load_file
 
 from coordinator.cli import main as coordinator_main
 from coordinator.errors import ConfigError
+from coordinator.fleet.dashboard_data import job_view
 from coordinator.fleet.jobs import JobSpec
+from coordinator.fleet.work import split_server
 from coordinator.split.job import SplitJob
 from device_profiles import load_profile
 from edge_runtime.bundle import ADAPTER_FILE, verify_bundle
@@ -28,7 +30,13 @@ def _split_spec(files: dict[str, Path], **change: object) -> dict[str, object]:
     }
 
 
-def test_a_split_job_survives_a_broker_restart_mid_round_and_its_prompt_plugs_in(mosquitto, make_fleet) -> None:
+def test_a_split_job_survives_a_broker_restart_mid_round_and_its_prompt_plugs_in(
+    mosquitto, make_fleet, monkeypatch
+) -> None:
+    from coordinator.fleet import service
+
+    builds = []  # each copy of the server's layers the service makes
+    monkeypatch.setattr(service, "split_server", lambda *args: builds.append(args) or split_server(*args))
     fleet = make_fleet(mosquitto)
     registry = fleet.service.registry
     fleet.start_service()
@@ -58,6 +66,9 @@ def test_a_split_job_survives_a_broker_restart_mid_round_and_its_prompt_plugs_in
         assert split["bytes_up"] > 0 and split["bytes_down"] > 0
         assert task["metrics"]["adapter_kind"] == "prompt"
         assert task["metrics"]["backend"] == {"a": "ort", "b": "torch"}[task["device"]]
+    assert len(builds) == 1  # one server side served both rounds
+    shown = job_view(registry, job)["rounds_detail"][1]["tasks"][0]["ran"]  # what the dashboard shows of a's run
+    assert shown["split_bytes_up"] == tasks[2]["metrics"]["split"]["bytes_up"] and shown["cut_epsilon"] is None
 
     for task in tasks[:2]:
         manifest = verify_bundle(Path(task["bundle"]).parent / "bundle", fleet.files["trust"])

@@ -194,6 +194,8 @@ function ranText(task) {
   if (ran.micro_batch) parts.push(`micro-batch ${ran.micro_batch}`);
   parts.push(`peak ${mib(ran.peak_memory_bytes)} of ${mib(ran.budget_bytes)}`);
   if (ran.epsilon !== null) parts.push(`ε ${ran.epsilon.toFixed(2)}`);
+  if (ran.cut_epsilon !== null) parts.push(`cut ε ${ran.cut_epsilon.toFixed(2)}`);
+  if (ran.split_bytes_up !== null) parts.push(`split exchanges ${mb(ran.split_bytes_up)} up, ${mb(ran.split_bytes_down)} down`);
   return (task.chosen ? `${task.chosen}; ` : "") + parts.join(", ");
 }
 
