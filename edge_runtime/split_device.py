@@ -204,10 +204,10 @@ def train_cut_side(
     out: Path | None = None, identity: str = "split",
 ) -> SplitReport:  # fmt: skip
     """Train `side`'s prompt on `rows` (`encoder.rows` of the device's examples) for `training.steps` exchanges
-    with the server behind `exchange`; `on_step(n, loss)`
-    runs after the n-th step with its loss. With `out`, a checkpoint (the prompt, AdamW's state, the report, what
-    pruning kept) is written there every `training.checkpoint_every` steps, atomically, and a run of the same
-    `identity` that finds one continues from it: a power cut loses the steps since, never the run."""
+    with the server behind `exchange`; `on_step(n, loss)` runs after the n-th step with its loss. With `out`, a
+    checkpoint (the prompt, AdamW's state, the report, what pruning kept) is written there every
+    `training.checkpoint_every` steps, atomically, and a run of the same `identity` that finds one continues from
+    it: a power cut loses the steps since, never the run."""
     if setup.local_steps:
         raise ConfigError("local_steps trains a head beside the prompt, which a split bundle's device side does not "
                           "have; set local_steps=0 or train with coordinator/split/train.py")  # fmt: skip
