@@ -131,6 +131,10 @@ class Registry:
             time.time(),
         )
 
+    def device_heard(self, device: str) -> None:
+        """`device` sent a signed record just now: it is alive, whatever its last status said when."""
+        self._exec("UPDATE devices SET last_seen = ? WHERE id = ?", time.time(), device)
+
     def devices(self) -> list[dict[str, Any]]:
         return self._exec("SELECT * FROM devices ORDER BY id")
 

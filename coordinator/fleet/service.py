@@ -60,6 +60,7 @@ RESEND_SECONDS = 15.0  # a job not yet answered is sent again (freshly signed) t
 TICK_SECONDS = 0.5
 KEPT_REJECTIONS = 100  # the latest refusals kept for `rejections`; `refused` counts them all
 SHARED_GROUP = "coordinators"  # the MQTT 5 shared subscription group the workers of one prefix form
+HEARD_SECONDS = 5.0  # a device's last_seen is moved on by its signed records at most this often (one write)
 
 
 def lock_state(state: Path, shared: bool = False) -> object:
@@ -135,6 +136,7 @@ class FleetService:
         self.rejections: collections.deque[str] = collections.deque(maxlen=KEPT_REJECTIONS)
         self.refused = 0
         self.rejections_lock = threading.Lock()  # the dashboard reads them from its own threads
+        self.heard: dict[str, float] = {}  # when each device's last_seen was last written
         # Every worker hears status and profile (retained, which a shared subscription is not sent); one hears each
         # of the rest.
         split = f"$share/{topics.prefix.replace('/', '-')}-{SHARED_GROUP}/" if shared else ""
@@ -212,6 +214,9 @@ class FleetService:
         self._check_sender(device, record)
         if getattr(record, "device", device) != device:
             raise WireError(f"a {record.kind} record for {record.device!r} arrived on {device!r}'s topic")  # type: ignore[attr-defined]
+        if time.monotonic() - self.heard.get(device, -math.inf) > HEARD_SECONDS:
+            self.heard[device] = time.monotonic()
+            self.registry.device_heard(device)  # a device training for minutes sends progress, not its status
         if isinstance(record, Status) and channel == "status":
             self.registry.device_status(device, record.state)
         elif isinstance(record, Profile) and channel == "profile":

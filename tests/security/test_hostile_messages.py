@@ -182,6 +182,22 @@ def test_the_service_refuses_each_hostile_message_counts_it_and_keeps_serving(se
     assert service.refused == 1 and service.registry.device("a")["state"] == "busy"
 
 
+def test_a_devices_signed_progress_counts_as_heard_and_a_forged_one_does_not(service):
+    service.registry.device_status("a", "busy")
+    service.registry.device_status("b", "busy")
+    long_ago = time.time() - 600
+    service.registry.db.run("UPDATE devices SET last_seen = ?", long_ago)  # its status came 10 minutes ago
+    progress = {"step": 3, "steps": 10, "loss": 0.5}
+    service.inbox.put(("offsite/devices/a/events", _record("event", device="a", job=service.wire_job,
+                                                           event="progress", time=1.0, detail=progress)))  # fmt: skip
+    service.inbox.put(("offsite/devices/b/events", _record("event", device="b", job=service.wire_job,
+                                                           event="progress", time=1.0, detail=progress)))  # fmt: skip
+    service.step(wait=0.05)
+    assert service.registry.device("a")["last_seen"] > time.time() - 60  # the dashboard shows it heard just now
+    assert service.refused == 1  # the one "from b" is signed with a's key: a forgery, refused
+    assert service.registry.device("b")["last_seen"] == long_ago  # and no sign of life from b
+
+
 def test_a_pending_job_with_a_spec_that_no_longer_reads_fails_alone(service):
     job = service.registry.add_job({"dataset": "reviews", "bundle": {"model": 3}})
     service.step(wait=0.01)
